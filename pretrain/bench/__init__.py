@@ -1,0 +1,1 @@
+"""Benchmarks: `pretrain bench kernels` (kernels.py)."""

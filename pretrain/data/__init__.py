@@ -1,0 +1,134 @@
+"""The data layer's public face: checks the driver runs before any worker starts, the training stream,
+the fixed validation batches, and the tokenizer a run's data was written with.
+
+Shards are webdataset tars of packed token sequences with an `index.json` manifest (see `write_text`);
+the sample order is a pure function of (seed, epoch, position) (see `order` and `stream`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pretrain.config import DataConfig
+from pretrain.data.errors import DataError
+from pretrain.data.manifest import Source, resolve
+from pretrain.data.stream import Layout, ShardReader, TrainStream
+from pretrain.data.tokenizer import load_tokenizer, tokenizer_hash
+
+__all__ = [
+    "DataError", "TrainStream", "build_train_stream", "build_val_batches", "load_tokenizer", "tokenizer_for",
+    "validate_data",
+]
+
+
+def _train_sources(cfg: DataConfig) -> list[Source]:
+    many = len(cfg.train) > 1
+    return [resolve(s.path, s.name, f"data.train[{i}]" if many else "data.train") for i, s in enumerate(cfg.train)]
+
+
+def _agree(sources: list[tuple[str, Source]]) -> Source:
+    """All sources hold tokens of the same length and tokenizer; returns the first."""
+    (_, first), *rest = sources
+    for setting, src in sources:
+        if src.manifest["kind"] != "tokens":
+            raise DataError(f"{setting}: {src.path} holds {src.manifest['kind']} shards, not tokens")
+    for setting, src in rest:
+        for key in ("seq_len", "tokenizer_sha256"):
+            if src.manifest.get(key) != first.manifest.get(key):
+                what = "tokenizer" if key == "tokenizer_sha256" else key
+                raise DataError(f"{setting}: {src.path} has another {what} than {first.path} "
+                                f"({src.manifest.get('tokenizer') if what == 'tokenizer' else src.manifest[key]} vs "
+                                f"{first.manifest.get('tokenizer') if what == 'tokenizer' else first.manifest[key]})")
+    return first
+
+
+def _check_names(sources: list[Source]) -> None:
+    names = [s.name for s in sources]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise DataError(f"data.train: two sources named {sorted(dup)[0]!r}; give each a distinct `name`")
+
+
+def validate_data(cfg: DataConfig) -> dict:
+    """Every source exists with a manifest and its shards (sizes checked for local ones), and all agree on
+    seq_len and tokenizer. Reads manifests only. Returns seq_len, tokenizer, vocab_size and sample counts."""
+    train = _train_sources(cfg)
+    _check_names(train)
+    tagged = [(f"data.train[{i}]" if len(train) > 1 else "data.train", s) for i, s in enumerate(train)]
+    val = resolve(cfg.val.path, cfg.val.name, "data.val") if cfg.val else None
+    first = _agree(tagged + ([("data.val", val)] if val else []))
+    m = first.manifest
+    return {
+        "seq_len": int(m["seq_len"]), "tokenizer": _tokenizer_spec(first), "vocab_size": int(m["vocab_size"]),
+        "train_samples": sum(s.samples for s in train), "val_samples": val.samples if val else 0,
+    }
+
+
+def _tokenizer_spec(src: Source) -> str:
+    spec = src.manifest["tokenizer"]
+    if spec == "gpt2":
+        return spec
+    base = src.urls[0].rsplit("/", 1)[0] if "://" in src.urls[0] else str(Path(src.urls[0]).parent)
+    return f"{base}/{spec}"
+
+
+def tokenizer_for(cfg: DataConfig):
+    """The tokenizer the training data was written with, checked against the manifest's hash."""
+    src = _train_sources(cfg)[0]
+    spec = _tokenizer_spec(src)
+    if "://" in spec:
+        import webdataset as wds
+        from tokenizers import Tokenizer
+
+        with wds.gopen(spec, "rb") as f:
+            tok = Tokenizer.from_str(f.read().decode())
+    else:
+        tok = load_tokenizer(spec)
+    if tokenizer_hash(tok) != src.manifest.get("tokenizer_sha256"):
+        raise DataError(f"data.train: tokenizer {spec} differs from the one the manifest of {src.path} records")
+    return tok
+
+
+def build_train_stream(cfg: DataConfig, *, seed: int, rank: int, world_size: int, micro_batch_size: int,
+                       grad_accum: int) -> TrainStream:
+    """This rank's stream of micro-batches (see `pretrain.data.stream`)."""
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} outside world size {world_size}")
+    sources = _train_sources(cfg)
+    _check_names(sources)
+    first = _agree([(f"data.train[{i}]", s) for i, s in enumerate(sources)])
+    layout = Layout(seed, rank, world_size, micro_batch_size, grad_accum)
+    return TrainStream(sources, [s.weight for s in cfg.train], int(first.manifest["seq_len"]), layout,
+                       cfg.num_workers, cfg.skip_corrupt)
+
+
+def build_val_batches(cfg: DataConfig, *, rank: int, world_size: int, micro_batch_size: int,
+                      max_batches: int) -> list[dict]:
+    """This rank's fixed validation batches: the val source in file order, batch b of rank r holding
+    positions [(b*W + r)*mb, (b*W + r + 1)*mb). Every rank gets the same number of batches."""
+    if cfg.val is None:
+        return []
+    src = resolve(cfg.val.path, cfg.val.name, "data.val")
+    seq_len = int(src.manifest["seq_len"])
+    n = min(max_batches, src.samples // (micro_batch_size * world_size))
+    if n == 0:
+        raise DataError(f"data.val: {src.path} has {src.samples} samples, fewer than one micro-batch "
+                        f"per rank ({micro_batch_size} x {world_size})")
+    reader = ShardReader([src], seq_len, seed=0, skip_corrupt=False)
+    ends = np.cumsum([s["samples"] for s in src.shards])
+    out = []
+    for b in range(n):
+        start = (b * world_size + rank) * micro_batch_size
+        keys, rows = [], []
+        for p in range(start, start + micro_batch_size):
+            j = int(np.searchsorted(ends, p, side="right"))
+            k, tokens = reader.shard(0, j)
+            i = p - int(ends[j] - src.shards[j]["samples"])
+            keys.append(k[i])
+            rows.append(tokens[i])
+        out.append({"input_ids": torch.from_numpy(np.stack(rows).astype(np.int64)), "keys": keys,
+                    "source": [src.name] * micro_batch_size})
+    return out

@@ -1,0 +1,122 @@
+"""`pretrain data ...`: write and inspect shards. Argument parsing, progress and error reporting only.
+
+Bad input ends with one line on stderr and exit code 2; outputs appear only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pretrain.data.errors import DataError
+
+app = typer.Typer(help="Write and inspect webdataset shards.", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?i?b?)?\s*$", re.I)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def parse_size(text: str) -> int:
+    """'64MB', '512k', '1GiB', '4096' -> bytes (binary multiples)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise DataError(f"--shard-size: cannot read {text!r} (e.g. 64MB)")
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[(m.group(2) or "")[:1].lower()]
+    return int(float(m.group(1)) * mult)
+
+
+def _progress(description: str):
+    """A rich progress bar over bytes, as a callback(done, total) and the bar to close."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                   TransferSpeedColumn(), TimeRemainingColumn(), transient=False)
+    task = bar.add_task(description, total=None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return bar, update
+
+
+@app.command()
+def text(
+    files: list[Path] = typer.Argument(..., help="text files (one document each), .jsonl files ({'text': ...} per line) or directories"),
+    tokenizer: str = typer.Option(..., "--tokenizer", help="'gpt2' or a tokenizer.json path"),
+    out: Path = typer.Option(..., "--out", help="output directory: train/ (and val/) shard directories"),
+    seq_len: int = typer.Option(..., "--seq-len", help="tokens per training sequence (samples hold seq_len + 1)"),
+    val_fraction: float = typer.Option(0.0, "--val-fraction", help="the last fraction of the corpus goes to val/"),
+    shard_size: str = typer.Option("64MB", "--shard-size", help="target shard size"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="tokenizer processes (default: all cores)"),
+) -> None:
+    """Tokenize text into packed token sequences in webdataset shards with an index.json manifest."""
+    from pretrain.data.write_text import write_text
+
+    try:
+        size = parse_size(shard_size)
+        bar, update = _progress("tokenizing")
+        with bar:
+            manifests = write_text([str(f) for f in files], tokenizer=tokenizer, out=out, seq_len=seq_len,
+                                   val_fraction=val_fraction, shard_bytes=size, workers=workers, progress=update)
+    except DataError as e:
+        raise _fail(str(e)) from None
+    for split, m in manifests.items():
+        typer.echo(f"{out / split}: {len(m['shards'])} shards, {m['samples']:,} samples of {seq_len + 1} tokens, "
+                   f"{m['tokens']:,} tokens")
+
+
+@app.command()
+def images(
+    source: str = typer.Argument(..., help="an image folder root/<class>/<image> (a <image>.txt is its caption), "
+                                           "or 'fashion-mnist' (Debian's dataset-fashion-mnist files)"),
+    out: Path = typer.Option(..., "--out", help="output directory: train/ (and val/) shard directories"),
+    shard_samples: int = typer.Option(10_000, "--shard-samples", help="images per shard"),
+    val_fraction: float = typer.Option(0.0, "--val-fraction", help="image folders: every n-th image to val/ "
+                                                                  "(fashion-mnist: its t10k set is val/)"),
+) -> None:
+    """Write image shards (uint8 image .npy, label .cls, optional caption .txt) with an index.json manifest."""
+    from pretrain.data.write_images import write_images
+
+    try:
+        bar, update = _progress("writing")
+        bar.columns = bar.columns[:2] + bar.columns[-1:]  # counts images, not bytes
+        with bar:
+            manifests = write_images(source, out=out, shard_samples=shard_samples, val_fraction=val_fraction,
+                                     progress=update)
+    except DataError as e:
+        raise _fail(str(e)) from None
+    for split, m in manifests.items():
+        shape = "x".join(map(str, m["image_shape"])) if m["image_shape"] else "mixed sizes"
+        typer.echo(f"{out / split}: {len(m['shards'])} shards, {m['samples']:,} images ({shape}), "
+                   f"{len(m['classes'])} classes")
+
+
+@app.command()
+def inspect(directory: str = typer.Argument(..., help="shard directory (holding index.json) or URL"),
+            verify: bool = typer.Option(False, "--verify", help="also read every shard and check its sha256"),
+            as_json: bool = typer.Option(False, "--json", help="print the summary as JSON")) -> None:
+    """Print a manifest's summary (and with --verify, check every shard)."""
+    from pretrain.data.inspect import summarize, verify_source
+    from pretrain.data.manifest import resolve
+
+    try:
+        src = resolve(directory, None, "directory")
+        summary = summarize(src)
+        if verify:
+            summary["verified_shards"] = verify_source(src)
+    except DataError as e:
+        raise _fail(str(e)) from None
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    for k, v in summary.items():
+        typer.echo(f"{k:>18}: {v:,}" if isinstance(v, int) else f"{k:>18}: {v}")

@@ -1,0 +1,27 @@
+"""Summaries of a shard directory for `pretrain data inspect`, and full verification of every shard."""
+
+from __future__ import annotations
+
+from pretrain.data.manifest import Source
+from pretrain.data.shards import read_shard
+
+
+def summarize(src: Source) -> dict:
+    """The manifest's headline figures: kind, sizes, shards, tokenizer or image shape."""
+    m = src.manifest
+    sizes = [s["samples"] for s in src.shards]
+    out = {"path": src.path, "kind": m["kind"], "shards": len(src.shards), "samples": sum(sizes),
+           "samples_per_shard": f"{min(sizes)}..{max(sizes)}", "bytes": sum(s["bytes"] for s in src.shards)}
+    if m["kind"] == "tokens":
+        out.update(tokens=m.get("tokens", 0), seq_len=m["seq_len"], dtype=m.get("dtype", ""),
+                   tokenizer=m["tokenizer"], vocab_size=m["vocab_size"])
+    else:
+        out.update({k: m[k] for k in ("image_shape", "classes", "captions") if k in m})
+    return out
+
+
+def verify_source(src: Source) -> int:
+    """Read every shard and check size and sha256 against the manifest; returns the shards checked."""
+    for entry, url in zip(src.shards, src.urls, strict=True):
+        read_shard(url, sha256=entry["sha256"], nbytes=entry["bytes"], label=url)
+    return len(src.shards)

@@ -1,0 +1,146 @@
+"""Manifests (`index.json`) and sources: where a source's shards are, what they hold, and checks that
+need only the manifest and a `stat` (so `validate_data` answers within seconds for any corpus size).
+
+A source path is one of:
+- a local shard directory holding `index.json` and the shards it lists;
+- a directory URL (`s3://…/train`, `https://…/train`): the manifest is `<url>/index.json`;
+- a brace pattern or `::`-separated URL list of shards, possibly `pipe:` commands
+  (`pipe:aws s3 cp s3://b/train/shard-{000000..000009}.tar -`): the manifest is found by replacing the
+  first shard's file name with `index.json`, and only the listed shards are used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import braceexpand
+import webdataset as wds
+
+from pretrain.data.errors import DataError
+
+FORMAT = "pretrain-shards/1"
+MANIFEST = "index.json"
+
+
+@dataclass
+class Source:
+    """One resolved data source: its manifest and the URL of each shard it uses."""
+
+    name: str
+    path: str
+    manifest: dict
+    shards: list[dict]  # manifest entries of the shards in use, in manifest order
+    urls: list[str] = field(default_factory=list)
+
+    @property
+    def samples(self) -> int:
+        return sum(s["samples"] for s in self.shards)
+
+    @property
+    def local(self) -> bool:
+        return "://" not in self.urls[0] and not self.urls[0].startswith("pipe:")
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    """Atomically (tmp + rename) write `index.json`; sorted keys so equal inputs give equal bytes."""
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, directory / MANIFEST)
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path or path.startswith("pipe:")
+
+
+def _read_manifest_url(url: str, setting: str) -> dict:
+    try:
+        with wds.gopen(url, "rb") as f:
+            text = f.read()
+    except Exception as e:
+        raise DataError(f"{setting}: cannot read manifest {url}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    return _parse(text, url, setting)
+
+
+def _parse(text: bytes | str, where: str, setting: str) -> dict:
+    try:
+        m = json.loads(text)
+    except ValueError as e:
+        raise DataError(f"{setting}: manifest {where} is not valid JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("shards"), list):
+        raise DataError(f"{setting}: {where} is not a pretrain shard manifest (format {FORMAT})")
+    return m
+
+
+def _shard_name(url: str) -> str:
+    """File name of a shard inside a URL or a `pipe:` command (the token ending in .tar)."""
+    for token in reversed(url.replace("/", " ").split()):
+        if token.endswith(".tar"):
+            return token
+    return url.rsplit("/", 1)[-1]
+
+
+def default_name(path: str) -> str:
+    """A source's label: the path's last component, or its parent's for the writer's `train`/`val` dirs
+    (`data/shakespeare/train` -> `shakespeare`), so metrics say what the data is."""
+    parts = [p for p in path.split("::")[0].replace("\\", "/").split("/") if p and "{" not in p and not p.endswith(".tar")]
+    if len(parts) >= 2 and parts[-1] in ("train", "val"):
+        return parts[-2]
+    return parts[-1] if parts else path
+
+
+def resolve(path: str, name: str | None, setting: str) -> Source:
+    """Manifest and shard URLs of one source; DataError naming `setting` (e.g. "data.train") on any problem."""
+    name = name or default_name(path)
+    if not _is_url(path) and "{" not in path and "::" not in path and not path.endswith(".tar"):
+        d = Path(path)
+        if not d.is_dir():
+            raise DataError(f"{setting}: no such directory: {path}")
+        mfile = d / MANIFEST
+        if not mfile.is_file():
+            raise DataError(f"{setting}: no manifest {mfile} (write shards with `pretrain data text`)")
+        m = _parse(mfile.read_bytes(), str(mfile), setting)
+        return _check(Source(name, path, m, list(m["shards"]), [str(d / s["name"]) for s in m["shards"]]), setting)
+    if _is_url(path) and not path.startswith("pipe:") and "{" not in path and not path.endswith(".tar") and "::" not in path:
+        base = path.rstrip("/")
+        m = _read_manifest_url(base + "/" + MANIFEST, setting)
+        return _check(Source(name, path, m, list(m["shards"]), [base + "/" + s["name"] for s in m["shards"]]), setting)
+    urls = [u for part in path.split("::") for u in braceexpand.braceexpand(part)]
+    first = _shard_name(urls[0])
+    murl = urls[0].replace(first, MANIFEST)
+    if _is_url(murl):
+        m = _read_manifest_url(murl, setting)
+    else:
+        if not Path(murl).is_file():
+            raise DataError(f"{setting}: no manifest {murl} beside the shards of {path}")
+        m = _parse(Path(murl).read_bytes(), murl, setting)
+    by_name = {s["name"]: s for s in m["shards"]}
+    shards = []
+    for u in urls:
+        s = by_name.get(_shard_name(u))
+        if s is None:
+            raise DataError(f"{setting}: shard {u} is not listed in its manifest {murl}")
+        shards.append(s)
+    return _check(Source(name, path, m, shards, urls), setting)
+
+
+def _check(src: Source, setting: str) -> Source:
+    """Manifest consistency, and for local shards that each exists with the recorded size."""
+    m = src.manifest
+    for key in ("seq_len", "tokenizer", "vocab_size", "kind"):
+        if key not in m:
+            raise DataError(f"{setting}: manifest of {src.path} lacks '{key}'")
+    if not src.shards:
+        raise DataError(f"{setting}: {src.path} lists no shards")
+    if src.samples == 0:
+        raise DataError(f"{setting}: {src.path} holds no samples")
+    if src.local:
+        for s, u in zip(src.shards, src.urls, strict=True):
+            p = Path(u)
+            if not p.is_file():
+                raise DataError(f"{setting}: shard {u} listed in the manifest does not exist")
+            if p.stat().st_size != s["bytes"]:
+                raise DataError(f"{setting}: shard {u} is {p.stat().st_size} bytes, the manifest says {s['bytes']}")
+    return src

@@ -1,0 +1,316 @@
+"""`pretrain data text`: tokenize a corpus in parallel and pack it into fixed-length token shards.
+
+Pipeline: files -> pieces (byte ranges of at most ~1 MiB cut where the tokenizer would cut anyway) ->
+token ids (a process pool, in order) -> one stream per split with `<|endoftext|>` after every document ->
+samples of seq_len + 1 tokens (stride seq_len, so consecutive samples share one token) -> tar shards of a
+fixed sample count -> `index.json`.
+
+Restartable: a journal (`progress.json`) records every finished shard and the tokens of every piece, so a
+second run with the same inputs and settings keeps the shards it finds intact and tokenizes only from the
+piece where the first unfinished shard starts (nothing, if the split was finished). Shards appear under
+their final name only when complete; the manifest only when all are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pretrain.data.errors import DataError
+from pretrain.data.manifest import FORMAT, MANIFEST, write_manifest
+from pretrain.data.shards import ShardWriter, token_ext
+from pretrain.data.tokenizer import eos_id, load_tokenizer, tokenizer_hash
+
+PIECE_BYTES = 1 << 20
+JOURNAL = "progress.json"
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A byte range of one input file; `last` marks the end of a document (a separator follows it).
+    For .jsonl files the range covers whole lines and each line's "text" is one document."""
+
+    path: str
+    start: int
+    end: int
+    last: bool
+    jsonl: bool
+
+
+def list_inputs(paths: Iterable[str]) -> list[Path]:
+    """Files named, and files under directories named (sorted, hidden ones skipped)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and not any(s.startswith(".") for s in f.parts))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise DataError(f"input: no such file or directory: {p}")
+    if not out:
+        raise DataError("input: no files to tokenize")
+    return out
+
+
+def _safe_cut(data: bytes, target: int, jsonl: bool) -> int:
+    """First offset >= target just after a newline whose next byte is not whitespace: byte-level BPE
+    pre-tokenizes a newline before a word as a token of its own, so cutting there changes no token."""
+    i = target
+    while True:
+        i = data.find(b"\n", i)
+        if i < 0 or i + 1 >= len(data):
+            return len(data)
+        if jsonl or not data[i + 1 : i + 2].isspace():
+            return i + 1
+        i += 1
+
+
+def plan_pieces(files: list[Path], val_fraction: float) -> tuple[list[Piece], list[Piece], str]:
+    """Split files into pieces; the last `val_fraction` of the corpus bytes go to validation.
+    Also returns the sha256 of the corpus bytes in order (the manifest's record of what was read)."""
+    h = hashlib.sha256()
+    total = sum(f.stat().st_size for f in files)
+    cut = round(total * (1 - val_fraction)) if val_fraction > 0 else total
+    train, val, offset = [], [], 0
+    for f in files:
+        data = f.read_bytes()
+        h.update(len(data).to_bytes(8, "little") + data)  # length-prefixed: file boundaries count
+        jsonl = f.suffix == ".jsonl"
+        bounds, pos = [], 0
+        while pos < len(data):
+            nxt = _safe_cut(data, pos + PIECE_BYTES, jsonl)
+            # The train/val cut falls inside this range: cut there too (on the same safe boundary rule).
+            if offset + pos < cut < offset + nxt:
+                mid = _safe_cut(data, cut - offset, jsonl)
+                if pos < mid < nxt:
+                    bounds.append((pos, mid))
+                    pos = mid
+                    continue
+            bounds.append((pos, nxt))
+            pos = nxt
+        for a, b in bounds:
+            piece = Piece(str(f), a, b, b == len(data), jsonl)
+            (train if offset + a < cut else val).append(piece)
+        offset += len(data)
+    return train, val, h.hexdigest()
+
+
+_TOK = None
+
+
+def _init_worker(spec: str) -> None:
+    global _TOK
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    _TOK = load_tokenizer(spec)
+
+
+def encode_piece(piece: Piece) -> np.ndarray:
+    """Token ids of one piece, a separator after each document it ends (uint32)."""
+    with open(piece.path, "rb") as f:
+        f.seek(piece.start)
+        data = f.read(piece.end - piece.start)
+    eos = eos_id(_TOK)
+    if piece.jsonl:
+        ids: list[int] = []
+        for line in data.splitlines():
+            if line.strip():
+                try:
+                    text = json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError):
+                    raise DataError(f"input {piece.path}: a line near byte {piece.start} is not JSON with a 'text' field") from None
+                ids += _TOK.encode(text).ids + [eos]
+        return np.asarray(ids, dtype=np.uint32)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"input {piece.path}: not UTF-8 text (byte {piece.start + e.start})") from None
+    ids = _TOK.encode(text).ids
+    if piece.last:
+        ids.append(eos)
+    return np.asarray(ids, dtype=np.uint32)
+
+
+def _encoded(pieces: list[Piece], spec: str, workers: int) -> Iterator[np.ndarray]:
+    """Token arrays of `pieces` in order, from a pool of `workers` processes (in-process for 1)."""
+    if workers <= 1 or len(pieces) <= 1:
+        _init_worker(spec)
+        yield from map(encode_piece, pieces)
+        return
+    # fork: spawn would re-import the caller's __main__; the parent never encodes, so no Rust thread
+    # pool exists yet to be copied.
+    with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(spec,)) as pool:
+        yield from pool.imap(encode_piece, pieces, chunksize=1)
+
+
+class _SplitWriter:
+    """Packs one split's token stream into samples and shards, resuming from its journal."""
+
+    def __init__(self, out: Path, header: dict, samples_per_shard: int, pieces: list[Piece]):
+        self.out, self.header, self.sps, self.pieces = out, header, samples_per_shard, pieces
+        self.seq_len = header["seq_len"]
+        self.ext, self.dtype = token_ext(header["vocab_size"])
+        self.shards: list[dict] = []
+        self.piece_tokens: list[int] = []
+        self.dropped: int | None = None  # known once the whole split was written
+        out.mkdir(parents=True, exist_ok=True)
+        self._resume()
+
+    def _resume(self) -> None:
+        """Keep the journal's shards that are intact, in order; drop the journal if settings changed."""
+        j = self.out / JOURNAL
+        if not j.is_file():
+            return
+        try:
+            state = json.loads(j.read_text())
+        except ValueError:
+            return
+        if state.get("header") != self.header:
+            return  # other inputs or settings: start over (finished shards are rewritten)
+        self.piece_tokens = state["piece_tokens"]
+        for s in state["shards"]:
+            p = self.out / s["name"]
+            if not p.is_file() or p.stat().st_size != s["bytes"] or _sha256(p) != s["sha256"]:
+                return
+            self.shards.append(s)
+        self.dropped = state.get("dropped")  # every shard intact: a finished split is done
+
+    def _journal(self) -> None:
+        tmp = self.out / (JOURNAL + ".tmp")
+        tmp.write_text(json.dumps({"header": self.header, "piece_tokens": self.piece_tokens, "shards": self.shards,
+                                   "dropped": self.dropped}, sort_keys=True))
+        os.replace(tmp, self.out / JOURNAL)
+
+    def run(self, spec: str, workers: int, progress: Callable[[int], None]) -> dict:
+        if self.dropped is not None:
+            progress(sum(p.end - p.start for p in self.pieces))
+            return self._manifest()
+        L = self.seq_len
+        done_samples = sum(s["samples"] for s in self.shards)
+        skip = done_samples * L  # tokens already in finished shards (samples overlap by one)
+        # Restart at the piece where the first unfinished sample's tokens begin.
+        cum, first = 0, 0
+        while first < len(self.piece_tokens) and cum + self.piece_tokens[first] <= skip:
+            cum += self.piece_tokens[first]
+            first += 1
+        self.piece_tokens = self.piece_tokens[:first]
+        for p in self.pieces[:first]:
+            progress(p.end - p.start)
+        buf = np.zeros(0, dtype=np.uint32)
+        drop = skip - cum
+        index, writer = done_samples, None
+        for k, ids in enumerate(_encoded(self.pieces[first:], spec, workers), start=first):
+            self.piece_tokens.append(int(len(ids)))
+            progress(self.pieces[k].end - self.pieces[k].start)
+            if drop:
+                cut = min(drop, len(ids))
+                ids, drop = ids[cut:], drop - cut
+            buf = np.concatenate([buf, ids]) if len(buf) else ids
+            n = (len(buf) - 1) // L if len(buf) > L else 0
+            for i in range(n):
+                if writer is None:
+                    writer = ShardWriter(self.out / f"shard-{len(self.shards):06d}.tar")
+                sample = buf[i * L : i * L + L + 1].astype(self.dtype)
+                writer.add(f"{index:010d}", {self.ext: sample.tobytes()})
+                index += 1
+                if writer.samples == self.sps:
+                    self._finish(writer)
+                    writer = None
+            buf = buf[n * L :]
+        self.dropped = max(len(buf) - 1, 0)
+        if writer is not None:
+            self._finish(writer)
+        self._journal()
+        return self._manifest()
+
+    def _finish(self, writer: ShardWriter) -> None:
+        entry = writer.close()
+        entry.update(samples=writer.samples, tokens=writer.samples * self.seq_len)
+        self.shards.append(entry)
+        self._journal()
+
+    def _manifest(self) -> dict:
+        m = dict(self.header)
+        m.update(
+            samples=sum(s["samples"] for s in self.shards),
+            tokens=sum(s["tokens"] for s in self.shards),
+            dropped_tokens=self.dropped,
+            shards=self.shards,
+        )
+        if not self.shards:
+            raise DataError(f"output {self.out}: fewer than seq_len + 1 = {self.seq_len + 1} tokens; no samples")
+        write_manifest(self.out, m)  # the journal stays: a second run with the same inputs has nothing to do
+        return m
+
+
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while b := f.read(1 << 20):
+            h.update(b)
+    return h.hexdigest()
+
+
+def samples_per_shard(shard_bytes: int, seq_len: int, vocab_size: int) -> int:
+    """Samples that fit a target shard size: each is one tar member (512-byte header, padded data)."""
+    _, dtype = token_ext(vocab_size)
+    member = 512 + -(-(seq_len + 1) * np.dtype(dtype).itemsize // 512) * 512
+    return max(1, shard_bytes // member)
+
+
+def write_text(
+    inputs: list[str], *, tokenizer: str, out: Path, seq_len: int, val_fraction: float = 0.0,
+    shard_bytes: int = 64 << 20, workers: int | None = None, progress: Callable[[int, int], None] | None = None,
+) -> dict[str, dict]:
+    """Tokenize `inputs` into `out/train/` (and `out/val/` when val_fraction > 0). Returns the manifests
+    by split. `progress(done_bytes, total_bytes)` is called as pieces finish."""
+    if seq_len < 1:
+        raise DataError(f"--seq-len must be positive (got {seq_len})")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"--val-fraction must be in [0, 1) (got {val_fraction})")
+    tok = load_tokenizer(tokenizer)
+    files = list_inputs(inputs)
+    train, val, corpus_sha = plan_pieces(files, val_fraction)
+    if val_fraction > 0 and not val:
+        raise DataError(f"--val-fraction {val_fraction}: the corpus is too small to hold anything out")
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    ext, dtype = token_ext(vocab)
+    spec = "gpt2" if tokenizer == "gpt2" else "tokenizer.json"
+    total = sum(p.end - p.start for p in train + val)
+    done = [0]
+
+    def step(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(done[0], total)
+
+    manifests = {}
+    for split, pieces in (("train", train), ("val", val)):
+        if not pieces:
+            continue
+        d = out / split
+        d.mkdir(parents=True, exist_ok=True)
+        if spec != "gpt2":
+            shutil.copyfile(tokenizer, d / "tokenizer.json")
+        header = {
+            "format": FORMAT, "kind": "tokens", "split": split, "seq_len": seq_len, "member": ext,
+            "dtype": np.dtype(dtype).name, "tokenizer": spec, "tokenizer_sha256": tokenizer_hash(tok),
+            "vocab_size": vocab, "eos_id": eos_id(tok), "corpus_sha256": corpus_sha, "files": len(files),
+            "val_fraction": val_fraction,
+        }
+        sps = samples_per_shard(shard_bytes, seq_len, vocab)
+        header["samples_per_shard"] = sps
+        if (d / MANIFEST).is_file():
+            (d / MANIFEST).unlink()  # rewritten at the end; never a manifest for shards being replaced
+        manifests[split] = _SplitWriter(d, header, sps, pieces).run(tokenizer, workers or os.cpu_count() or 1, step)
+        for stale in sorted(d.glob("shard-*.tar*")):
+            if stale.name not in {s["name"] for s in manifests[split]["shards"]}:
+                stale.unlink()  # left from an earlier, larger write into the same directory
+    return manifests

@@ -1,0 +1,84 @@
+"""Run `train` on Ray Train workers: an embedded local Ray by default, or an existing cluster.
+
+The driver resolves paths, starts (or joins) Ray, runs `cluster.workers` TorchTrainer workers (gloo on
+CPU, NCCL on GPU) and follows the run's metrics.jsonl to print progress, so Ray's and DeepSpeed's own
+console output can stay in the workers' log files instead of the user's terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from pretrain.config import Config, config_from_dict, run_dir
+from pretrain.launch.progress import follow_metrics
+
+# Quiet Ray's driver-side chatter before it is imported; workers log to files under the session dir.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path or path.startswith("pipe:")
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Absolute local paths: Ray workers do not run in the caller's working directory."""
+    tree = cfg.model_dump(mode="json")
+    tree["run"]["dir"] = str(Path(cfg.run.dir).resolve())
+    for src in tree["data"]["train"] + ([tree["data"]["val"]] if tree["data"]["val"] else []):
+        if not _is_url(src["path"]):
+            src["path"] = str(Path(src["path"]).resolve())
+    return config_from_dict(tree)
+
+
+def _worker_main(config: dict) -> None:
+    # Runs inside each Ray Train worker; the torch process group already exists.
+    from pretrain.train.loop import train
+
+    train(config_from_dict(config["cfg"]), started_at=config["started_at"])
+
+
+def _init_ray(cfg: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    quiet = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
+    if address:
+        ray.init(address=address, **quiet)
+    else:
+        need = cfg.cluster.workers * cfg.cluster.cpus_per_worker
+        ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False, **quiet)
+
+
+def launch(cfg: Config, *, started_at: float, quiet: bool = False) -> None:
+    """Train with Ray Train workers; returns when the run has finished, raises if it failed."""
+    import ray.train
+    import torch
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = resolve_paths(cfg)
+    _init_ray(cfg)
+    use_gpu = cfg.cluster.use_gpu if cfg.cluster.use_gpu is not None else torch.cuda.is_available()
+    rdir = run_dir(cfg)
+    trainer = TorchTrainer(
+        train_loop_per_worker=_worker_main,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "started_at": started_at},
+        scaling_config=ray.train.ScalingConfig(
+            # (min, max) makes the group elastic: after losing a node it continues with fewer workers.
+            num_workers=(cfg.cluster.min_workers, cfg.cluster.workers) if cfg.cluster.min_workers else cfg.cluster.workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.cluster.collective_timeout_s),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.cluster.storage or str(rdir / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
+        ),
+    )
+    with follow_metrics(rdir / "metrics.jsonl", cfg, enabled=not quiet):
+        trainer.fit()

@@ -1,0 +1,74 @@
+"""Console progress of a run, read from its metrics.jsonl while the workers train.
+
+Following the file rather than worker stdout keeps the display independent of where rank 0 runs and
+of Ray's log forwarding: one line per logging interval, one per validation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from pathlib import Path
+
+from rich.console import Console
+
+from pretrain.config import Config
+
+console = Console(highlight=False, soft_wrap=True)  # one line per row, even in a narrow or piped terminal
+
+
+def _fmt_duration(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def format_row(row: dict, total_steps: int) -> str:
+    if "val_loss" in row:
+        return f"[bold]step {row['step']:>6}/{total_steps}  val_loss {row['val_loss']:.4f}[/]"
+    eta = (total_steps - row["step"]) * row["step_time_s"]
+    return (
+        f"step {row['step']:>6}/{total_steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+        f"grad {row['grad_norm'] if row['grad_norm'] is not None else float('nan'):.2f}  "
+        f"{row['tokens_per_s']:,.0f} tok/s  mfu {100 * row['mfu']:.1f}%  eta {_fmt_duration(eta)}"
+    )
+
+
+@contextlib.contextmanager
+def follow_metrics(path: Path, cfg: Config, enabled: bool = True, poll_s: float = 0.5):
+    """Print new rows of `path` while the body runs (rows that exist already are history: skipped)."""
+    if not enabled:
+        yield
+        return
+    stop = threading.Event()
+    offset = path.stat().st_size if path.exists() else 0
+
+    def run() -> None:
+        nonlocal offset
+        buf = ""
+        while True:
+            done = stop.is_set()
+            if path.exists():
+                if path.stat().st_size < offset:  # truncated by a resume: start over at its end
+                    offset = path.stat().st_size
+                with open(path) as f:
+                    f.seek(offset)
+                    buf += f.read()
+                    offset = f.tell()
+                *lines, buf = buf.split("\n")
+                for ln in lines:
+                    row = json.loads(ln)
+                    step = row["step"]
+                    if "val_loss" in row or step % cfg.train.log_every == 0 or step in (1, cfg.train.steps):
+                        console.print(format_row(row, cfg.train.steps))
+            if done:
+                return
+            stop.wait(poll_s)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)

@@ -1,0 +1,98 @@
+"""Config -> DeepSpeed: the DeepSpeed config dict, the optimizer and schedule, `deepspeed.initialize`.
+
+The optimizer is torch's AdamW handed to DeepSpeed as a client optimizer, so one update rule serves CPU
+(gloo) and GPU runs, and ZeRO partitions it the same way; CPU offload switches to DeepSpeed's CPU Adam,
+which offload requires.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import deepspeed
+import torch
+from torch import nn
+
+from pretrain.config import Config, grad_accum_steps
+from pretrain.train.schedule import warmup_cosine
+
+
+def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
+    t, z = cfg.train, cfg.zero
+    zero: dict = {"stage": z.stage}
+    if z.stage >= 1:
+        # Overlap and bucket sizes are DeepSpeed's GPU defaults; contiguous gradients cut fragmentation.
+        zero.update(overlap_comm=z.stage >= 2, contiguous_gradients=z.stage >= 2)
+    if z.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if z.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps(cfg, world_size),
+        "gradient_clipping": t.grad_clip,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "zero_optimization": zero,
+        # torch.optim.AdamW is not on DeepSpeed's tested list for ZeRO, but it is an ordinary optimizer.
+        "zero_allow_untested_optimizer": True,
+        "checkpoint": {"load_universal": load_universal},
+        "steps_per_print": 10**9,  # the loop does the logging
+        "wall_clock_breakdown": False,
+    }
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    # Decay matrices only; biases, norm gains and (by convention) nothing 1-D is decayed.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    t = cfg.train
+    groups = _param_groups(model, t.weight_decay)
+    if cfg.zero.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=t.betas, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=1e-8)
+
+
+def build_schedule(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    t = cfg.train
+    fn = functools.partial(warmup_cosine, warmup=t.warmup_steps, total=t.decay_steps or t.steps, floor=t.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def build_engine(cfg: Config, model: nn.Module, world_size: int, load_universal: bool = False):
+    """Wrap `model` in a DeepSpeed engine; returns the engine (optimizer and scheduler inside it)."""
+    # With bf16 enabled DeepSpeed casts the module itself and keeps fp32 master weights in the optimizer.
+    optimizer = build_optimizer(cfg, model)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=build_schedule(cfg, optimizer),
+        config=deepspeed_config(cfg, world_size, load_universal),
+        dist_init_required=False,
+    )
+    return engine
+
+
+def backward_and_step(engine, loss: torch.Tensor) -> float | None:
+    """One micro-batch's backward and step; at the accumulation boundary returns the global gradient
+    norm (before clipping). ZeRO stages record it themselves; stage 0 does not, so it is taken here,
+    after DeepSpeed has averaged the gradients across ranks and before the optimizer consumes them."""
+    engine.backward(loss)
+    boundary = engine.is_gradient_accumulation_boundary()
+    norm = None
+    if boundary and engine.zero_optimization_stage() == 0:
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    engine.step()  # steps the optimizer and schedule only at the boundary
+    if boundary and norm is None:
+        gn = engine.get_global_grad_norm()
+        norm = float(gn) if gn is not None else None
+    return norm

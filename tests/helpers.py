@@ -1,0 +1,44 @@
+"""Test helpers: small real webdataset shards written with the project's own writer and tokenizer."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+WORDS = (
+    "the king queen lord lady good night day love death sword crown heart blood fair sweet time "
+    "speak come go know make give take tell hear see stand die live fight fly swear keep"
+).split()
+
+
+def write_corpus(dirpath: Path, n_docs: int = 6, words_per_doc: int = 2500, seed: int = 0) -> list[Path]:
+    """Deterministic pseudo-English documents: enough structure (a small vocabulary, recurring phrases)
+    for a tiny model's loss to fall, cheap to tokenize."""
+    rng = random.Random(seed)
+    dirpath.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(n_docs):
+        lines = []
+        for _ in range(words_per_doc // 10):
+            lines.append(" ".join(rng.choice(WORDS) for _ in range(9)).capitalize() + ".")
+        f = dirpath / f"doc{i}.txt"
+        f.write_text("\n".join(lines) + "\n")
+        files.append(f)
+    return files
+
+
+def make_tiny_shards(tmp_path: Path, seq_len: int = 32) -> Path:
+    """Write train/ and val/ shards of a small corpus under tmp_path/shards; returns that directory."""
+    from pretrain.data.cli import app
+
+    files = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "shards"
+    result = CliRunner().invoke(
+        app, ["text", *map(str, files), "--tokenizer", "gpt2", "--out", str(out), "--seq-len", str(seq_len),
+              "--val-fraction", "0.1"],
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "train" / "index.json").exists() and (out / "val" / "index.json").exists()
+    return out

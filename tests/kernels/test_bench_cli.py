@@ -1,0 +1,34 @@
+"""`pretrain bench kernels` without a GPU: the interpreter correctness sweep, its table and its CSV."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+from typer.testing import CliRunner
+
+from pretrain.bench.kernels import app, device_peak
+
+pytestmark = pytest.mark.kernels
+
+
+def test_cpu_mode_runs_the_sweep_and_writes_csv(tmp_path):
+    result = CliRunner().invoke(app, ["--op", "rms_norm", "--dtype", "bf16", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "timings need a GPU" in result.output
+    rows = list(csv.DictReader((tmp_path / "correctness.csv").open()))
+    assert rows and {r["op"] for r in rows} == {"rms_norm"} and {r["dtype"] for r in rows} == {"bf16"}
+    assert {r["tensor"] for r in rows} >= {"out", "grad:0", "grad:1"}
+    assert all(r["ok"] == "True" and float(r["err"]) <= float(r["bound"]) for r in rows)
+
+
+def test_unknown_op_is_one_clear_error(tmp_path):
+    result = CliRunner().invoke(app, ["--op", "softmax", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "unknown op" in result.output
+
+
+def test_peak_table_matches_device_names():
+    assert device_peak("NVIDIA H100 80GB HBM3") == (989.0, 67.0, 3.35)
+    assert device_peak("NVIDIA H100 PCIe")[0] == 756.0
+    assert device_peak("NVIDIA H200")[2] == 4.8
+    assert device_peak("Some Future GPU") is None

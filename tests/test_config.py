@@ -1,0 +1,84 @@
+"""Config loading, overrides and validation; the CLI's one-line errors with nothing left behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import ConfigError, grad_accum_steps, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    names = {p.name for p in CONFIGS}
+    assert {"gpt-tiny.yaml", "gpt2-124m.yaml", "llama-1b.yaml", "llama-7b.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.train.global_batch_size % (cfg.train.micro_batch_size * cfg.cluster.workers) == 0
+    assert grad_accum_steps(cfg) >= 1
+
+
+def test_overrides_are_typed():
+    cfg = load_config(ROOT / "configs/gpt-tiny.yaml", ["train.steps=12", "zero.stage=3", "train.precision=fp32",
+                                                        "run.name=x", "data.train=/a/b"])
+    assert cfg.train.steps == 12 and cfg.zero.stage == 3 and cfg.run.name == "x"
+    assert [s.path for s in cfg.data.train] == ["/a/b"]
+
+
+def test_mixture_sources():
+    cfg = load_config(ROOT / "configs/gpt-tiny.yaml", ["data.train=[{path: a, weight: 0.7}, {path: b, weight: 0.3}]"])
+    assert [(s.path, s.weight) for s in cfg.data.train] == [("a", 0.7), ("b", 0.3)]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.n_layers=abc", "model.n_layers"),
+        ("train.stepz=5", "train.stepz"),
+        ("zero.stage=4", "zero.stage"),
+        ("train.precision=fp8", "train.precision"),
+        ("nosection.x=1", "nosection"),
+        ("train.global_batch_size=15", "train.global_batch_size"),
+        ("model.n_heads=5", "model.n_heads"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/gpt-tiny.yaml", [override])
+    msg = str(e.value)
+    assert key in msg and "\n" not in msg
+
+
+def test_missing_file_and_bad_override_form():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(ROOT / "configs/nope.yaml")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(ROOT / "configs/gpt-tiny.yaml", ["train.steps"])
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pretrain.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize(
+    "override, expect",
+    [("model.n_layers=abc", "model.n_layers"), ("train.stepz=5", "train.stepz"),
+     ("data.train=/nonexistent/shards", "/nonexistent/shards")],
+)
+def test_cli_errors_exit_2_with_one_line_and_no_run_dir(tmp_path, tiny_shards, override, expect):
+    runs = tmp_path / "runs"
+    r = _cli("train", str(ROOT / "configs/gpt-tiny.yaml"), f"run.dir={runs}", "run.name=bad",
+             f"data.train={tiny_shards / 'train'}", f"data.val={tiny_shards / 'val'}", override, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and expect in lines[0], r.stderr
+    assert not runs.exists()
