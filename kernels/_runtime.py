@@ -3,6 +3,10 @@
 Triton 3.9 reads `TRITON_INTERPRET` when `@triton.jit` runs (the decorator returns an interpreted or a
 compiled function then), not at launch. Kernels here are therefore plain Python functions decorated on
 first launch, once per mode, so importing `kernels` before a test sets the variable changes nothing.
+Triton's own @jit helpers (`tl.sum`, `tl.max`, `tl.zeros`, `tl.sigmoid`, `tl.cdiv`) were decorated when
+`triton.language` was first imported, possibly in compiled mode, and then fail under the interpreter;
+kernels use the builtins instead: `tl.reduce(x, axis, tl.standard._sum_combine)` (the interpreter maps
+that combine function to NumPy), `tl.full`, and written-out sigmoids.
 """
 
 from __future__ import annotations
@@ -75,6 +79,10 @@ def rows(t: torch.Tensor) -> torch.Tensor:
         return t.view(-1, t.shape[-1])
     except RuntimeError:
         return t.contiguous().view(-1, t.shape[-1])
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def next_pow2(n: int) -> int:

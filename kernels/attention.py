@@ -18,7 +18,18 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from kernels._runtime import dot_dtype, finish, interpreting, kernel, new_empty, next_pow2, staged, upcast, use_triton
+from kernels._runtime import (
+    cdiv,
+    dot_dtype,
+    finish,
+    interpreting,
+    kernel,
+    new_empty,
+    next_pow2,
+    staged,
+    upcast,
+    use_triton,
+)
 
 _LOG2E = 1.4426950408889634
 
@@ -36,7 +47,7 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, sc
 
 
 @kernel
-def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale, S, SKV, HQ, GROUP, D,
+def _attn_fwd_kernel(Q, K, V, OUT, LSE, qk_scale, S, SKV, HQ, GROUP, D,
                      sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
                      CAUSAL: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -79,7 +90,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale, S, SKV, HQ, GROUP, D,
     acc = acc / l_i[:, None]
     mmask = m < S
     o_off = bh.to(tl.int64) * S * D + m[:, None] * D + d[None, :]
-    tl.store(O + o_off, acc.to(O.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
+    tl.store(OUT + o_off, acc.to(OUT.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
     tl.store(LSE + bh.to(tl.int64) * S + m, m_i + tl.log2(l_i), mask=mmask)
 
 
@@ -199,7 +210,7 @@ def _fwd_launch(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> 
     o = new_empty((B, HQ, S, D), staged(q.dtype), q.device)
     lse = new_empty((B, HQ, S), torch.float32, q.device)
     cfg = _config(q, backward=False)
-    grid = (-(-S // cfg["BLOCK_M"]), B * HQ)
+    grid = (cdiv(S, cfg["BLOCK_M"]), B * HQ)
     _attn_fwd_kernel[grid](q, k, v, o, lse, scale * _LOG2E, S, SKV, HQ, HQ // HKV, D, *_strides(q, k, v),
                            CAUSAL=causal, **cfg)
     return finish(o, q.dtype), lse
@@ -217,9 +228,9 @@ def _bwd_launch(do, q, k, v, o, lse, causal, scale):
     dv = new_empty((B, HKV, SKV, D), staged(v.dtype), v.device)
     cfg = _config(q, backward=True)
     common = (scale * _LOG2E, scale, S, SKV)
-    _attn_bwd_dkdv_kernel[(-(-SKV // cfg["BLOCK_N"]), B * HKV)](
+    _attn_bwd_dkdv_kernel[(cdiv(SKV, cfg["BLOCK_N"]), B * HKV)](
         q, k, v, do, lse, delta, dk, dv, *common, HQ, HKV, HQ // HKV, D, *_strides(q, k, v), CAUSAL=causal, **cfg)
-    _attn_bwd_dq_kernel[(-(-S // cfg["BLOCK_M"]), B * HQ)](
+    _attn_bwd_dq_kernel[(cdiv(S, cfg["BLOCK_M"]), B * HQ)](
         q, k, v, do, lse, delta, dq, *common, HQ, HQ // HKV, D, *_strides(q, k, v), CAUSAL=causal, **cfg)
     return finish(dq, q.dtype), finish(dk, k.dtype), finish(dv, v.dtype)
 

@@ -194,7 +194,7 @@ def _run(case: Case, args: list, backend: str, grads_out: list | None, dtype: to
     outs = list(out) if isinstance(out, tuple) else [out]
     if grads_out is None:
         return [o.detach() for o in outs], None
-    torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, grads_out)])
+    torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, grads_out, strict=True)])
     grads = [a.grad for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad]
     return [o.detach() for o in outs], grads
 
@@ -212,7 +212,7 @@ def check(case: Case, dtype: torch.dtype, seed: int = 0) -> list[Result]:
     arg_names = [f"grad:{i}" for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
     results = []
     dname = next(k for k, v in DTYPES.items() if v == dtype)
-    for name, x, r, r64 in zip(names + arg_names, got + ggot, ref + gref, ref64 + g64):
+    for name, x, r, r64 in zip(names + arg_names, got + ggot, ref + gref, ref64 + g64, strict=True):
         err = (x.double() - r64).abs().max().item() if x.numel() else 0.0
         ref_err = (r.double() - r64).abs().max().item() if r.numel() else 0.0
         bound = FACTOR * ref_err + FLOOR[dtype]

@@ -12,7 +12,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from kernels._runtime import kernel, new_empty, next_pow2, rows, staged, upcast, use_triton
+from kernels._runtime import cdiv, kernel, new_empty, next_pow2, rows, staged, upcast, use_triton
 
 
 def cross_entropy_reference(logits: Tensor, targets: Tensor, ignore_index: int = -100, z_loss: float = 0.0) -> Tensor:
@@ -88,7 +88,7 @@ def ce_rows_forward(logits: Tensor, targets: Tensor, ignore_index: int, z_loss: 
     loss = new_empty((n,), torch.float32, x.device)
     lse = new_empty((n,), torch.float32, x.device)
     br, bv = _tiles(n, V, x.device)
-    _ce_fwd_kernel[(-(-n // br),)](x, targets, loss, lse, n, V, x.stride(0), ignore_index, z_loss,
+    _ce_fwd_kernel[(cdiv(n, br),)](x, targets, loss, lse, n, V, x.stride(0), ignore_index, z_loss,
                                    BLOCK_R=br, BLOCK_V=bv)
     return loss, lse
 
@@ -100,7 +100,7 @@ def ce_rows_backward(logits: Tensor, targets: Tensor, lse: Tensor, scale: Tensor
     n, V = x.shape
     buf = out if out is not None and staged(x.dtype) == x.dtype else new_empty(x.shape, staged(x.dtype), x.device)
     br, bv = _tiles(n, V, x.device)
-    _ce_bwd_kernel[(-(-n // br),)](x, targets, lse, scale, buf, n, V, x.stride(0), buf.stride(0), ignore_index,
+    _ce_bwd_kernel[(cdiv(n, br),)](x, targets, lse, scale, buf, n, V, x.stride(0), buf.stride(0), ignore_index,
                                    z_loss, BLOCK_R=br, BLOCK_V=bv)
     if buf.dtype == x.dtype:
         return buf

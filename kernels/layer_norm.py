@@ -12,7 +12,19 @@ import torch.nn.functional as F
 import triton.language as tl
 from torch import Tensor
 
-from kernels._runtime import finish, kernel, new_empty, next_pow2, num_programs_hint, rows, staged, upcast, use_triton
+from kernels._runtime import (
+    cdiv,
+    finish,
+    kernel,
+    new_empty,
+    next_pow2,
+    num_programs_hint,
+    rows,
+    staged,
+    upcast,
+    use_triton,
+)
+
 
 def layer_norm_reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-6,
                          shift: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
@@ -133,7 +145,7 @@ def _fwd_launch(x, weight, bias, shift, scale, eps):
     rstd = new_empty((n,), torch.float32, x.device)
     block_d = next_pow2(D)
     block_r = _block_rows(block_d, n, x.device)
-    _ln_fwd_kernel[(-(-n // block_r),)](
+    _ln_fwd_kernel[(cdiv(n, block_r),)](
         x2, weight if weight is not None else x2, bias if bias is not None else x2, sh, sc, y, mean, rstd,
         n, D, m1, x2.stride(0), D, *shs, *scs, eps,
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_SHIFT=shift is not None,
@@ -150,9 +162,9 @@ def _bwd_launch(dy, x, weight, bias, scale, mean, rstd):
     sc, scs = _mod3(scale, x)
     block_d = next_pow2(D)
     block_r = _block_rows(block_d, n, x.device)
-    n_prog = max(1, min(num_programs_hint(x.device), -(-n // block_r)))
-    rows_per_prog = -(-(-(-n // n_prog)) // block_r) * block_r
-    n_prog = -(-n // rows_per_prog)
+    n_prog = max(1, min(num_programs_hint(x.device), cdiv(n, block_r)))
+    rows_per_prog = cdiv(cdiv(n, n_prog), block_r) * block_r
+    n_prog = cdiv(n, rows_per_prog)
     dx = new_empty(x.shape, staged(x.dtype), x.device)
     dwp = new_empty((n_prog, D), torch.float32, x.device) if weight is not None else x.new_empty(0)
     dbp = new_empty((n_prog, D), torch.float32, x.device) if bias is not None else x.new_empty(0)

@@ -5,7 +5,9 @@ turned into that chunk's contribution to d hidden and d weight, then freed (the 
 overwritten in place by its own gradient). The loss is a scalar, so the backward only rescales the
 gradients gathered in the forward by grad_output / n_kept: logits are never rebuilt, in forward or
 backward. The chunk size follows Liger-Kernel's rule, about N * H / V rows, so a chunk of logits
-weighs about as much as `hidden`. Per chunk, the Triton path runs the row kernels of
+weighs about as much as `hidden`, but never fewer than MIN_CHUNK_ROWS rows: with a small hidden size
+the rule gives a handful of rows, and each chunk then re-reads the whole (V, H) weight for a sliver of
+work (measured on CPU, gpt-tiny's head, 1024 tokens: 4 rows 6.6 s, 32 rows 1.9 s, 128 rows 1.3 s). Per chunk, the Triton path runs the row kernels of
 `kernels.cross_entropy`; the reference path runs the same loop in plain PyTorch (the CPU path).
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels._runtime import next_pow2, upcast, use_triton
+from kernels._runtime import cdiv, next_pow2, upcast, use_triton
 from kernels.cross_entropy import ce_rows_backward, ce_rows_forward, cross_entropy_reference
 
 
@@ -24,8 +26,12 @@ def linear_cross_entropy_unfused(hidden: Tensor, weight: Tensor, targets: Tensor
     return cross_entropy_reference(hidden @ weight.t(), targets, ignore_index, z_loss)
 
 
+MIN_CHUNK_ROWS = 128
+
+
 def chunk_rows(n: int, vocab: int, hidden: int) -> int:
-    return max(1, min(next_pow2(n), next_pow2(-(-n // -(-vocab // hidden)))))
+    liger = next_pow2(cdiv(n, cdiv(vocab, hidden)))
+    return max(1, min(next_pow2(n), max(MIN_CHUNK_ROWS, liger)))
 
 
 def _chunk_reference(logits: Tensor, targets: Tensor, ignore_index: int, z_loss: float, want_grad: bool):

@@ -9,11 +9,21 @@ input dtype. Triton kernels, their launchers, the autograd wiring (a `torch.libr
 from __future__ import annotations
 
 import torch
+import triton.language as tl
 from torch import Tensor
 
-from kernels._runtime import finish, kernel, new_empty, next_pow2, num_programs_hint, rows, staged, upcast, use_triton
-
-import triton.language as tl
+from kernels._runtime import (
+    cdiv,
+    finish,
+    kernel,
+    new_empty,
+    next_pow2,
+    num_programs_hint,
+    rows,
+    staged,
+    upcast,
+    use_triton,
+)
 
 
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor | None = None):
@@ -94,7 +104,7 @@ def _fwd_launch(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float):
     s2 = s.view(-1, D) if residual is not None else y.view(-1, D)
     block_d = next_pow2(D)
     block_r = _block_rows(block_d, n, x.device)
-    _rms_fwd_kernel[(triton_cdiv(n, block_r),)](
+    _rms_fwd_kernel[(cdiv(n, block_r),)](
         x2, r2, weight, y.view(-1, D), s2, rstd, n, D, x2.stride(0), r2.stride(0), D, D, eps,
         HAS_RES=residual is not None, BLOCK_R=block_r, BLOCK_D=block_d,
     )
@@ -109,9 +119,9 @@ def _bwd_launch(dy: Tensor, s: Tensor, weight: Tensor, rstd: Tensor, ds: Tensor 
     dx = new_empty(s.shape, staged(s.dtype), s.device)
     block_d = next_pow2(D)
     block_r = _block_rows(block_d, n, s.device)
-    n_prog = max(1, min(num_programs_hint(s.device), triton_cdiv(n, block_r)))
-    rows_per_prog = triton_cdiv(triton_cdiv(n, n_prog), block_r) * block_r
-    n_prog = triton_cdiv(n, rows_per_prog)
+    n_prog = max(1, min(num_programs_hint(s.device), cdiv(n, block_r)))
+    rows_per_prog = cdiv(cdiv(n, n_prog), block_r) * block_r
+    n_prog = cdiv(n, rows_per_prog)
     dw_part = new_empty((n_prog, D), torch.float32, s.device)
     _rms_bwd_kernel[(n_prog,)](
         dy2, s2, weight, rstd, ds2, dx.view(-1, D), dw_part, n, D, rows_per_prog,
@@ -119,10 +129,6 @@ def _bwd_launch(dy: Tensor, s: Tensor, weight: Tensor, rstd: Tensor, ds: Tensor 
         HAS_DS=ds is not None, BLOCK_R=block_r, BLOCK_D=block_d,
     )
     return finish(dx, s.dtype), dw_part.sum(0).to(weight.dtype)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # --------------------------------------------------------------------------------------------- autograd

@@ -12,7 +12,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from kernels._runtime import finish, kernel, new_empty, next_pow2, staged, upcast, use_triton
+from kernels._runtime import cdiv, finish, kernel, new_empty, next_pow2, staged, upcast, use_triton
 
 
 def inv_freq(dim: int, theta: float, device: torch.device) -> Tensor:
@@ -70,7 +70,7 @@ def _launch(x: Tensor, positions: Tensor, theta: float, backward: bool) -> Tenso
     n_rows = B * H * S
     budget = 16384 if x.device.type == "cpu" else 4096  # the interpreter pays per program
     block_r = max(1, min(next_pow2(n_rows), budget // block_h))
-    _rope_kernel[(-(-n_rows // block_r),)](
+    _rope_kernel[(cdiv(n_rows, block_r),)](
         x, pos, inv_freq(D, theta, x.device), y, n_rows, H, S, x.stride(0), x.stride(1), x.stride(2),
         pos.stride(0), pos.stride(1), half, BACKWARD=backward, BLOCK_R=block_r, BLOCK_H=block_h,
     )

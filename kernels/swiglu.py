@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import triton.language as tl
 from torch import Tensor
 
-from kernels._runtime import finish, kernel, new_empty, next_pow2, rows, staged, use_triton
+from kernels._runtime import cdiv, finish, kernel, new_empty, next_pow2, rows, staged, use_triton
 
 
 def swiglu_reference(gate: Tensor, up: Tensor) -> Tensor:
@@ -58,7 +58,7 @@ def _tiles(n_rows: int, n: int, device: torch.device) -> tuple[int, int]:
 
 
 def _grid(n_rows: int, n: int, br: int, bn: int) -> tuple[int, int]:
-    return (-(-n_rows // br), -(-n // bn))
+    return (cdiv(n_rows, br), cdiv(n, bn))
 
 
 @torch.library.custom_op("kernels::swiglu_fwd", mutates_args=())

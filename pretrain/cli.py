@@ -34,8 +34,7 @@ def train(
     overrides: Optional[list[str]] = typer.Argument(None, help="section.key=value overrides, e.g. train.steps=12"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress lines"),
 ) -> None:
-    """Pretrain (or resume) the run a config describes, on an embedded local Ray unless
-    cluster.address or RAY_ADDRESS names a cluster. A run with an existing checkpoint resumes."""
+    """Pretrain (or resume) the run a config describes, on an embedded local Ray unless cluster.address or RAY_ADDRESS names a cluster. A run with an existing checkpoint resumes."""
     started = time.time()
     try:
         cfg = load_config(config, overrides or [])
@@ -92,13 +91,10 @@ def _mount_optional() -> None:
     from pretrain.data.cli import app as data_app
 
     app.add_typer(data_app, name="data", help="Write and inspect webdataset shards.")
-    try:  # TEMP while being written
-        from pretrain.bench.kernels import app as kernels_bench
+    from pretrain.bench.kernels import app as kernels_bench
 
-        bench_app.add_typer(kernels_bench, name="kernels")
-        app.add_typer(bench_app, name="bench")
-    except ModuleNotFoundError:
-        pass
+    bench_app.add_typer(kernels_bench, name="kernels")
+    app.add_typer(bench_app, name="bench")
     from pretrain.launch import jobs
 
     jobs.register(app)

@@ -12,7 +12,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from pretrain.config import load_config
@@ -46,8 +45,11 @@ def _wait_for_step(run: Path, step: int, timeout: float = 300) -> None:
 
 
 def _train_worker_pids() -> list[int]:
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    """Processes of this Ray cluster's live Ray Train workers (not any other run on the machine)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [a.pid for a in actors]
 
 
 def _run_in_thread(cfg) -> tuple[threading.Thread, list]:

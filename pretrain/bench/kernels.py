@@ -112,6 +112,8 @@ def _caller(op: str, inputs: tuple, backend: str) -> Callable:
     t = torch.randint(0, vocab, (x.shape[0],), device=x.device)
     if op == "cross_entropy":
         return lambda: kernels.cross_entropy(x, t, backend=backend)
+    if backend == "reference":  # the eager baseline is the plain composition, full logits and all
+        return lambda: kernels.linear_cross_entropy_unfused(x, inputs[1], t)
     return lambda: kernels.linear_cross_entropy(x, inputs[1], t, backend=backend)
 
 
@@ -145,7 +147,8 @@ def _bench_gpu(ops, dtypes) -> list[dict]:
                 impls["compile"] = torch.compile(_caller(op, inputs, "reference"))
                 if op == "attention":
                     group = inputs[0].shape[1] // inputs[1].shape[1]
-                    impls["sdpa"] = lambda: F.scaled_dot_product_attention(*inputs, is_causal=True, enable_gqa=group > 1)
+                    impls["sdpa"] = lambda inputs=inputs, group=group: F.scaled_dot_product_attention(
+                        *inputs, is_causal=True, enable_gqa=group > 1)
                 for backward in (False, True):
                     ms = {}
                     for impl, fn in impls.items():
@@ -228,13 +231,18 @@ def _log_wandb(rows: list[dict], files: list[Path], out: Path) -> None:
 
 
 def _check_cpu(ops, dtypes) -> list[dict]:
-    # The kernels read TRITON_INTERPRET at every launch, so turning it on here is enough.
+    # The kernels read TRITON_INTERPRET at every launch, so turning it on around the sweep is enough.
+    before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
-    rows = []
-    for r in checks.sweep(ops, dtypes, small=True):
-        rows.append({"op": r.op, "case": r.case, "dtype": r.dtype, "tensor": r.tensor, "err": r.err,
-                     "ref_err": r.ref_err, "bound": r.bound, "ok": r.ok})
-    return rows
+    try:
+        results = checks.sweep(ops, dtypes, small=True)
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+    return [{"op": r.op, "case": r.case, "dtype": r.dtype, "tensor": r.tensor, "err": r.err, "ref_err": r.ref_err,
+             "bound": r.bound, "ok": r.ok} for r in results]
 
 
 def _print_checks(rows: list[dict]) -> None:

@@ -6,7 +6,7 @@ Rank r takes the contiguous slice [s*G + r*mb*A, s*G + (r+1)*mb*A) and its micro
 rows of it. Every rank reads the shards covering its positions and keeps only its rows, so the result is
 exact at any world size, and a state written at one (W, A) loads at another with the same G.
 
-Dataloader workers: micro-batches are grouped in chunks of about one shard's worth of this rank's rows;
+Dataloader workers: micro-batches are grouped in chunks of a few shards' worth of this rank's rows;
 worker w of n builds chunks w, w+n, ..., which torch's DataLoader returns in order. A worker mostly reads
 shards no other worker of its rank reads. Errors come back as values so the message stays one line.
 """
@@ -148,7 +148,9 @@ class _Chunks(IterableDataset):
             except DataError as e:
                 yield {"error": str(e)}
                 return
-            yield {"batches": batches, "corrupt": sorted(reader.corrupt)}
+            # One tensor per chunk: each tensor crossing from a worker costs a shared-memory handle.
+            yield {"input_ids": torch.stack([b["input_ids"] for b in batches]), "keys": [b["keys"] for b in batches],
+                   "source": [b["source"] for b in batches], "corrupt": sorted(reader.corrupt)}
             c += nw
 
 
@@ -181,9 +183,10 @@ class TrainStream:
         mean_shard = np.mean([s["samples"] for src in sources for s in src.shards])
         per_rank = layout.micro_batch_size * layout.world_size
         bytes_per_micro = layout.micro_batch_size * (seq_len + 1) * 8
-        # About one shard's worth of this rank's rows per chunk, within 64 MiB of int64 tokens.
+        # Four shards' worth of this rank's rows per chunk (within 64 MiB of int64 tokens): a chunk rarely
+        # starts on a shard boundary, so its worker reads ~5 shards for 4 shards of rows.
         self._chunk = 1 if num_workers == 0 else int(
-            max(1, min(math.ceil(mean_shard / per_rank), (64 << 20) // bytes_per_micro))
+            max(1, min(math.ceil(4 * mean_shard / per_rank), (64 << 20) // bytes_per_micro))
         )
 
     def __iter__(self) -> TrainStream:
@@ -206,9 +209,11 @@ class TrainStream:
                 self.close()
                 raise DataError(item["error"])
             self._corrupt.update(item["corrupt"])
-            self._pending = item["batches"]
+            self._pending = [{"input_ids": ids, "keys": k, "source": s}
+                             for ids, k, s in zip(item["input_ids"], item["keys"], item["source"], strict=True)]
+            self._pending.reverse()  # pop() from the end is O(1)
         self._micro += 1
-        return self._pending.pop(0)
+        return self._pending.pop()
 
     def close(self) -> None:
         """Stop the dataloader workers (they restart on the next `next`)."""

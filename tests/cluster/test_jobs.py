@@ -19,9 +19,17 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "gpt-tiny.yaml"
 
 
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """The real command line, in a fresh process (Ray caches the auth token per process)."""
-    cmd = [sys.executable, "-m", "pretrain.cli", *args]
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """The real `pretrain` command line, in a fresh process (Ray caches the auth token per process)."""
+    return _run([sys.executable, "-m", "pretrain.cli", *args], env, timeout)
+
+
+def jobs_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """The same five commands without the rest of the CLI, whose imports (torch, triton) cost seconds."""
+    return _run([sys.executable, "-m", "pretrain.launch.jobs", *args], env, timeout)
+
+
+def _run(cmd: list[str], env: dict[str, str] | None, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -88,9 +96,9 @@ def test_unreachable_cluster_is_one_line():
 
 def test_address_defaults_to_ray_address():
     port = free_port()
-    r = cli("jobs", env=bare_env(RAY_ADDRESS=f"http://127.0.0.1:{port}"))
+    r = jobs_cli("jobs", env=bare_env(RAY_ADDRESS=f"http://127.0.0.1:{port}"))
     assert r.returncode == 1 and f"127.0.0.1:{port}" in one_line(r)
-    r = cli("jobs", env=bare_env())
+    r = jobs_cli("jobs", env=bare_env())
     assert r.returncode == 2 and "RAY_ADDRESS" in one_line(r)
 
 
@@ -99,31 +107,31 @@ def test_address_defaults_to_ray_address():
 
 @pytest.mark.ray
 def test_missing_or_wrong_token_is_named(ray_head):
-    r = cli("jobs", "--address", ray_head.address, env=ray_head.env(token=False))
+    r = jobs_cli("jobs", "--address", ray_head.address, env=ray_head.env(token=False))
     assert r.returncode == 1
     line = one_line(r)
     assert "requires an auth token and none was found" in line and "RAY_AUTH_TOKEN" in line
     # RAY_AUTH_MODE=disabled on the client switches nothing off: the head still refuses.
-    r = cli("jobs", "--address", ray_head.address, env=ray_head.env(token=False, RAY_AUTH_MODE="disabled"))
+    r = jobs_cli("jobs", "--address", ray_head.address, env=ray_head.env(token=False, RAY_AUTH_MODE="disabled"))
     assert r.returncode == 1 and "none was found" in one_line(r)
     # With RAY_AUTH_MODE=token locally, Ray itself refuses before asking: still the same line.
-    r = cli("jobs", "--address", ray_head.address, env=ray_head.env(token=False, RAY_AUTH_MODE="token"))
+    r = jobs_cli("jobs", "--address", ray_head.address, env=ray_head.env(token=False, RAY_AUTH_MODE="token"))
     assert r.returncode == 1 and "none was found" in one_line(r)
-    r = cli("jobs", "--address", ray_head.address, env=ray_head.env(token=False, RAY_AUTH_TOKEN_PATH="/nonexistent"))
+    r = jobs_cli("jobs", "--address", ray_head.address, env=ray_head.env(token=False, RAY_AUTH_TOKEN_PATH="/nonexistent"))
     assert r.returncode == 1 and "RAY_AUTH_TOKEN_PATH" in one_line(r) and "/nonexistent" in one_line(r)
-    r = cli("jobs", "--address", ray_head.address, env=ray_head.env(RAY_AUTH_TOKEN="0" * 32))
+    r = jobs_cli("jobs", "--address", ray_head.address, env=ray_head.env(RAY_AUTH_TOKEN="0" * 32))
     assert r.returncode == 1 and "rejected the auth token" in one_line(r)
     # The token file Ray documents works as well as the variable.
     tok = ray_head.tmp / "token-file"
     tok.write_text(ray_head.token + "\n")
-    r = cli("jobs", "--address", ray_head.address, env=ray_head.env(token=False, RAY_AUTH_TOKEN_PATH=str(tok)))
+    r = jobs_cli("jobs", "--address", ray_head.address, env=ray_head.env(token=False, RAY_AUTH_TOKEN_PATH=str(tok)))
     assert r.returncode == 0, r.stderr
 
 
 @pytest.mark.ray
 def test_unknown_job_is_one_line(ray_head):
     for cmd in (("status",), ("logs",), ("logs", "--follow"), ("stop",)):
-        r = cli(*cmd, "raysubmit_nosuchjob", "--address", ray_head.address, env=ray_head.env())
+        r = jobs_cli(*cmd, "raysubmit_nosuchjob", "--address", ray_head.address, env=ray_head.env())
         assert r.returncode == 1, (cmd, r.stdout, r.stderr)
         assert one_line(r) == f"error: no job 'raysubmit_nosuchjob' on the Ray cluster at {ray_head.address}"
 
@@ -175,7 +183,7 @@ def test_submit_gpt_tiny_follow_status_and_stop(ray_head, tiny_shards, tmp_path)
     assert re.fullmatch(r"raysubmit_\w+", first), r.stdout
 
     # --follow returns when the job ends, having streamed the driver's output.
-    followed = cli("logs", first, "--follow", *addr, env=env, timeout=400)
+    followed = cli("logs", first, "--follow", *addr, env=env, timeout=600)
     assert followed.returncode == 0, followed.stderr
     r = cli("status", first, *addr, env=env)
     assert r.returncode == 0 and _last_line(r) == "SUCCEEDED", followed.stdout[-3000:]
@@ -190,10 +198,10 @@ def test_submit_gpt_tiny_follow_status_and_stop(ray_head, tiny_shards, tmp_path)
     r = cli("submit", "configs/gpt-tiny.yaml", "train.steps=100000", "run.name=long", *common, *addr, env=env)
     assert r.returncode == 0, r.stderr
     second = r.stdout.strip()
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     state = "PENDING"
     while state == "PENDING" and time.monotonic() < deadline:
-        state = _last_line(cli("status", second, *addr, env=env))
+        state = _last_line(jobs_cli("status", second, *addr, env=env))
     assert state == "RUNNING"
     r = cli("stop", second, *addr, env=env)
     assert r.returncode == 0 and _last_line(r) == "STOPPED", r.stdout + r.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -12,9 +13,11 @@ from pretrain.bench.kernels import app, device_peak
 pytestmark = pytest.mark.kernels
 
 
-def test_cpu_mode_runs_the_sweep_and_writes_csv(tmp_path):
+def test_cpu_mode_runs_the_sweep_and_writes_csv(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
     result = CliRunner().invoke(app, ["--op", "rms_norm", "--dtype", "bf16", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
+    assert "TRITON_INTERPRET" not in os.environ  # the sweep's interpreter switch does not leak
     assert "timings need a GPU" in result.output
     rows = list(csv.DictReader((tmp_path / "correctness.csv").open()))
     assert rows and {r["op"] for r in rows} == {"rms_norm"} and {r["dtype"] for r in rows} == {"bf16"}

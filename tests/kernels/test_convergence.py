@@ -40,5 +40,5 @@ def test_triton_and_reference_train_alike():
     ref = _losses("reference")
     tri = _losses("triton")
     assert ref[-1] < 0.8 * ref[0], "the tiny model should learn the stream"
-    for step, (a, b) in enumerate(zip(tri, ref)):
+    for step, (a, b) in enumerate(zip(tri, ref, strict=True)):
         assert abs(a - b) <= 1e-3 * abs(b), f"step {step}: triton {a} vs reference {b}"

@@ -6,12 +6,17 @@ checks the GPU build of each kernel with the bf16 configuration its launcher use
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from kernels import attention, cross_entropy, layer_norm, rms_norm, rope, swiglu
+# importlib: the package re-exports functions under the same names as their modules.
+attention, cross_entropy, layer_norm, rms_norm, rope, swiglu = (
+    importlib.import_module(f"kernels.{m}") for m in ("attention", "cross_entropy", "layer_norm", "rms_norm", "rope", "swiglu")
+)
 
 pytestmark = pytest.mark.kernels
 
@@ -36,7 +41,7 @@ KERNELS = {
                dict(BLOCK_R=1, BLOCK_V=4096), 4),
     "ce_bwd": (cross_entropy._ce_bwd_kernel, dict(X=BF16, T=I64, LSE=F32, SCALE=F32, DX=BF16, z_loss="fp32"),
                dict(BLOCK_R=1, BLOCK_V=4096), 4),
-    "attn_fwd": (attention._attn_fwd_kernel, dict(Q=BF16, K=BF16, V=BF16, O=BF16, LSE=F32, qk_scale="fp32"),
+    "attn_fwd": (attention._attn_fwd_kernel, dict(Q=BF16, K=BF16, V=BF16, OUT=BF16, LSE=F32, qk_scale="fp32"),
                  dict(CAUSAL=True, BLOCK_M=64, BLOCK_N=64, **ATTN), 4),
     "attn_dkdv": (attention._attn_bwd_dkdv_kernel, dict(Q=BF16, K=BF16, V=BF16, DO=BF16, LSE=F32, DELTA=F32,
                                                        DK=BF16, DV=BF16, qk_scale="fp32", sm_scale="fp32"),

@@ -46,7 +46,7 @@ def test_attention_backward_is_deterministic_and_keeps_no_score_matrix():
     dy = torch.randn_like(out)
     first = torch.autograd.grad(out, (q, k, v), dy, retain_graph=True)
     second = torch.autograd.grad(out, (q, k, v), dy)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)  # no atomics: bitwise the same every time
 
 
@@ -104,5 +104,5 @@ def test_ops_compile_in_one_graph():
     want = f(*inputs)
     g_want = torch.autograd.grad(want, inputs)
     torch.testing.assert_close(got, want)
-    for a, b in zip(g_got, g_want):
+    for a, b in zip(g_got, g_want, strict=True):
         torch.testing.assert_close(a, b)
