@@ -33,7 +33,11 @@ demo: $(STAMP) data/shakespeare/train/index.json
 	rm -rf runs/gpt-tiny
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/pretrain train configs/gpt-tiny.yaml $(ARGS)
 
+# Debian's Fashion-MNIST files: the real images the image-shard writer is tested on.
+FASHION := /usr/share/datasets/fashion-mnist
+
 test: $(STAMP)
+	test -d $(FASHION) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
 	WANDB_MODE=offline $(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)

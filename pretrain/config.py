@@ -63,7 +63,7 @@ class ModelConfig(Section):
 class DataSource(Section):
     path: str = Field(description="shard directory (index.json + *.tar), brace pattern or URL list")
     weight: float = Field(1.0, gt=0, description="mixing weight (normalised over sources)")
-    name: str | None = Field(None, description="label in metrics; default the path's last component")
+    name: str | None = Field(None, description="label in metrics; default the directory's name (its parent's for a train/ or val/ split)")
 
 
 def _as_source(v: Any) -> Any:
@@ -110,7 +110,7 @@ class TrainConfig(Section):
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
     grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 disables")
     eval_every: int = Field(50, ge=0, description="validation every N steps (and at the end); 0: only at the end")
-    eval_batches: int = Field(4, gt=0, description="micro-batches per rank in one validation")
+    eval_batches: int = Field(4, gt=0, description="validation micro-batches per configured worker (a fixed set for the whole run)")
     ckpt_every: int = Field(100, ge=0, description="checkpoint every N steps (and at the end); 0: only at the end")
     log_every: int = Field(1, gt=0, description="console progress line every N steps")
     activation_checkpointing: bool = Field(False, description="recompute block activations in backward")

@@ -2,7 +2,7 @@
 workers beside the raw webdataset read speed of the same tar files (the ceiling), and what one training
 step of gpt-tiny and gpt2-124m consumes on this machine. Prints a table and writes JSON.
 
-    .venv/bin/python tools/bench_data.py [--tokens 2000000] [--seq-len 128] [--out bench_data.json]
+    .venv/bin/python tools/bench_data.py [--tokens 2000000] [--seq-len 128] [--out bench-out/bench_data.json]
                                          [--model-steps-124m 0]   # skip the slow 124M step
 
 The corpus is generated pseudo-English (tests/helpers.write_corpus), tokenized with GPT-2's BPE.
@@ -116,7 +116,7 @@ def main() -> None:
     ap.add_argument("--model-steps", type=int, default=2, help="timed gpt-tiny steps (0: estimate only)")
     ap.add_argument("--model-steps-124m", type=int, default=1, help="timed gpt2-124m steps (0: estimate only)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--out", type=Path, default=Path("bench_data.json"))
+    ap.add_argument("--out", type=Path, default=Path("bench-out/bench_data.json"))
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,6 +168,7 @@ def main() -> None:
         w.pop("manifest")
     result = {"writer": writer, "raw": raw, "readers": readers, "models": models,
               "settings": {**vars(args), "out": str(args.out)}, "cpus": os.cpu_count()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 

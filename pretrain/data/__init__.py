@@ -15,6 +15,7 @@ import torch
 from pretrain.config import DataConfig
 from pretrain.data.errors import DataError
 from pretrain.data.manifest import Source, resolve
+from pretrain.data.shards import open_url
 from pretrain.data.stream import Layout, ShardReader, TrainStream
 from pretrain.data.tokenizer import load_tokenizer, tokenizer_hash
 
@@ -80,10 +81,9 @@ def tokenizer_for(cfg: DataConfig):
     src = _train_sources(cfg)[0]
     spec = _tokenizer_spec(src)
     if "://" in spec:
-        import webdataset as wds
         from tokenizers import Tokenizer
 
-        with wds.gopen(spec, "rb") as f:
+        with open_url(spec) as f:
             tok = Tokenizer.from_str(f.read().decode())
     else:
         tok = load_tokenizer(spec)

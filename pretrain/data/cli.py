@@ -69,6 +69,8 @@ def text(
                                    val_fraction=val_fraction, shard_bytes=size, workers=workers, progress=update)
     except DataError as e:
         raise _fail(str(e)) from None
+    except OSError as e:  # an unwritable --out, a full disk: still one line
+        raise _fail(f"{e.filename or ''}: {e.strerror or e}") from None
     for split, m in manifests.items():
         typer.echo(f"{out / split}: {len(m['shards'])} shards, {m['samples']:,} samples of {seq_len + 1} tokens, "
                    f"{m['tokens']:,} tokens")
@@ -94,6 +96,8 @@ def images(
                                      progress=update)
     except DataError as e:
         raise _fail(str(e)) from None
+    except OSError as e:  # an unwritable --out, a full disk: still one line
+        raise _fail(f"{e.filename or ''}: {e.strerror or e}") from None
     for split, m in manifests.items():
         shape = "x".join(map(str, m["image_shape"])) if m["image_shape"] else "mixed sizes"
         typer.echo(f"{out / split}: {len(m['shards'])} shards, {m['samples']:,} images ({shape}), "
@@ -115,6 +119,8 @@ def inspect(directory: str = typer.Argument(..., help="shard directory (holding 
             summary["verified_shards"] = verify_source(src)
     except DataError as e:
         raise _fail(str(e)) from None
+    except OSError as e:  # an unwritable --out, a full disk: still one line
+        raise _fail(f"{e.filename or ''}: {e.strerror or e}") from None
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import braceexpand
-import webdataset as wds
 
 from pretrain.data.errors import DataError
+from pretrain.data.shards import open_url
 
 FORMAT = "pretrain-shards/1"
 MANIFEST = "index.json"
@@ -57,7 +57,7 @@ def _is_url(path: str) -> bool:
 
 def _read_manifest_url(url: str, setting: str) -> dict:
     try:
-        with wds.gopen(url, "rb") as f:
+        with open_url(url) as f:
             text = f.read()
     except Exception as e:
         raise DataError(f"{setting}: cannot read manifest {url}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None

@@ -92,11 +92,19 @@ class _HashingReader:
         self._f.close()
 
 
+def open_url(url: str):
+    """webdataset's `gopen` (local paths, file:, pipe:, http(s) via curl, gs: via gsutil, ais:), plus s3://
+    through the AWS CLI, which gopen has no handler for."""
+    if url.startswith("s3://"):
+        url = f"pipe:aws s3 cp {url} -"
+    return wds.gopen(url, "rb")
+
+
 def read_shard(url: str, *, sha256: str | None, nbytes: int | None, label: str) -> list[tuple[str, dict[str, bytes]]]:
     """All samples of one shard in file order as (key, {ext: bytes}); raises DataError naming `label`
     (the shard) on a truncated/corrupt tar or a size or sha256 that differs from the manifest's."""
     try:
-        stream = wds.gopen(url, "rb")
+        stream = open_url(url)
     except Exception as e:
         raise DataError(f"shard {label}: cannot open: {_first_line(e)}") from None
     reader = _HashingReader(stream)

@@ -284,6 +284,9 @@ def write_text(
     ext, dtype = token_ext(vocab)
     spec = "gpt2" if tokenizer == "gpt2" else "tokenizer.json"
     total = sum(p.end - p.start for p in train + val)
+    # A pool pays off only past a few MiB of text (and forking a process that runs Ray threads, as a
+    # test session may, is best avoided when it buys nothing).
+    workers = max(1, min(workers or os.cpu_count() or 1, -(-total // (4 * PIECE_BYTES))))
     done = [0]
 
     def step(n: int) -> None:
@@ -309,7 +312,7 @@ def write_text(
         header["samples_per_shard"] = sps
         if (d / MANIFEST).is_file():
             (d / MANIFEST).unlink()  # rewritten at the end; never a manifest for shards being replaced
-        manifests[split] = _SplitWriter(d, header, sps, pieces).run(tokenizer, workers or os.cpu_count() or 1, step)
+        manifests[split] = _SplitWriter(d, header, sps, pieces).run(tokenizer, workers, step)
         for stale in sorted(d.glob("shard-*.tar*")):
             if stale.name not in {s["name"] for s in manifests[split]["shards"]}:
                 stale.unlink()  # left from an earlier, larger write into the same directory

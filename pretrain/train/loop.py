@@ -48,16 +48,33 @@ def _mean_over_ranks(total: torch.Tensor, count: int) -> float:
     return total.item() / (count * dist.get_world_size())
 
 
+def validation_share(cfg: Config, rank: int, world: int) -> list[tuple[dict, bool]]:
+    """This rank's part of the run's validation set as (batch, counted) pairs, as many on every rank.
+
+    The set is fixed by the config (eval_batches x micro-batch x cluster.workers sequences), not by the
+    world size of the moment, so a run resumed on fewer or more workers is validated on the same set.
+    Ranks with one batch fewer repeat one with zero weight: under ZeRO-3 every forward is a collective.
+    """
+    t = cfg.train
+    batches = build_val_batches(cfg.data, rank=0, world_size=1, micro_batch_size=t.micro_batch_size,
+                                max_batches=t.eval_batches * cfg.cluster.workers)
+    mine = [(b, True) for b in batches[rank::world]]
+    return mine + [(batches[0], False)] * (-(-len(batches) // world) - len(mine))
+
+
 @torch.no_grad()
-def evaluate(engine, batches: list[dict], device: torch.device) -> float:
-    """Mean validation loss over every rank's fixed batches (collective)."""
+def evaluate(engine, share: list[tuple[dict, bool]], device: torch.device) -> float:
+    """Mean validation loss per sequence over every rank's share (collective)."""
     engine.eval()
-    total = torch.zeros((), device=device)
-    for batch in batches:
+    total = torch.zeros(2, device=device)  # (sum of per-sequence losses, sequences)
+    for batch, counted in share:
         loss, _ = causal_lm(engine, {"input_ids": batch["input_ids"].to(device)})
-        total += loss.float()
+        if counted:
+            n = batch["input_ids"].shape[0]
+            total += torch.stack([loss.float() * n, torch.tensor(float(n), device=device)])
     engine.train()
-    return _mean_over_ranks(total, len(batches))
+    dist.all_reduce(total)
+    return (total[0] / total[1]).item()
 
 
 def _sinks(cfg: Config, rdir: Path, rank: int) -> Sink:
@@ -111,11 +128,7 @@ def train(cfg: Config, *, started_at: float | None = None) -> None:
     stream = build_train_stream(
         cfg.data, seed=t.seed, rank=rank, world_size=world, micro_batch_size=t.micro_batch_size, grad_accum=accum
     )
-    val_batches = (
-        build_val_batches(cfg.data, rank=rank, world_size=world, micro_batch_size=t.micro_batch_size,
-                          max_batches=t.eval_batches)
-        if cfg.data.val else []
-    )
+    val_share = validation_share(cfg, rank, world) if cfg.data.val else []
 
     start, tokens = 0, 0
     if last is not None:
@@ -134,8 +147,8 @@ def train(cfg: Config, *, started_at: float | None = None) -> None:
         sink.summary({**counts, "flops_per_token": fpt, "peak_flops_per_worker": peak, "world_size": world})
 
     def validate(step: int) -> None:
-        if val_batches:
-            sink.log({"step": step, "val_loss": evaluate(engine, val_batches, device), "tokens": tokens,
+        if val_share:
+            sink.log({"step": step, "val_loss": evaluate(engine, val_share, device), "tokens": tokens,
                       "flops": fpt * tokens})
 
     if start == 0:

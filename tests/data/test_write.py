@@ -95,8 +95,9 @@ def _files(d):
     return {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-def test_same_corpus_twice_is_byte_identical(tmp_path):
+def test_same_corpus_twice_is_byte_identical(tmp_path, monkeypatch):
     files = [str(f) for f in write_corpus(tmp_path / "c", n_docs=4, words_per_doc=500)]
+    monkeypatch.setattr(wt, "PIECE_BYTES", 1024)  # many pieces, so the second write uses the process pool
     kw = dict(tokenizer="gpt2", seq_len=16, val_fraction=0.1, shard_bytes=8 << 10)
     wt.write_text(files, out=tmp_path / "a", workers=1, **kw)
     wt.write_text(files, out=tmp_path / "b", workers=2, **kw)  # the process pool gives the same bytes
