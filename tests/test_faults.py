@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pretrain.config import load_config
@@ -45,11 +46,10 @@ def _wait_for_step(run: Path, step: int, timeout: float = 300) -> None:
 
 
 def _train_worker_pids() -> list[int]:
-    """Processes of this Ray cluster's live Ray Train workers (not any other run on the machine)."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    return [a.pid for a in actors]
+    """Live Ray Train workers of the Ray this test process started (its descendants), so that no other
+    run on the machine is touched."""
+    procs = psutil.Process().children(recursive=True)
+    return [p.pid for p in procs if p.is_running() and "RayTrainWorker" in " ".join(p.cmdline())]
 
 
 def _run_in_thread(cfg) -> tuple[threading.Thread, list]:

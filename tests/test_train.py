@@ -53,6 +53,16 @@ def test_zero_stages_match_single_worker(tmp_path, tiny_shards, ray_local):
         assert [r["step"] for r in rows] == list(range(1, 13)), stage
         assert rows[9]["loss"] == pytest.approx(ref[9]["loss"], rel=1e-3), stage
         assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in rows)
+    # A ZeRO-3 checkpoint written by 2 workers, continued by 2 and (through DeepSpeed's universal
+    # checkpoint) by 1: the next step agrees.
+    runs = tmp_path / "runs"
+    shutil.copytree(runs / "z3", runs / "z3-one")
+    two = _train(tmp_path, tiny_shards, "z3", "train.steps=13", "cluster.workers=2", "zero.stage=3")
+    one = _train(tmp_path, tiny_shards, "z3-one", "train.steps=13", "cluster.workers=1", "zero.stage=3")
+    assert [r["step"] for r in one] == list(range(1, 14))
+    assert one[-1]["loss"] == pytest.approx(two[-1]["loss"], rel=1e-4)
+    assert (runs / "z3-one" / "checkpoints" / "step-12" / "universal").is_dir()
+
     # Learning happened, and the metrics a scaling-law fit needs are there.
     assert ref[-1]["loss"] < ref[0]["loss"]
     last = ref[-1]

@@ -49,6 +49,8 @@ def bare_env(**extra: str) -> dict[str, str]:
 
 
 def test_job_spec_runs_pretrain_train_in_the_project(monkeypatch):
+    for name in [k for k in os.environ if k.startswith("WANDB_")]:  # e.g. WANDB_MODE set by `make test`
+        monkeypatch.delenv(name)
     monkeypatch.setenv("WANDB_API_KEY", "k-123")
     monkeypatch.setenv("MY_SETTING", "7")
     spec = jobs.build_job(TINY, ["train.steps=10", "run.name=a b"], env=["MY_SETTING"])
