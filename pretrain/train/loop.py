@@ -180,6 +180,7 @@ def train(cfg: Config, *, started_at: float | None = None) -> None:
             client = {"step": step, "tokens": tokens, "data": stream.state_dict(), "config": cfg.model_dump(mode="json")}
             ckpt.save(engine, ckpt_dir, step, client, rank)
 
+    stream.close()  # stop its dataloader workers before the final (collective) save
     save_final_weights(engine, cfg, rdir / "final", rank)
     if rank == 0:
         summary = {
