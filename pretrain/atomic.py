@@ -1,0 +1,58 @@
+"""Atomic file writes: the one helper every writer of a file that others read uses.
+
+The content goes to a temporary file in the same directory, is flushed and fsynced, and is renamed
+over the target (`os.replace`, atomic on POSIX); the directory is fsynced so the rename itself
+survives a power loss. A reader sees the old file or the new one, never a torn one; a crash leaves
+at most a `.tmp-*` file that the next write replaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make a rename or a new entry in `directory` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", *, fsync: bool = True) -> Iterator[IO]:
+    """`with atomic_open(p, "wb") as f: ...` writes `p` whole or not at all (also on an exception)."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open: mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    if fsync:
+        fsync_dir(path.parent)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes, *, fsync: bool = True) -> None:
+    """Write text or bytes to `path` atomically (see the module docstring)."""
+    with atomic_open(path, "wb" if isinstance(data, bytes) else "w", fsync=fsync) as f:
+        f.write(data)
