@@ -4,15 +4,21 @@ Public functions take and return tensors and work under autograd and `torch.comp
 "auto" runs Triton on CUDA tensors and the reference on CPU tensors (Triton through the interpreter when
 TRITON_INTERPRET=1); "triton" asks for Triton (on CPU without the interpreter it falls back to the
 reference); "reference" always runs plain PyTorch.
+
+This folder installs as `pretrain.kernels` (pyproject.toml maps it with package-dir), never as a
+top-level `kernels`, which is Hugging Face's hub-kernel package: `from pretrain import kernels`. The
+ops register in the `torch.ops.pretrain_kernels` namespace. Modules here import each other by that
+absolute name, so a stray `import kernels` from the repository root re-exports these same functions
+instead of loading (and registering) every op a second time.
 """
 
-from kernels.attention import attention, attention_reference
-from kernels.cross_entropy import cross_entropy, cross_entropy_reference
-from kernels.layer_norm import layer_norm, layer_norm_reference
-from kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_unfused
-from kernels.rms_norm import rms_norm, rms_norm_reference
-from kernels.rope import rope, rope_reference
-from kernels.swiglu import swiglu, swiglu_reference
+from pretrain.kernels.attention import attention, attention_reference
+from pretrain.kernels.cross_entropy import cross_entropy, cross_entropy_reference
+from pretrain.kernels.layer_norm import layer_norm, layer_norm_reference
+from pretrain.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_unfused
+from pretrain.kernels.rms_norm import rms_norm, rms_norm_reference
+from pretrain.kernels.rope import rope, rope_reference
+from pretrain.kernels.swiglu import swiglu, swiglu_reference
 
 __all__ = [
     "attention", "attention_reference", "cross_entropy", "cross_entropy_reference", "layer_norm",

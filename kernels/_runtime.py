@@ -2,7 +2,7 @@
 
 Triton 3.9 reads `TRITON_INTERPRET` when `@triton.jit` runs (the decorator returns an interpreted or a
 compiled function then), not at launch. Kernels here are therefore plain Python functions decorated on
-first launch, once per mode, so importing `kernels` before a test sets the variable changes nothing.
+first launch, once per mode, so importing `pretrain.kernels` before a test sets the variable changes nothing.
 Triton's own @jit helpers (`tl.sum`, `tl.max`, `tl.zeros`, `tl.sigmoid`, `tl.cdiv`) were decorated when
 `triton.language` was first imported, possibly in compiled mode, and then fail under the interpreter;
 kernels use the builtins instead: `tl.reduce(x, axis, tl.standard._sum_combine)` (the interpreter maps

@@ -18,7 +18,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from kernels._runtime import (
+from pretrain.kernels._runtime import (
     cdiv,
     dot_dtype,
     finish,
@@ -235,7 +235,7 @@ def _bwd_launch(do, q, k, v, o, lse, causal, scale):
     return finish(dq, q.dtype), finish(dk, k.dtype), finish(dv, v.dtype)
 
 
-@torch.library.custom_op("kernels::attention_fwd", mutates_args=())
+@torch.library.custom_op("pretrain_kernels::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     return _fwd_launch(q, k, v, causal, scale)
 
@@ -246,7 +246,7 @@ def _(q, k, v, causal, scale):
     return q.new_empty((B, HQ, S, D)), q.new_empty((B, HQ, S), dtype=torch.float32)
 
 
-@torch.library.custom_op("kernels::attention_bwd", mutates_args=())
+@torch.library.custom_op("pretrain_kernels::attention_bwd", mutates_args=())
 def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
                    scale: float) -> tuple[Tensor, Tensor, Tensor]:
     return _bwd_launch(do, q, k, v, o, lse, causal, scale)
@@ -277,7 +277,7 @@ class AttentionFunction(torch.autograd.Function):
 
 
 torch.library.register_autograd(
-    "kernels::attention_fwd", AttentionFunction.backward, setup_context=AttentionFunction.setup_context
+    "pretrain_kernels::attention_fwd", AttentionFunction.backward, setup_context=AttentionFunction.setup_context
 )
 
 

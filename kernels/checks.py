@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
+from pretrain import kernels
 
 FACTOR = 3.0
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}

@@ -12,7 +12,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from kernels._runtime import cdiv, kernel, new_empty, next_pow2, rows, staged, upcast, use_triton
+from pretrain.kernels._runtime import cdiv, kernel, new_empty, next_pow2, rows, staged, upcast, use_triton
 
 
 def cross_entropy_reference(logits: Tensor, targets: Tensor, ignore_index: int = -100, z_loss: float = 0.0) -> Tensor:
@@ -107,7 +107,7 @@ def ce_rows_backward(logits: Tensor, targets: Tensor, lse: Tensor, scale: Tensor
     return out.copy_(buf) if out is not None else buf.to(x.dtype)  # torch rounds to nearest even
 
 
-@torch.library.custom_op("kernels::cross_entropy_fwd", mutates_args=())
+@torch.library.custom_op("pretrain_kernels::cross_entropy_fwd", mutates_args=())
 def _ce_fwd(logits: Tensor, targets: Tensor, ignore_index: int, z_loss: float) -> tuple[Tensor, Tensor]:
     loss_rows, lse = ce_rows_forward(logits, targets, ignore_index, z_loss)
     return loss_rows.sum() / (targets != ignore_index).sum(), lse
@@ -118,7 +118,7 @@ def _(logits, targets, ignore_index, z_loss):
     return logits.new_empty((), dtype=torch.float32), logits.new_empty((logits.shape[0],), dtype=torch.float32)
 
 
-@torch.library.custom_op("kernels::cross_entropy_bwd", mutates_args=())
+@torch.library.custom_op("pretrain_kernels::cross_entropy_bwd", mutates_args=())
 def _ce_bwd(dloss: Tensor, logits: Tensor, targets: Tensor, lse: Tensor, ignore_index: int, z_loss: float) -> Tensor:
     scale = (dloss.float() / (targets != ignore_index).sum()).reshape(1)
     return ce_rows_backward(logits, targets, lse, scale, ignore_index, z_loss).view(logits.shape)
@@ -148,7 +148,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
 
 torch.library.register_autograd(
-    "kernels::cross_entropy_fwd", CrossEntropyFunction.backward, setup_context=CrossEntropyFunction.setup_context
+    "pretrain_kernels::cross_entropy_fwd", CrossEntropyFunction.backward, setup_context=CrossEntropyFunction.setup_context
 )
 
 

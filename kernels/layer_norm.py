@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton.language as tl
 from torch import Tensor
 
-from kernels._runtime import (
+from pretrain.kernels._runtime import (
     cdiv,
     finish,
     kernel,
@@ -180,7 +180,7 @@ def _bwd_launch(dy, x, weight, bias, scale, mean, rstd):
     return finish(dx, x.dtype), dw, db, dsc
 
 
-@torch.library.custom_op("kernels::layer_norm_fwd", mutates_args=())
+@torch.library.custom_op("pretrain_kernels::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, shift: Tensor | None,
                     scale: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     return _fwd_launch(x, weight, bias, shift, scale, eps)
@@ -192,7 +192,7 @@ def _(x, weight, bias, shift, scale, eps):
     return torch.empty_like(x), x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32)
 
 
-@torch.library.custom_op("kernels::layer_norm_bwd", mutates_args=())
+@torch.library.custom_op("pretrain_kernels::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, scale: Tensor | None,
                     mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _bwd_launch(dy, x, weight, bias, scale, mean, rstd)
@@ -232,7 +232,7 @@ class LayerNormFunction(torch.autograd.Function):
 
 
 torch.library.register_autograd(
-    "kernels::layer_norm_fwd", LayerNormFunction.backward, setup_context=LayerNormFunction.setup_context
+    "pretrain_kernels::layer_norm_fwd", LayerNormFunction.backward, setup_context=LayerNormFunction.setup_context
 )
 
 

@@ -8,7 +8,7 @@ backward. The chunk size follows Liger-Kernel's rule, about N * H / V rows, so a
 weighs about as much as `hidden`, but never fewer than MIN_CHUNK_ROWS rows: with a small hidden size
 the rule gives a handful of rows, and each chunk then re-reads the whole (V, H) weight for a sliver of
 work (measured on CPU, gpt-tiny's head, 1024 tokens: 4 rows 6.6 s, 32 rows 1.9 s, 128 rows 1.3 s). Per chunk, the Triton path runs the row kernels of
-`kernels.cross_entropy`; the reference path runs the same loop in plain PyTorch (the CPU path).
+`pretrain.kernels.cross_entropy`; the reference path runs the same loop in plain PyTorch (the CPU path).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels._runtime import cdiv, next_pow2, upcast, use_triton
-from kernels.cross_entropy import ce_rows_backward, ce_rows_forward, cross_entropy_reference
+from pretrain.kernels._runtime import cdiv, next_pow2, upcast, use_triton
+from pretrain.kernels.cross_entropy import ce_rows_backward, ce_rows_forward, cross_entropy_reference
 
 
 def linear_cross_entropy_unfused(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100,
@@ -80,7 +80,7 @@ def _fused_forward(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index
     return loss / (targets != ignore_index).sum(), gh, gw
 
 
-@torch.library.custom_op("kernels::linear_cross_entropy_fwd", mutates_args=())
+@torch.library.custom_op("pretrain_kernels::linear_cross_entropy_fwd", mutates_args=())
 def _lce_fwd(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, z_loss: float, want_grad: bool,
              use_kernels: bool) -> tuple[Tensor, Tensor, Tensor]:
     return _fused_forward(hidden, weight, targets, ignore_index, z_loss, want_grad, use_kernels)
@@ -120,7 +120,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 
 torch.library.register_autograd(
-    "kernels::linear_cross_entropy_fwd", LinearCrossEntropyFunction.backward,
+    "pretrain_kernels::linear_cross_entropy_fwd", LinearCrossEntropyFunction.backward,
     setup_context=LinearCrossEntropyFunction.setup_context,
 )
 

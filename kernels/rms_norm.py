@@ -12,7 +12,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from kernels._runtime import (
+from pretrain.kernels._runtime import (
     cdiv,
     finish,
     kernel,
@@ -134,7 +134,7 @@ def _bwd_launch(dy: Tensor, s: Tensor, weight: Tensor, rstd: Tensor, ds: Tensor 
 # --------------------------------------------------------------------------------------------- autograd
 
 
-@torch.library.custom_op("kernels::rms_norm_fwd", mutates_args=())
+@torch.library.custom_op("pretrain_kernels::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     return _fwd_launch(x, weight, residual, eps)
 
@@ -146,7 +146,7 @@ def _(x, weight, residual, eps):
     return torch.empty_like(x), s, x.new_empty((n,), dtype=torch.float32)
 
 
-@torch.library.custom_op("kernels::rms_norm_bwd", mutates_args=())
+@torch.library.custom_op("pretrain_kernels::rms_norm_bwd", mutates_args=())
 def _rms_norm_bwd(dy: Tensor, s: Tensor, weight: Tensor, rstd: Tensor, ds: Tensor | None) -> tuple[Tensor, Tensor]:
     return _bwd_launch(dy, s, weight, rstd, ds)
 
@@ -180,7 +180,7 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 torch.library.register_autograd(
-    "kernels::rms_norm_fwd", RMSNormFunction.backward, setup_context=RMSNormFunction.setup_context
+    "pretrain_kernels::rms_norm_fwd", RMSNormFunction.backward, setup_context=RMSNormFunction.setup_context
 )
 
 

@@ -12,7 +12,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from kernels._runtime import cdiv, finish, kernel, new_empty, next_pow2, staged, upcast, use_triton
+from pretrain.kernels._runtime import cdiv, finish, kernel, new_empty, next_pow2, staged, upcast, use_triton
 
 
 def inv_freq(dim: int, theta: float, device: torch.device) -> Tensor:
@@ -77,7 +77,7 @@ def _launch(x: Tensor, positions: Tensor, theta: float, backward: bool) -> Tenso
     return finish(y, x.dtype)
 
 
-@torch.library.custom_op("kernels::rope", mutates_args=())
+@torch.library.custom_op("pretrain_kernels::rope", mutates_args=())
 def _rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     return _launch(x, positions, theta, backward=False)
 
@@ -87,7 +87,7 @@ def _(x, positions, theta):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("kernels::rope_bwd", mutates_args=())
+@torch.library.custom_op("pretrain_kernels::rope_bwd", mutates_args=())
 def _rope_bwd(dy: Tensor, positions: Tensor, theta: float) -> Tensor:
     return _launch(dy, positions, theta, backward=True)
 
@@ -116,7 +116,7 @@ class RoPEFunction(torch.autograd.Function):
         return _rope_bwd(dy, positions, ctx.theta), None, None
 
 
-torch.library.register_autograd("kernels::rope", RoPEFunction.backward, setup_context=RoPEFunction.setup_context)
+torch.library.register_autograd("pretrain_kernels::rope", RoPEFunction.backward, setup_context=RoPEFunction.setup_context)
 
 
 def rope(x: Tensor, positions: Tensor, theta: float = 10000.0, *, backend: str = "auto") -> Tensor:

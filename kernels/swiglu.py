@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import triton.language as tl
 from torch import Tensor
 
-from kernels._runtime import cdiv, finish, kernel, new_empty, next_pow2, rows, staged, use_triton
+from pretrain.kernels._runtime import cdiv, finish, kernel, new_empty, next_pow2, rows, staged, use_triton
 
 
 def swiglu_reference(gate: Tensor, up: Tensor) -> Tensor:
@@ -61,7 +61,7 @@ def _grid(n_rows: int, n: int, br: int, bn: int) -> tuple[int, int]:
     return (cdiv(n_rows, br), cdiv(n, bn))
 
 
-@torch.library.custom_op("kernels::swiglu_fwd", mutates_args=())
+@torch.library.custom_op("pretrain_kernels::swiglu_fwd", mutates_args=())
 def _swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
     g2, u2 = rows(gate), rows(up)
     y = new_empty(gate.shape, staged(gate.dtype), gate.device)
@@ -78,7 +78,7 @@ def _(gate, up):
     return torch.empty_like(gate)
 
 
-@torch.library.custom_op("kernels::swiglu_bwd", mutates_args=())
+@torch.library.custom_op("pretrain_kernels::swiglu_bwd", mutates_args=())
 def _swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     d2, g2, u2 = rows(dy), rows(gate), rows(up)
     dg = new_empty(gate.shape, staged(gate.dtype), gate.device)
@@ -113,7 +113,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return _swiglu_bwd(dy, gate, up)
 
 
-torch.library.register_autograd("kernels::swiglu_fwd", SwiGLUFunction.backward, setup_context=SwiGLUFunction.setup_context)
+torch.library.register_autograd("pretrain_kernels::swiglu_fwd", SwiGLUFunction.backward, setup_context=SwiGLUFunction.setup_context)
 
 
 def swiglu(gate: Tensor, up: Tensor, *, backend: str = "auto") -> Tensor:

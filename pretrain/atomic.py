@@ -31,17 +31,16 @@ def fsync_dir(directory: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w", *, fsync: bool = True) -> Iterator[IO]:
-    """`with atomic_open(p, "wb") as f: ...` writes `p` whole or not at all (also on an exception)."""
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_open: mode must be 'w' or 'wb', got {mode!r}")
+def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
+    """For writers that take a file name (safetensors, torch.save): yields a temporary path in the same
+    directory; when the block ends the file is fsynced and renamed to `path` (removed on an exception)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            if fsync:
+        yield Path(tmp)
+        if fsync:
+            with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -50,6 +49,15 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, fsync: bool = True)
         raise
     if fsync:
         fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", *, fsync: bool = True) -> Iterator[IO]:
+    """`with atomic_open(p, "wb") as f: ...` writes `p` whole or not at all (also on an exception)."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open: mode must be 'w' or 'wb', got {mode!r}")
+    with atomic_path(path, fsync=fsync) as tmp, open(tmp, mode) as f:
+        yield f
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes, *, fsync: bool = True) -> None:

@@ -15,17 +15,13 @@ from typing import Optional
 import typer
 
 from pretrain.config import ConfigError, dump_config, load_config, run_dir
+from pretrain.fail import fail
 
 app = typer.Typer(
     help="Distributed pretraining of Transformers: Ray + DeepSpeed ZeRO + Triton + webdataset + W&B.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 bench_app = typer.Typer(help="Benchmarks (kernels).", no_args_is_help=True)
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -40,18 +36,14 @@ def train(
         cfg = load_config(config, overrides or [])
     except ConfigError as e:
         raise fail(str(e)) from None
-    from pretrain.data import DataError, validate_data
+    from pretrain.data import DataError
+    from pretrain.launch.preflight import preflight
+    from pretrain.objectives import ObjectiveError
 
     try:
-        info = validate_data(cfg.data)
-    except DataError as e:
+        objective = preflight(cfg)  # the data exists, and the objective accepts it and the model
+    except (DataError, ObjectiveError) as e:
         raise fail(str(e)) from None
-    if info["vocab_size"] > cfg.model.vocab_size:
-        raise fail(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's tokenizer "
-                   f"vocabulary ({info['vocab_size']})")
-    if info["seq_len"] > cfg.model.max_seq_len:
-        raise fail(f"model.max_seq_len ({cfg.model.max_seq_len}) is shorter than the data's sequences "
-                   f"({info['seq_len']})")
 
     # Only now, with the config and the data known good, does the run directory appear.
     rdir = run_dir(cfg)
@@ -72,36 +64,39 @@ def train(
         raise fail(f"training failed: {cause} (full trace: {rdir / 'error.log'})", code=1) from None
 
     summary = json.loads((rdir / "summary.json").read_text())
+    unit = objective.unit
     typer.echo(
-        f"done: {summary['steps']} steps, {summary.get('tokens', 0):,} tokens, final loss "
+        f"done: {summary['steps']} steps, {summary.get(unit, 0):,} {unit}, final loss "
         f"{summary.get('final_loss', float('nan')):.4f}, val loss {summary.get('initial_val_loss', float('nan')):.4f}"
         f" -> {summary.get('final_val_loss', float('nan')):.4f}, {summary['wall_time_s']:.0f}s "
         f"(first step after {summary['time_to_first_step_s'] or 0:.0f}s)"
     )
-    if cfg.train.sample_tokens:
-        from pretrain.data import tokenizer_for
-        from pretrain.train.final import sample_text
-
-        text = sample_text(rdir / "final", tokenizer_for(cfg.data), cfg.train.sample_prompt, cfg.train.sample_tokens)
-        typer.echo("sample:\n" + text.strip() + "\n")
+    sample = rdir / "sample.txt"  # the objective's end-of-run artefact, when it makes one
+    if sample.exists() and sample.stat().st_mtime >= started:
+        typer.echo("sample:\n" + sample.read_text().strip() + "\n")
 
 
-def _mount_optional() -> None:
-    # Sub-commands live beside the code they drive.
-    from pretrain.data.cli import app as data_app
+def _mount(argv: list[str]) -> None:
+    """Sub-commands live beside the code they drive. Only the group a command line names is imported
+    (all of them for the top-level help), so `pretrain status` does not pay for torch and Triton."""
+    command = next((a for a in argv[1:] if not a.startswith("-")), None)
+    everything = command is None
+    if everything or command == "data":
+        from pretrain.data.cli import app as data_app
 
-    app.add_typer(data_app, name="data", help="Write and inspect webdataset shards.")
-    from pretrain.bench.kernels import app as kernels_bench
+        app.add_typer(data_app, name="data", help="Write and inspect webdataset shards.")
+    if everything or command == "bench":
+        from pretrain.bench.kernels import app as kernels_bench
 
-    bench_app.add_typer(kernels_bench, name="kernels")
-    app.add_typer(bench_app, name="bench")
+        bench_app.add_typer(kernels_bench, name="kernels")
+        app.add_typer(bench_app, name="bench")
     from pretrain.launch import jobs
 
     jobs.register(app)
 
 
 def main() -> None:
-    _mount_optional()
+    _mount(sys.argv)
     try:
         app()
     except KeyboardInterrupt:

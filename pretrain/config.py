@@ -7,12 +7,19 @@ config (gradient accumulation, head size) are functions below, never written bac
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -34,30 +41,6 @@ class RunConfig(Section):
         if not v or "/" in v or v.startswith("."):
             raise ValueError("must be a plain directory name")
         return v
-
-
-class ModelConfig(Section):
-    family: Literal["gpt2", "llama"] = Field("gpt2", description="architecture family")
-    n_layers: int = Field(4, gt=0, description="Transformer blocks")
-    d_model: int = Field(128, gt=0, description="residual stream width")
-    n_heads: int = Field(4, gt=0, description="query heads")
-    n_kv_heads: int | None = Field(None, gt=0, description="key/value heads (GQA); default n_heads")
-    d_ff: int | None = Field(None, gt=0, description="MLP hidden size; default 4*d_model (gpt2) or ~8/3*d_model (llama)")
-    vocab_size: int = Field(50304, gt=0, description="embedding rows; >= the tokenizer's vocabulary")
-    max_seq_len: int = Field(128, gt=0, description="longest sequence (learned positions for gpt2)")
-    norm_eps: float = Field(1e-5, gt=0, description="normalisation epsilon")
-    rope_theta: float = Field(10000.0, gt=0, description="RoPE base (llama)")
-    tie_embeddings: bool | None = Field(None, description="share input and output embeddings; default: gpt2 yes, llama no")
-    init_std: float = Field(0.02, gt=0, description="std of the normal init; residual projections scaled by 1/sqrt(2*n_layers)")
-    kernels: Literal["triton", "reference"] = Field("triton", description="Triton kernels where the device allows, or plain PyTorch")
-
-    @model_validator(mode="after")
-    def _shapes(self) -> ModelConfig:
-        if self.d_model % self.n_heads:
-            raise ValueError(f"model.d_model ({self.d_model}) must be a multiple of model.n_heads ({self.n_heads})")
-        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
-            raise ValueError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})")
-        return self
 
 
 class DataSource(Section):
@@ -114,8 +97,6 @@ class TrainConfig(Section):
     ckpt_every: int = Field(100, ge=0, description="checkpoint every N steps (and at the end); 0: only at the end")
     log_every: int = Field(1, gt=0, description="console progress line every N steps")
     activation_checkpointing: bool = Field(False, description="recompute block activations in backward")
-    sample_tokens: int = Field(48, ge=0, description="tokens of text generated from the final model")
-    sample_prompt: str = Field("\n", description="prompt of the final sample")
 
 
 class ZeroConfig(Section):
@@ -141,9 +122,24 @@ class LogConfig(Section):
     peak_flops: float | None = Field(None, gt=0, description="per-worker peak FLOP/s for MFU; default: looked up or measured")
 
 
+def _registered(kind: str, name: str) -> type[Section]:
+    """The config class registered for `<kind>.type = name` (model families, objectives)."""
+    if kind == "model":
+        from pretrain.models import get_family
+
+        return get_family(name).config
+    from pretrain.objectives import get_objective
+
+    return get_objective(name).Config
+
+
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    # `model` and `objective` are unions discriminated by their `type`, over whatever is registered
+    # (pretrain.models, pretrain.objectives): `config_from_dict` picks the class; SerializeAsAny keeps
+    # the subclass's fields when the tree is dumped.
+    model: SerializeAsAny[Section] = Field(default_factory=lambda: _registered("model", "gpt2")())
+    objective: SerializeAsAny[Section] = Field(default_factory=lambda: _registered("objective", "causal_lm")())
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     zero: ZeroConfig = Field(default_factory=ZeroConfig)
@@ -172,23 +168,6 @@ def grad_accum_steps(cfg: Config, workers: int | None = None) -> int:
     """Micro-batches per rank per optimizer step: global / (micro x workers)."""
     w = workers or cfg.cluster.workers
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * w)
-
-
-def n_kv_heads(m: ModelConfig) -> int:
-    return m.n_kv_heads or m.n_heads
-
-
-def d_ff(m: ModelConfig) -> int:
-    if m.d_ff:
-        return m.d_ff
-    if m.family == "gpt2":
-        return 4 * m.d_model
-    # Llama: 2/3 of 4*d rounded up to a multiple of 256 keeps SwiGLU's parameter count at a 4x MLP's.
-    return 256 * math.ceil(int(8 * m.d_model / 3) / 256)
-
-
-def tie_embeddings(m: ModelConfig) -> bool:
-    return m.family == "gpt2" if m.tie_embeddings is None else m.tie_embeddings
 
 
 def run_dir(cfg: Config) -> Path:
@@ -235,7 +214,41 @@ def _first_error(err: ValidationError) -> str:
     return f"{loc}: {msg} (got {e.get('input')!r})" if "input" in e and not isinstance(e["input"], dict) else f"{loc}: {msg}"
 
 
+# Keys that moved: an old config gets one line saying what the key is called now.
+RENAMED = {
+    "model.family": "model.type (gpt2, llama, bert, ...)",
+    "train.sample_tokens": "objective.sample_tokens",
+    "train.sample_prompt": "objective.sample_prompt",
+}
+DEFAULT_TYPE = {"model": "gpt2", "objective": "causal_lm"}
+
+
+def typed_section(kind: str, value: Any) -> Section:
+    if isinstance(value, Section):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{kind}: must be a mapping (got {value!r})")
+    name = value.get("type", DEFAULT_TYPE[kind])
+    try:
+        cls = _registered(kind, str(name))
+    except KeyError as e:
+        raise ConfigError(e.args[0]) from None
+    try:
+        return cls.model_validate({**value, "type": name})
+    except ValidationError as err:
+        msg = _first_error(err)
+        raise ConfigError(msg if msg.startswith(f"{kind}.") else f"{kind}.{msg}") from None
+
+
 def config_from_dict(tree: dict) -> Config:
+    for old, new in RENAMED.items():
+        section, key = old.split(".")
+        if isinstance(tree.get(section), dict) and key in tree[section]:
+            raise ConfigError(f"{old} is now called {new}")
+    tree = dict(tree)
+    for kind in DEFAULT_TYPE:
+        if kind in tree:
+            tree[kind] = typed_section(kind, tree[kind])
     try:
         return Config.model_validate(tree)
     except ValidationError as err:

@@ -72,7 +72,16 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "override, expect",
     [("model.n_layers=abc", "model.n_layers"), ("train.stepz=5", "train.stepz"),
-     ("data.train=/nonexistent/shards", "/nonexistent/shards")],
+     ("data.train=/nonexistent/shards", "/nonexistent/shards"),
+     # The objective's checks, before any worker starts:
+     ("model.vocab_size=1000", "model.vocab_size (1000) is smaller than the data's tokenizer vocabulary (50257)"),
+     ("model.max_seq_len=16", "model.max_seq_len (16)"),
+     ("objective.type=masked_lm", "model.causal"),
+     # The registries list what exists; renamed keys say what they are called now.
+     ("model.type=mamba", "model.type 'mamba' is not registered (registered: bert, gpt2, llama)"),
+     ("objective.type=dpo", "registered: causal_lm, masked_lm"),
+     ("model.family=gpt2", "model.family is now called model.type"),
+     ("train.sample_tokens=8", "objective.sample_tokens")],
 )
 def test_cli_errors_exit_2_with_one_line_and_no_run_dir(tmp_path, tiny_shards, override, expect):
     runs = tmp_path / "runs"
@@ -81,4 +90,25 @@ def test_cli_errors_exit_2_with_one_line_and_no_run_dir(tmp_path, tiny_shards, o
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and expect in lines[0], r.stderr
+    assert not runs.exists()
+
+
+def test_cli_refuses_another_data_kind(tmp_path):
+    """Image shards given to a token objective: one line naming the objective and both kinds."""
+    import numpy as np
+    from PIL import Image
+
+    from pretrain.data.write_images import write_images
+
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((4, 4), 40 * i, dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    write_images(str(tmp_path / "imgs"), out=tmp_path / "img-shards", shard_samples=4, val_fraction=0.25)
+    runs = tmp_path / "runs"
+    r = _cli("train", str(ROOT / "configs/gpt-tiny.yaml"), f"run.dir={runs}", "run.name=bad",
+             f"data.train={tmp_path / 'img-shards' / 'train'}", "data.val=null", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines == ["error: objective.type=causal_lm reads tokens shards, but data.train holds images shards"], r.stderr
     assert not runs.exists()

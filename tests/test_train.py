@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.max_seq_len=32",
         "model.kernels=reference", "train.precision=fp32", "train.micro_batch_size=4",
         "train.global_batch_size=8", "train.warmup_steps=3", "train.decay_steps=20",
-        "train.eval_every=0", "train.ckpt_every=0", "train.sample_tokens=0", "log.wandb=false"]
+        "train.eval_every=0", "train.ckpt_every=0", "objective.sample_tokens=0", "log.wandb=false"]
 
 
 def _cfg(tmp_path: Path, shards: Path, name: str, *extra: str):
@@ -109,7 +109,7 @@ def test_cli_trains_and_samples(tmp_path, tiny_shards):
         [sys.executable, "-m", "pretrain.cli", "train", str(ROOT / "configs/gpt-tiny.yaml"), *TINY,
          f"run.dir={tmp_path / 'runs'}", "run.name=cli", f"data.train={tiny_shards / 'train'}",
          f"data.val={tiny_shards / 'val'}", "train.steps=6", "train.log_every=2", "train.eval_every=3",
-         "train.sample_tokens=8", "log.wandb=true", "cluster.workers=2", "zero.stage=2"],
+         "objective.sample_tokens=8", "log.wandb=true", "cluster.workers=2", "zero.stage=2"],
         capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "WANDB_MODE": "offline"},
     )
     assert r.returncode == 0, r.stdout + r.stderr

@@ -76,16 +76,15 @@ def bench_reader(shard_dir: Path, workers: int, samples: int, micro_batch: int, 
 def bench_model(config: Path, steps: int, threads: int, peak: float) -> dict:
     """Tokens/s one fp32 training step (forward, backward, AdamW) of the model consumes at micro-batch 1,
     measured (0 steps: not measured), and estimated from its FLOPs per token at the measured matmul rate."""
-    from pretrain.metrics.flops import flops_per_token, matmul_params
-    from pretrain.models.transformer import Transformer, count_parameters
-    from pretrain.objectives.causal_lm import causal_lm
+    from pretrain.models import get_family
 
     cfg = load_config(config)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = Transformer(cfg.model.model_copy(update={"kernels": "reference"}))
+    family = get_family(cfg.model.type)
+    model = family.build(cfg.model.model_copy(update={"kernels": "reference"}))
     seq = cfg.model.max_seq_len
-    fpt = flops_per_token(cfg.model, matmul_params(count_parameters(model), cfg.model), seq)
+    fpt = family.flops_per_unit(cfg.model, family.count_parameters(model), {"seq_len": seq})
     out = {"config": str(config.relative_to(ROOT)), "seq_len": seq, "micro_batch": 1, "threads": threads,
            "params": sum(p.numel() for p in model.parameters()), "flops_per_token": fpt,
            "estimated_tokens_per_s": peak / fpt, "step_s": None, "tokens_per_s": None}
@@ -96,8 +95,8 @@ def bench_model(config: Path, steps: int, threads: int, peak: float) -> dict:
     times = []
     for _ in range(steps + 1):  # the first step allocates optimizer state: not counted
         t = time.perf_counter()
-        loss, _ = causal_lm(model, batch)
-        loss.backward()
+        ids = batch["input_ids"]
+        (model(ids[:, :-1], targets=ids[:, 1:]) / seq).backward()  # the model returns the summed loss
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)

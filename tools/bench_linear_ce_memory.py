@@ -18,8 +18,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -31,7 +29,7 @@ def _status_kb(field: str) -> int:
 def _worker(mode: str, n: int, hidden: int, vocab: int) -> dict:
     import torch
 
-    import kernels
+    from pretrain import kernels
 
     def run(h, w, t):
         if mode == "unfused":
@@ -57,7 +55,9 @@ def _worker(mode: str, n: int, hidden: int, vocab: int) -> dict:
 def measure(n: int, hidden: int, vocab: int) -> dict:
     rows = {}
     for mode in ("unfused", "fused"):
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        # No PYTHONPATH tweak: `pretrain.kernels` exists only through the install (pyproject's package-dir
+        # maps it to kernels/), so the worker imports the installed project like any other process.
+        env = dict(os.environ)
         env.pop("TRITON_INTERPRET", None)  # the CPU path proper: chunked plain PyTorch
         cmd = [sys.executable, __file__, "--worker", mode, "--n", str(n), "--hidden", str(hidden), "--vocab", str(vocab)]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout

@@ -22,16 +22,15 @@ import torch
 from pretrain.config import grad_accum_steps, load_config
 from pretrain.data import build_train_stream, validate_data
 from pretrain.launch.local import launch
-from pretrain.metrics.flops import flops_per_token, matmul_params, measured_cpu_peak
-from pretrain.models.transformer import Transformer, count_parameters
-from pretrain.objectives.causal_lm import causal_lm
+from pretrain.metrics.flops import measured_cpu_peak
+from pretrain.models import get_family
 from pretrain.train.engine import build_optimizer
 
 
 def bare_loop(cfg, steps: int, warmup: int) -> list[float]:
     """tokens/s per step of a plain single-process loop (micro-batches accumulated like the trainer)."""
     torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model)
+    model = get_family(cfg.model.type).build(cfg.model)
     opt = build_optimizer(cfg, model)
     accum = grad_accum_steps(cfg, 1)
     stream = build_train_stream(cfg.data, seed=cfg.train.seed, rank=0, world_size=1,
@@ -42,7 +41,8 @@ def bare_loop(cfg, steps: int, warmup: int) -> list[float]:
     for s in range(steps + warmup):
         t0 = time.perf_counter()
         for k in range(accum):
-            loss, _ = causal_lm(model, batches[s * accum + k])
+            ids = batches[s * accum + k]["input_ids"]
+            loss = model(ids[:, :-1], targets=ids[:, 1:]) / ids[:, 1:].numel()  # the model returns the sum
             (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
@@ -65,7 +65,7 @@ def main() -> None:
         cfg = load_config(args.config, [
             f"train.steps={total}", "cluster.workers=1", "zero.stage=0", f"cluster.cpus_per_worker={args.threads}",
             f"run.dir={tmp}", "run.name=bench", "train.eval_every=0", "train.ckpt_every=0",
-            "train.sample_tokens=0", "log.wandb=false", "train.precision=fp32",
+            "objective.sample_tokens=0", "log.wandb=false", "train.precision=fp32",
         ])
         validate_data(cfg.data)
         t0 = time.time()
@@ -76,8 +76,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     bare = bare_loop(cfg, args.steps, args.warmup)
-    model = Transformer(cfg.model)
-    fpt = flops_per_token(cfg.model, matmul_params(count_parameters(model), cfg.model), cfg.model.max_seq_len)
+    family = get_family(cfg.model.type)
+    fpt = family.flops_per_unit(cfg.model, family.count_parameters(family.build(cfg.model)),
+                                {"seq_len": cfg.model.max_seq_len})
     peak = measured_cpu_peak(args.threads)
 
     result = {

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 import typer
 
-import kernels
-from kernels import checks
+from pretrain import kernels
+from pretrain.kernels import checks
 
 app = typer.Typer(help="Benchmark the Triton kernels (GPU) or check them under the interpreter (CPU).",
                   add_completion=False)

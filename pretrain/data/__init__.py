@@ -14,10 +14,11 @@ import torch
 
 from pretrain.config import DataConfig
 from pretrain.data.errors import DataError
-from pretrain.data.manifest import Source, resolve
+from pretrain.data.manifest import Source, resolve, shard_name
 from pretrain.data.shards import open_url
 from pretrain.data.stream import Layout, ShardReader, TrainStream
 from pretrain.data.tokenizer import load_tokenizer, tokenizer_hash
+from pretrain.urls import is_url
 
 __all__ = [
     "DataError", "TrainStream", "build_train_stream", "build_val_batches", "load_tokenizer", "tokenizer_for",
@@ -31,11 +32,15 @@ def _train_sources(cfg: DataConfig) -> list[Source]:
 
 
 def _agree(sources: list[tuple[str, Source]]) -> Source:
-    """All sources hold tokens of the same length and tokenizer; returns the first."""
+    """All sources hold one kind of shard (and tokens of one length and tokenizer); returns the first.
+    Which kind an objective reads is the objective's check (`pretrain.objectives`)."""
     (_, first), *rest = sources
-    for setting, src in sources:
-        if src.manifest["kind"] != "tokens":
-            raise DataError(f"{setting}: {src.path} holds {src.manifest['kind']} shards, not tokens")
+    for setting, src in rest:
+        if src.manifest["kind"] != first.manifest["kind"]:
+            raise DataError(f"{setting}: {src.path} holds {src.manifest['kind']} shards, {first.path} "
+                            f"{first.manifest['kind']} shards")
+    if first.manifest["kind"] != "tokens":
+        return first
     for setting, src in rest:
         for key in ("seq_len", "tokenizer_sha256"):
             if src.manifest.get(key) != first.manifest.get(key):
@@ -55,32 +60,38 @@ def _check_names(sources: list[Source]) -> None:
 
 def validate_data(cfg: DataConfig) -> dict:
     """Every source exists with a manifest and its shards (sizes checked for local ones), and all agree on
-    seq_len and tokenizer. Reads manifests only. Returns seq_len, tokenizer, vocab_size and sample counts."""
+    their kind (and for tokens on seq_len and tokenizer). Reads manifests only. Returns the kind and
+    sample counts, and for tokens seq_len, tokenizer and vocab_size."""
     train = _train_sources(cfg)
     _check_names(train)
     tagged = [(f"data.train[{i}]" if len(train) > 1 else "data.train", s) for i, s in enumerate(train)]
     val = resolve(cfg.val.path, cfg.val.name, "data.val") if cfg.val else None
     first = _agree(tagged + ([("data.val", val)] if val else []))
     m = first.manifest
-    return {
-        "seq_len": int(m["seq_len"]), "tokenizer": _tokenizer_spec(first), "vocab_size": int(m["vocab_size"]),
-        "train_samples": sum(s.samples for s in train), "val_samples": val.samples if val else 0,
-    }
+    info = {"kind": m["kind"], "train_samples": sum(s.samples for s in train), "val_samples": val.samples if val else 0}
+    if m["kind"] == "tokens":
+        info.update(seq_len=int(m["seq_len"]), tokenizer=_tokenizer_spec(first), vocab_size=int(m["vocab_size"]))
+    return info
 
 
 def _tokenizer_spec(src: Source) -> str:
+    """"gpt2", or where the data's tokenizer.json lies: beside the shards, the first shard's file name
+    replaced (in a URL or `pipe:` command, so `pipe:aws s3 cp s3://b/t/shard-0.tar -` keeps its `-`)."""
     spec = src.manifest["tokenizer"]
     if spec == "gpt2":
         return spec
-    base = src.urls[0].rsplit("/", 1)[0] if "://" in src.urls[0] else str(Path(src.urls[0]).parent)
-    return f"{base}/{spec}"
+    first = src.urls[0]
+    if is_url(first):
+        head, _, tail = first.rpartition(shard_name(first))
+        return head + spec + tail
+    return f"{Path(first).parent}/{spec}"
 
 
 def tokenizer_for(cfg: DataConfig):
     """The tokenizer the training data was written with, checked against the manifest's hash."""
     src = _train_sources(cfg)[0]
     spec = _tokenizer_spec(src)
-    if "://" in spec:
+    if is_url(spec):
         from tokenizers import Tokenizer
 
         with open_url(spec) as f:
@@ -130,5 +141,6 @@ def build_val_batches(cfg: DataConfig, *, rank: int, world_size: int, micro_batc
             keys.append(k[i])
             rows.append(tokens[i])
         out.append({"input_ids": torch.from_numpy(np.stack(rows).astype(np.int64)), "keys": keys,
-                    "source": [src.name] * micro_batch_size})
+                    "source": [src.name] * micro_batch_size,
+                    "positions": torch.arange(start, start + micro_batch_size, dtype=torch.int64)})
     return out

@@ -1,6 +1,7 @@
 """`pretrain data ...`: write and inspect shards. Argument parsing, progress and error reporting only.
 
-Bad input ends with one line on stderr and exit code 2; outputs appear only when complete.
+Bad input ends with one line on stderr (`error: ...`, via `pretrain.fail.fail`) and exit code 2; outputs
+appear only when complete.
 """
 
 from __future__ import annotations
@@ -13,16 +14,12 @@ from typing import Optional
 import typer
 
 from pretrain.data.errors import DataError
+from pretrain.fail import fail
 
 app = typer.Typer(help="Write and inspect webdataset shards.", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?i?b?)?\s*$", re.I)
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(2)
 
 
 def parse_size(text: str) -> int:
@@ -68,9 +65,9 @@ def text(
             manifests = write_text([str(f) for f in files], tokenizer=tokenizer, out=out, seq_len=seq_len,
                                    val_fraction=val_fraction, shard_bytes=size, workers=workers, progress=update)
     except DataError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     except OSError as e:  # an unwritable --out, a full disk: still one line
-        raise _fail(f"{e.filename or ''}: {e.strerror or e}") from None
+        raise fail(f"{e.filename or ''}: {e.strerror or e}") from None
     for split, m in manifests.items():
         typer.echo(f"{out / split}: {len(m['shards'])} shards, {m['samples']:,} samples of {seq_len + 1} tokens, "
                    f"{m['tokens']:,} tokens")
@@ -95,9 +92,9 @@ def images(
             manifests = write_images(source, out=out, shard_samples=shard_samples, val_fraction=val_fraction,
                                      progress=update)
     except DataError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     except OSError as e:  # an unwritable --out, a full disk: still one line
-        raise _fail(f"{e.filename or ''}: {e.strerror or e}") from None
+        raise fail(f"{e.filename or ''}: {e.strerror or e}") from None
     for split, m in manifests.items():
         shape = "x".join(map(str, m["image_shape"])) if m["image_shape"] else "mixed sizes"
         typer.echo(f"{out / split}: {len(m['shards'])} shards, {m['samples']:,} images ({shape}), "
@@ -118,9 +115,9 @@ def inspect(directory: str = typer.Argument(..., help="shard directory (holding 
         if verify:
             summary["verified_shards"] = verify_source(src)
     except DataError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     except OSError as e:  # an unwritable --out, a full disk: still one line
-        raise _fail(f"{e.filename or ''}: {e.strerror or e}") from None
+        raise fail(f"{e.filename or ''}: {e.strerror or e}") from None
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return

@@ -7,19 +7,22 @@ A source path is one of:
 - a brace pattern or `::`-separated URL list of shards, possibly `pipe:` commands
   (`pipe:aws s3 cp s3://b/train/shard-{000000..000009}.tar -`): the manifest is found by replacing the
   first shard's file name with `index.json`, and only the listed shards are used.
+
+What counts as a URL (`scheme://` or `pipe:`) is decided by `pretrain.urls.is_url`, not here.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import braceexpand
 
+from pretrain.atomic import atomic_write
 from pretrain.data.errors import DataError
 from pretrain.data.shards import open_url
+from pretrain.urls import is_url
 
 FORMAT = "pretrain-shards/1"
 MANIFEST = "index.json"
@@ -41,18 +44,12 @@ class Source:
 
     @property
     def local(self) -> bool:
-        return "://" not in self.urls[0] and not self.urls[0].startswith("pipe:")
+        return not is_url(self.urls[0])
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
-    """Atomically (tmp + rename) write `index.json`; sorted keys so equal inputs give equal bytes."""
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, directory / MANIFEST)
-
-
-def _is_url(path: str) -> bool:
-    return "://" in path or path.startswith("pipe:")
+    """Atomically (`pretrain.atomic`) write `index.json`; sorted keys so equal inputs give equal bytes."""
+    atomic_write(directory / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
 def _read_manifest_url(url: str, setting: str) -> dict:
@@ -74,7 +71,7 @@ def _parse(text: bytes | str, where: str, setting: str) -> dict:
     return m
 
 
-def _shard_name(url: str) -> str:
+def shard_name(url: str) -> str:
     """File name of a shard inside a URL or a `pipe:` command (the token ending in .tar)."""
     for token in reversed(url.replace("/", " ").split()):
         if token.endswith(".tar"):
@@ -94,7 +91,7 @@ def default_name(path: str) -> str:
 def resolve(path: str, name: str | None, setting: str) -> Source:
     """Manifest and shard URLs of one source; DataError naming `setting` (e.g. "data.train") on any problem."""
     name = name or default_name(path)
-    if not _is_url(path) and "{" not in path and "::" not in path and not path.endswith(".tar"):
+    if not is_url(path) and "{" not in path and "::" not in path and not path.endswith(".tar"):
         d = Path(path)
         if not d.is_dir():
             raise DataError(f"{setting}: no such directory: {path}")
@@ -103,14 +100,14 @@ def resolve(path: str, name: str | None, setting: str) -> Source:
             raise DataError(f"{setting}: no manifest {mfile} (write shards with `pretrain data text`)")
         m = _parse(mfile.read_bytes(), str(mfile), setting)
         return _check(Source(name, path, m, list(m["shards"]), [str(d / s["name"]) for s in m["shards"]]), setting)
-    if _is_url(path) and not path.startswith("pipe:") and "{" not in path and not path.endswith(".tar") and "::" not in path:
+    if is_url(path) and not path.startswith("pipe:") and "{" not in path and not path.endswith(".tar") and "::" not in path:
         base = path.rstrip("/")
         m = _read_manifest_url(base + "/" + MANIFEST, setting)
         return _check(Source(name, path, m, list(m["shards"]), [base + "/" + s["name"] for s in m["shards"]]), setting)
     urls = [u for part in path.split("::") for u in braceexpand.braceexpand(part)]
-    first = _shard_name(urls[0])
+    first = shard_name(urls[0])
     murl = urls[0].replace(first, MANIFEST)
-    if _is_url(murl):
+    if is_url(murl):
         m = _read_manifest_url(murl, setting)
     else:
         if not Path(murl).is_file():
@@ -119,7 +116,7 @@ def resolve(path: str, name: str | None, setting: str) -> Source:
     by_name = {s["name"]: s for s in m["shards"]}
     shards = []
     for u in urls:
-        s = by_name.get(_shard_name(u))
+        s = by_name.get(shard_name(u))
         if s is None:
             raise DataError(f"{setting}: shard {u} is not listed in its manifest {murl}")
         shards.append(s)

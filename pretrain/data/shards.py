@@ -1,4 +1,4 @@
-"""Shard files: deterministic tar writing (fixed mtime/uid, atomic rename) and verified reading.
+"""Shard files: deterministic tar writing (fixed mtime/uid, durable atomic rename) and verified reading.
 
 Writing uses `tarfile` directly so every header field is pinned and the same corpus gives byte-identical
 shards. Reading goes through webdataset (`gopen` for local paths, `pipe:` and object-store URLs, and its tar
@@ -17,12 +17,15 @@ from pathlib import Path
 import webdataset as wds
 from webdataset.tariterators import tar_file_iterator
 
+from pretrain.atomic import fsync_dir
 from pretrain.data.errors import DataError
 
 
 class ShardWriter:
-    """One tar shard written under `<name>.tmp` and renamed into place by `close()`; sha256 computed
-    as it is written. A crash leaves only the `.tmp` file, which the next run overwrites."""
+    """One tar shard streamed into `<name>.tmp` and renamed into place by `close()`; sha256 computed
+    as it is written. A crash leaves only the `.tmp` file, which the next run overwrites, never a partial
+    shard under the final name. (A long-lived streaming writer, so not `pretrain.atomic.atomic_open`, but
+    the same guarantees: file fsynced before the rename, directory fsynced after it.)"""
 
     def __init__(self, path: Path):
         self.path = path
@@ -44,13 +47,15 @@ class ShardWriter:
         self.samples += 1
 
     def close(self) -> dict:
-        """Finish the tar, fsync, rename to the final name; returns {"name", "bytes", "sha256"}."""
+        """Finish the tar, fsync, rename to the final name, fsync the directory (so the rename survives a
+        power loss); returns {"name", "bytes", "sha256"}."""
         self._tar.close()
         self._f.flush()
         os.fsync(self._f.fileno())
         size = self._f.tell()
         self._f.close()
         os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
         return {"name": self.path.name, "bytes": size, "sha256": self._hash.hexdigest()}
 
     def abort(self) -> None:

@@ -1,5 +1,6 @@
 """The training stream: this rank's micro-batches of the global sample order, with a state that says
-exactly how far the caller has got.
+exactly how far the caller has got. Each batch carries its rows' global positions, the key that
+per-sample randomness (masks, noise) is derived from.
 
 Positions: step s's global batch is global positions [s*G, (s+1)*G), G = micro_batch * grad_accum * W.
 Rank r takes the contiguous slice [s*G + r*mb*A, s*G + (r+1)*mb*A) and its micro-batch k is the k-th mb
@@ -149,7 +150,8 @@ class _Chunks(IterableDataset):
                 yield {"error": str(e)}
                 return
             # One tensor per chunk: each tensor crossing from a worker costs a shared-memory handle.
-            yield {"input_ids": torch.stack([b["input_ids"] for b in batches]), "keys": [b["keys"] for b in batches],
+            yield {"input_ids": torch.stack([b["input_ids"] for b in batches]),
+                   "positions": torch.stack([b["positions"] for b in batches]), "keys": [b["keys"] for b in batches],
                    "source": [b["source"] for b in batches], "corrupt": sorted(reader.corrupt)}
             c += nw
 
@@ -165,7 +167,8 @@ def build_batch(reader: ShardReader, mixer: Mixer, sources: list[Source], pos: n
         for n, k in zip(sel.tolist(), reader.rows(i, q[sel], part), strict=True):
             keys[n] = k
         ids[sel] = part
-    return {"input_ids": torch.from_numpy(ids), "keys": keys, "source": [sources[i].name for i in src.tolist()]}
+    return {"input_ids": torch.from_numpy(ids), "positions": torch.from_numpy(pos.astype(np.int64)), "keys": keys,
+            "source": [sources[i].name for i in src.tolist()]}
 
 
 class TrainStream:
@@ -209,8 +212,9 @@ class TrainStream:
                 self.close()
                 raise DataError(item["error"])
             self._corrupt.update(item["corrupt"])
-            self._pending = [{"input_ids": ids, "keys": k, "source": s}
-                             for ids, k, s in zip(item["input_ids"], item["keys"], item["source"], strict=True)]
+            self._pending = [{"input_ids": ids, "positions": pos, "keys": k, "source": s}
+                             for ids, pos, k, s in zip(item["input_ids"], item["positions"], item["keys"],
+                                                       item["source"], strict=True)]
             self._pending.reverse()  # pop() from the end is O(1)
         self._micro += 1
         return self._pending.pop()

@@ -9,7 +9,7 @@ Inputs:
 Each sample is `<key>.image.npy` (uint8, HxW or HxWxC), `<key>.label.cls` (the label as decimal text,
 webdataset's convention) and optionally `<key>.caption.txt`; webdataset's default decoders read all three.
 Like the text writer: fixed tar headers (same inputs, same bytes), shards renamed into place when complete,
-and a journal so an interrupted run keeps the shards it finished.
+and a journal (written with `pretrain.atomic.atomic_write`) so an interrupted run keeps the shards it finished.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from pretrain.atomic import atomic_write
 from pretrain.data.errors import DataError
 from pretrain.data.manifest import FORMAT, MANIFEST, write_manifest
 from pretrain.data.shards import ShardWriter
-from pretrain.data.write_text import JOURNAL, _sha256
+from pretrain.data.write_text import JOURNAL, _sha256, remove_stale_tmp
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -124,6 +124,7 @@ def _write_split(out: Path, header: dict, items: Callable[[int], Iterator[Item]]
                  progress: Callable[[int], None]) -> dict:
     """Shards of `sps` samples each; finished shards from an interrupted run with the same header are kept."""
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out)
     (out / MANIFEST).unlink(missing_ok=True)
     shards: list[dict] = []
     j = out / JOURNAL
@@ -155,9 +156,7 @@ def _write_split(out: Path, header: dict, items: Callable[[int], Iterator[Item]]
             entry.update(samples=writer.samples, shapes=sorted(map(list, shapes)))
             shards.append(entry)
             writer, shapes = None, set()
-            tmp = out / (JOURNAL + ".tmp")
-            tmp.write_text(json.dumps({"header": header, "shards": shards}, sort_keys=True))
-            os.replace(tmp, j)
+            atomic_write(j, json.dumps({"header": header, "shards": shards}, sort_keys=True))
     shapes_all = sorted({tuple(s) for e in shards for s in e["shapes"]})
     m = dict(header, samples=sum(s["samples"] for s in shards), shards=shards,
              image_shape=list(shapes_all[0]) if len(shapes_all) == 1 else None)

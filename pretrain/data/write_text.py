@@ -8,7 +8,8 @@ fixed sample count -> `index.json`.
 Restartable: a journal (`progress.json`) records every finished shard and the tokens of every piece, so a
 second run with the same inputs and settings keeps the shards it finds intact and tokenizes only from the
 piece where the first unfinished shard starts (nothing, if the split was finished). Shards appear under
-their final name only when complete; the manifest only when all are.
+their final name only when complete; the manifest only when all are. Journal and manifest are written with
+`pretrain.atomic.atomic_write` (whole or not at all, durable once written).
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pretrain.atomic import atomic_write
 from pretrain.data.errors import DataError
 from pretrain.data.manifest import FORMAT, MANIFEST, write_manifest
 from pretrain.data.shards import ShardWriter, token_ext
@@ -183,10 +184,8 @@ class _SplitWriter:
         self.dropped = state.get("dropped")  # every shard intact: a finished split is done
 
     def _journal(self) -> None:
-        tmp = self.out / (JOURNAL + ".tmp")
-        tmp.write_text(json.dumps({"header": self.header, "piece_tokens": self.piece_tokens, "shards": self.shards,
-                                   "dropped": self.dropped}, sort_keys=True))
-        os.replace(tmp, self.out / JOURNAL)
+        atomic_write(self.out / JOURNAL, json.dumps({"header": self.header, "piece_tokens": self.piece_tokens,
+                                                     "shards": self.shards, "dropped": self.dropped}, sort_keys=True))
 
     def run(self, spec: str, workers: int, progress: Callable[[int], None]) -> dict:
         if self.dropped is not None:
@@ -250,6 +249,15 @@ class _SplitWriter:
         return m
 
 
+def remove_stale_tmp(d: Path) -> None:
+    """Temporary files of journal and manifest writes that a killed run left in `d` (`atomic_write`'s
+    `.<name>.tmp-*`, and the fixed `<name>.tmp` of earlier versions). Partial shards (`shard-*.tar.tmp`)
+    go with the stale shards once the split is written."""
+    for name in (JOURNAL, MANIFEST):
+        for stale in [*d.glob(f".{name}.tmp-*"), d / f"{name}.tmp"]:
+            stale.unlink(missing_ok=True)
+
+
 def _sha256(p: Path) -> str:
     h = hashlib.sha256()
     with open(p, "rb") as f:
@@ -300,8 +308,9 @@ def write_text(
             continue
         d = out / split
         d.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(d)
         if spec != "gpt2":
-            shutil.copyfile(tokenizer, d / "tokenizer.json")
+            atomic_write(d / "tokenizer.json", Path(tokenizer).read_bytes())  # read beside the shards
         header = {
             "format": FORMAT, "kind": "tokens", "split": split, "seq_len": seq_len, "member": ext,
             "dtype": np.dtype(dtype).name, "tokenizer": spec, "tokenizer_sha256": tokenizer_hash(tok),

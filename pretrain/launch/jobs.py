@@ -9,7 +9,11 @@ head node; there `pretrain train` finds the cluster through the RAY_ADDRESS Ray 
 Ray 2.60 heads run with token authentication by default. The token is read from the same places Ray reads
 it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) and sent as a bearer header whatever
 RAY_AUTH_MODE says locally; nothing here turns authentication off. Every failure (no address,
-unreachable head, missing or wrong token, unknown job) is one line on stderr and a non-zero exit.
+unreachable head, missing or wrong token, unknown job) is raised as JobCommandError wherever it is found
+and printed at the command boundary by `pretrain.fail.fail`: one line `error: ...` on stderr and a
+non-zero exit. Importing this module loads typer only; status, logs, stop and jobs add Ray's job client,
+`submit` also `pretrain.config` (pydantic), inside the commands; none of them imports torch, triton or
+deepspeed.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
+
+from pretrain.fail import fail
+from pretrain.urls import is_url
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -135,7 +142,7 @@ def _one_line_errors(address: str, job_id: str | None = None) -> Iterator[None]:
 
     try:
         yield
-    except JobCommandError:
+    except (JobCommandError, typer.Exit):  # typer.Exit (e.g. 130 on Ctrl-C) is a RuntimeError: not Ray's
         raise
     except AuthenticationError:
         # Decided by what we hold, not by parsing Ray's message: with RAY_AUTH_MODE=token set
@@ -198,7 +205,7 @@ def project_dir(config: Path) -> Path:
 
 
 def _is_remote_or_absolute(path: str) -> bool:
-    return "://" in path or path.startswith(("/", "pipe:")) or Path(path).is_absolute()
+    return is_url(path) or path.startswith("/") or Path(path).is_absolute()
 
 
 def locality_warnings(cfg) -> list[str]:
@@ -260,12 +267,11 @@ def build_job(
 
 
 def _run(fn) -> None:
-    """Run a command body; print JobCommandError as one line and exit with its code."""
+    """Run a command body; print JobCommandError as one line (`error: ...`) and exit with its code."""
     try:
         fn()
     except JobCommandError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(e.code) from None
+        raise fail(str(e), e.code) from None
 
 
 def submit(

@@ -12,15 +12,12 @@ import os
 from pathlib import Path
 
 from pretrain.config import Config, config_from_dict, run_dir
-from pretrain.launch.progress import follow_metrics
+from pretrain.metrics.console import follow_metrics
+from pretrain.urls import is_url
 
 # Quiet Ray's driver-side chatter before it is imported; workers log to files under the session dir.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
-
-
-def _is_url(path: str) -> bool:
-    return "://" in path or path.startswith("pipe:")
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -28,7 +25,7 @@ def resolve_paths(cfg: Config) -> Config:
     tree = cfg.model_dump(mode="json")
     tree["run"]["dir"] = str(Path(cfg.run.dir).resolve())
     for src in tree["data"]["train"] + ([tree["data"]["val"]] if tree["data"]["val"] else []):
-        if not _is_url(src["path"]):
+        if not is_url(src["path"]):
             src["path"] = str(Path(src["path"]).resolve())
     return config_from_dict(tree)
 
@@ -60,6 +57,9 @@ def launch(cfg: Config, *, started_at: float, quiet: bool = False) -> None:
     import torch
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pretrain.launch.preflight import preflight
+
+    unit = preflight(cfg).unit  # bad data or a mismatched model fails here, before Ray starts
     cfg = resolve_paths(cfg)
     _init_ray(cfg)
     use_gpu = cfg.cluster.use_gpu if cfg.cluster.use_gpu is not None else torch.cuda.is_available()
@@ -80,5 +80,5 @@ def launch(cfg: Config, *, started_at: float, quiet: bool = False) -> None:
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
         ),
     )
-    with follow_metrics(rdir / "metrics.jsonl", cfg, enabled=not quiet):
+    with follow_metrics(rdir / "metrics.jsonl", cfg, unit, enabled=not quiet):
         trainer.fit()

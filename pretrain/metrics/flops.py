@@ -1,9 +1,7 @@
-"""Model FLOPs per token and the hardware peak they are compared against (MFU).
+"""The hardware peak that model FLOPs are compared against (MFU).
 
-Training FLOPs per token follow Kaplan et al. 2020 / PaLM (Chowdhery et al. 2022, appendix B):
-6 * N for the matrix products (forward 2N, backward 4N), with N the parameters that take part in a
-matrix product (embedding lookups excluded, the LM head included), plus 12 * L * d * T for the
-attention scores and their product with the values.
+Model FLOPs per unit of work (a token, an image) come from the model family
+(`pretrain.models.Family.flops_per_unit`); this module knows only devices.
 """
 
 from __future__ import annotations
@@ -12,8 +10,6 @@ import functools
 import time
 
 import torch
-
-from pretrain.config import ModelConfig
 
 # Dense peak FLOP/s per device (bf16 tensor cores; fp32 uses the TF32 figure where it exists).
 _GPU_PEAK = {
@@ -24,17 +20,6 @@ _GPU_PEAK = {
     "A10G": {"bf16": 70e12, "fp32": 35e12},
     "L4": {"bf16": 121e12, "fp32": 60e12},
 }
-
-
-def flops_per_token(m: ModelConfig, n_matmul_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N + 12 L d T."""
-    return 6.0 * n_matmul_params + 12.0 * m.n_layers * m.d_model * seq_len
-
-
-def matmul_params(counts: dict[str, int], m: ModelConfig) -> int:
-    """Non-embedding parameters plus the LM head, which is a vocab x d product even when tied
-    (an untied head is already inside the non-embedding count)."""
-    return counts["params_non_embedding"] + (m.vocab_size * m.d_model if counts["tied"] else 0)
 
 
 @functools.cache

@@ -12,6 +12,8 @@ import os
 import uuid
 from pathlib import Path
 
+from pretrain.atomic import atomic_write
+
 
 class Sink:
     def log(self, row: dict) -> None: ...
@@ -36,36 +38,34 @@ def truncate_after(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(ln + "\n" for ln in keep))
 
 
 class WandbSink(Sink):
     """One W&B run per run directory; its id is kept there so a resumed run continues the same run.
     Offline unless an API key is configured (no account needed; `wandb sync` uploads later)."""
 
-    def __init__(self, run_dir: Path, project: str, name: str, config: dict):
+    def __init__(self, run_dir: Path, project: str, name: str, config: dict, unit: str = "tokens"):
         import wandb
 
         id_file = run_dir / "wandb_id"
         if not id_file.exists():
-            id_file.write_text(uuid.uuid4().hex[:12])
+            atomic_write(id_file, uuid.uuid4().hex[:12])
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         self._run = wandb.init(
             project=project, name=name, id=id_file.read_text().strip(), resume="allow", dir=str(run_dir),
             config=config, mode=mode, settings=wandb.Settings(console="off", silent=True),
         )
-        # Scaling-law views: loss against compute and tokens, not only against steps.
-        for x in ("flops", "tokens"):
+        # Scaling-law views: loss against compute and against units of data (tokens, images), not only steps.
+        self.unit = unit
+        for x in ("flops", unit):
             self._run.define_metric(f"loss_vs_{x}/*", step_metric=x)
-        self._run.define_metric("flops")
-        self._run.define_metric("tokens")
+            self._run.define_metric(x)
 
     def log(self, row: dict) -> None:
         data = {k: v for k, v in row.items() if k != "step"}
         if "loss" in row:
-            data["loss_vs_flops/loss"] = data["loss_vs_tokens/loss"] = row["loss"]
+            data["loss_vs_flops/loss"] = data[f"loss_vs_{self.unit}/loss"] = row["loss"]
         self._run.log(data, step=row["step"])
 
     def summary(self, values: dict) -> None:

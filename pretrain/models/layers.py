@@ -1,4 +1,4 @@
-"""Shared Transformer blocks: normalisation, attention and MLPs, built on the `kernels` functions.
+"""Shared Transformer blocks: normalisation, attention and MLPs, built on the `pretrain.kernels` functions.
 
 Each block takes the kernel backend name ("auto" or "reference") and passes it through, so one config
 switch compares Triton against plain PyTorch end to end. Nothing here knows about ranks or devices.
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+from pretrain import kernels
 
 
 class RMSNorm(nn.Module):
@@ -35,9 +35,11 @@ class LayerNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head causal self-attention; grouped-query when n_kv_heads < n_heads; RoPE when rope_theta is set."""
+    """Multi-head self-attention, causal (decoders) or bidirectional (encoders); grouped-query when
+    n_kv_heads < n_heads; RoPE when rope_theta is set."""
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, bias: bool, rope_theta: float | None, backend: str):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, bias: bool, rope_theta: float | None,
+                 backend: str, causal: bool = True):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
@@ -45,7 +47,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
-        self.rope_theta, self.backend = rope_theta, backend
+        self.rope_theta, self.backend, self.causal = rope_theta, backend, causal
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -55,17 +57,17 @@ class Attention(nn.Module):
         if self.rope_theta is not None:
             q = kernels.rope(q, positions, self.rope_theta, backend=self.backend)
             k = kernels.rope(k, positions, self.rope_theta, backend=self.backend)
-        y = kernels.attention(q, k, v, causal=True, backend=self.backend)
+        y = kernels.attention(q, k, v, causal=self.causal, backend=self.backend)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class GeluMLP(nn.Module):
     """GPT-2's MLP: Linear, GELU (tanh approximation, as the released weights were trained), Linear."""
 
-    def __init__(self, d_model: int, d_ff: int):
+    def __init__(self, d_model: int, d_ff: int, bias: bool = True):
         super().__init__()
-        self.up_proj = nn.Linear(d_model, d_ff)
-        self.down_proj = nn.Linear(d_ff, d_model)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
@@ -74,11 +76,11 @@ class GeluMLP(nn.Module):
 class SwiGLUMLP(nn.Module):
     """Llama's gated MLP (Shazeer 2020, https://arxiv.org/abs/2002.05202)."""
 
-    def __init__(self, d_model: int, d_ff: int, backend: str):
+    def __init__(self, d_model: int, d_ff: int, bias: bool, backend: str):
         super().__init__()
-        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,21 +1,28 @@
 """The trained model as one file: consolidated weights in safetensors beside the model config.
 
 Under ZeRO-3 the parameters are gathered from every rank first (a collective), so this is called by all
-ranks; rank 0 writes. `load_final_model` rebuilds the model on CPU for sampling or export.
+ranks; rank 0 writes. A tensor shared by two modules (tied embeddings) is stored once, under its first
+name. `load_final_model` rebuilds any registered family's model on CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
-import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from pretrain.config import Config, ModelConfig
-from pretrain.models.transformer import Transformer
+from pretrain.atomic import atomic_path, atomic_write
+from pretrain.config import Config, typed_section
+
+
+def _unique_tensors(module) -> dict:
+    """Parameters (each shared one once, under its first name) and persistent buffers."""
+    out = {k: p for k, p in module.named_parameters()}  # named_parameters skips repeats of a tensor
+    names = set(module.state_dict())
+    out.update({k: b for k, b in module.named_buffers() if k in names})
+    return out
 
 
 def save_final_weights(engine, cfg: Config, out: Path, rank: int) -> None:
@@ -29,31 +36,23 @@ def save_final_weights(engine, cfg: Config, out: Path, rank: int) -> None:
     with gather:
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            tmp = out / "model.safetensors.tmp"
             # Always fp32 on disk: exact for fp32 runs, lossless widening for bf16 ones.
-            tensors = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
-            if module.lm_head.weight is module.embed.weight:
-                tensors.pop("lm_head.weight", None)  # tied: one tensor, stored once
-            save_file(tensors, str(tmp))
-            os.replace(tmp, out / "model.safetensors")
-            (out / "model.yaml").write_text(yaml.safe_dump(cfg.model.model_dump(mode="json"), sort_keys=False))
+            tensors = {k: v.detach().float().cpu().contiguous() for k, v in _unique_tensors(module).items()}
+            with atomic_path(out / "model.safetensors") as tmp:
+                save_file(tensors, str(tmp))
+            atomic_write(out / "model.yaml", yaml.safe_dump(cfg.model.model_dump(mode="json"), sort_keys=False))
 
 
-def load_final_model(path: Path) -> Transformer:
-    mcfg = ModelConfig.model_validate(yaml.safe_load((path / "model.yaml").read_text()))
-    model = Transformer(mcfg)
-    missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
-    tied = model.lm_head.weight is model.embed.weight
-    if unexpected or set(missing) - ({"lm_head.weight"} if tied else set()):
-        raise ValueError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+def load_final_model(path: Path):
+    """The model of a run's `final/` directory, on CPU, in eval mode."""
+    from pretrain.models import get_family
+
+    mcfg = typed_section("model", yaml.safe_load((path / "model.yaml").read_text()))
+    model = get_family(mcfg.type).build(mcfg)
+    state = load_file(str(path / "model.safetensors"))
+    expected = set(_unique_tensors(model))
+    if set(state) != expected:
+        raise ValueError(f"{path}: weights do not match the model (missing {sorted(expected - set(state))}, "
+                         f"unexpected {sorted(set(state) - expected)})")
+    model.load_state_dict(state, strict=False)  # tied aliases are filled by their shared tensor
     return model.eval()
-
-
-@torch.no_grad()
-def sample_text(path: Path, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
-    """Generate a short continuation of `prompt` with the saved model (CPU)."""
-    model = load_final_model(path)
-    ids = tokenizer.encode(prompt).ids or [0]
-    g = torch.Generator().manual_seed(seed)
-    out = model.generate(torch.tensor([ids]), max_new_tokens, generator=g)
-    return tokenizer.decode(out[0].tolist())

@@ -1,9 +1,11 @@
 """The training loop: one function every worker runs once its process group exists.
 
-Build the model and its DeepSpeed engine, resume from the newest complete checkpoint if there is one,
-then per optimizer step: `grad_accum` micro-batches of forward/backward, one step, one metrics row
-(loss averaged over every rank and micro-batch), and on schedule validation and a checkpoint.
-The loop does not know the model family; the objective turns (model, batch) into a loss.
+It learns what it trains from the config: the model family (`model.type`) from `pretrain.models`, the
+objective (`objective.type`) from `pretrain.objectives`. Per optimizer step it prepares `grad_accum`
+micro-batches, all-reduces their loss-unit count over ranks, and runs forward/backward on each with the
+loss sum divided by that global count, so the gradient and the logged loss are the sum of per-unit
+losses over the global batch divided by its unit count, however units are spread over micro-batches
+and ranks. Logging, validation, checkpoints and the end-of-run artefact attach as hooks (`hooks.py`).
 """
 
 from __future__ import annotations
@@ -12,21 +14,25 @@ import json
 import os
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from pretrain.atomic import atomic_write
 from pretrain.config import Config, grad_accum_steps, run_dir
-from pretrain.data import build_train_stream, build_val_batches
-from pretrain.metrics.flops import flops_per_token, matmul_params, peak_flops
+from pretrain.data import build_train_stream, build_val_batches, validate_data
+from pretrain.metrics.flops import peak_flops
 from pretrain.metrics.sinks import Fanout, JsonlSink, Sink, WandbSink, truncate_after
-from pretrain.models.transformer import Transformer, count_parameters
-from pretrain.objectives.causal_lm import causal_lm
+from pretrain.models import get_family
+from pretrain.objectives import Metrics, Objective, build_objective
 from pretrain.train import checkpoint as ckpt
 from pretrain.train.engine import backward_and_step, build_engine
 from pretrain.train.final import save_final_weights
+from pretrain.train.hooks import Hooks
 
 
 def _seed_everything(seed: int) -> None:
@@ -43,9 +49,12 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _mean_over_ranks(total: torch.Tensor, count: int) -> float:
-    dist.all_reduce(total)
-    return total.item() / (count * dist.get_world_size())
+def reduce_metrics(local: Metrics, device: torch.device) -> dict[str, float]:
+    """Sum every (sum, count) pair over ranks in one collective; return sum / count per name."""
+    names = sorted(local)
+    flat = torch.stack([torch.stack([local[k][0].float(), local[k][1].float()]) for k in names]).to(device)
+    dist.all_reduce(flat)
+    return {k: (flat[i, 0] / flat[i, 1].clamp(min=1)).item() for i, k in enumerate(names)}
 
 
 def validation_share(cfg: Config, rank: int, world: int) -> list[tuple[dict, bool]]:
@@ -62,41 +71,84 @@ def validation_share(cfg: Config, rank: int, world: int) -> list[tuple[dict, boo
     return mine + [(batches[0], False)] * (-(-len(batches) // world) - len(mine))
 
 
-@torch.no_grad()
-def evaluate(engine, share: list[tuple[dict, bool]], device: torch.device) -> float:
-    """Mean validation loss per sequence over every rank's share (collective)."""
-    engine.eval()
-    total = torch.zeros(2, device=device)  # (sum of per-sequence losses, sequences)
-    for batch, counted in share:
-        loss, _ = causal_lm(engine, {"input_ids": batch["input_ids"].to(device)})
-        if counted:
-            n = batch["input_ids"].shape[0]
-            total += torch.stack([loss.float() * n, torch.tensor(float(n), device=device)])
-    engine.train()
-    dist.all_reduce(total)
-    return (total[0] / total[1]).item()
+@dataclass
+class State:
+    """What hooks see: the run's parts and where it stands."""
+
+    cfg: Config
+    objective: Objective
+    engine: Any
+    stream: Any
+    sink: Sink
+    device: torch.device
+    rank: int
+    world: int
+    rdir: Path
+    unit: str
+    flops_per_unit: float
+    step: int = 0
+    units: int = 0
+    row: dict = field(default_factory=dict)
+    val: list = field(default_factory=list)  # prepared (batch, counted) pairs of this rank
+    sample_batch: dict | None = None  # a raw batch for the artefact
 
 
-def _sinks(cfg: Config, rdir: Path, rank: int) -> Sink:
+def _sinks(cfg: Config, rdir: Path, rank: int, unit: str) -> Sink:
     if rank != 0:
         return Sink()
     sinks: list[Sink] = [JsonlSink(rdir / "metrics.jsonl")]
     if cfg.log.wandb:
-        sinks.append(WandbSink(rdir, cfg.log.project, cfg.run.name, cfg.model_dump(mode="json")))
+        sinks.append(WandbSink(rdir, cfg.log.project, cfg.run.name, cfg.model_dump(mode="json"), unit))
     return Fanout(sinks)
 
 
-def summarize(metrics_path: Path) -> dict:
+# ----------------------------------------------------------------------------- hooks
+
+
+def log_step(s: State) -> None:
+    s.sink.log(s.row)
+
+
+def validate(s: State) -> None:
+    if not s.val:
+        return
+    s.engine.eval()
+    local = s.objective.evaluate(s.engine, s.val)
+    s.engine.train()
+    values = reduce_metrics(local, s.device)
+    s.sink.log({"step": s.step, **{f"val_{k}": v for k, v in values.items()}, s.unit: s.units,
+                "flops": s.flops_per_unit * s.units})
+
+
+def save_checkpoint(s: State) -> None:
+    client = {"step": s.step, "units": s.units, "data": s.stream.state_dict(), "config": s.cfg.model_dump(mode="json")}
+    ckpt.save(s.engine, s.rdir / "checkpoints", s.step, client, s.rank)
+
+
+def write_artefact(s: State) -> None:
+    s.engine.eval()
+    text = s.objective.artefact(s.engine, s)
+    s.engine.train()
+    if text is not None and s.rank == 0:
+        atomic_write(s.rdir / "sample.txt", text)
+
+
+def summarize(metrics_path: Path, unit: str) -> dict:
     """Loss figures of a run from its metrics.jsonl (the record that survives resumes)."""
     rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "val_loss" in r]
-    out = {"steps": train[-1]["step"] if train else 0}
+    out: dict = {"steps": train[-1]["step"] if train else 0, "unit": unit}
     if train:
-        out.update(final_loss=train[-1]["loss"], tokens=train[-1]["tokens"], flops=train[-1]["flops"])
+        out.update(final_loss=train[-1]["loss"], flops=train[-1]["flops"])
+        out[unit] = train[-1][unit]
     if val:
-        out.update(initial_val_loss=val[0]["val_loss"], final_val_loss=val[-1]["val_loss"])
+        for k in (k for k in val[-1] if k.startswith("val_")):
+            out[f"initial_{k}"], out[f"final_{k}"] = val[0].get(k), val[-1][k]
     return out
+
+
+# ----------------------------------------------------------------------------- the loop
 
 
 def train(cfg: Config, *, started_at: float | None = None) -> None:
@@ -109,8 +161,11 @@ def train(cfg: Config, *, started_at: float | None = None) -> None:
     rdir = run_dir(cfg)
     ckpt_dir = rdir / "checkpoints"
 
-    model = Transformer(cfg.model).to(device)
-    counts = count_parameters(model)  # before ZeRO-3 partitions the parameters
+    family = get_family(cfg.model.type)
+    objective = build_objective(cfg, validate_data(cfg.data))
+    objective.check()
+    model = family.build(cfg.model).to(device)
+    counts = family.count_parameters(model)  # before ZeRO-3 partitions the parameters
     model.activation_checkpointing = cfg.train.activation_checkpointing
     last = ckpt.latest_step(ckpt_dir)
     universal = ckpt.needs_universal(ckpt_dir, last, world)  # resuming at another world size
@@ -128,66 +183,77 @@ def train(cfg: Config, *, started_at: float | None = None) -> None:
     stream = build_train_stream(
         cfg.data, seed=t.seed, rank=rank, world_size=world, micro_batch_size=t.micro_batch_size, grad_accum=accum
     )
-    val_share = validation_share(cfg, rank, world) if cfg.data.val else []
+    raw_val = validation_share(cfg, rank, world) if cfg.data.val else []
 
-    start, tokens = 0, 0
+    start, units = 0, 0
     if last is not None:
         state = ckpt.load(engine, ckpt_dir, last, rank, universal)
         stream.load_state_dict(state["data"])
-        start, tokens = state["step"], state["tokens"]
+        start, units = state["step"], state.get("units", state.get("tokens", 0))
         if rank == 0:
             truncate_after(rdir / "metrics.jsonl", start)
-    sink = _sinks(cfg, rdir, rank)
 
-    seq_len = stream.seq_len
-    step_tokens = t.global_batch_size * seq_len
-    fpt = flops_per_token(cfg.model, matmul_params(counts, cfg.model), seq_len)
+    unit, per_sample = objective.unit, objective.units_per_sample()
+    step_units = t.global_batch_size * per_sample
+    fpu = family.flops_per_unit(cfg.model, counts, objective.workload())
     peak = cfg.log.peak_flops or peak_flops(device, t.precision, cfg.cluster.cpus_per_worker)
+    sink = _sinks(cfg, rdir, rank, unit)
     if rank == 0:
-        sink.summary({**counts, "flops_per_token": fpt, "peak_flops_per_worker": peak, "world_size": world})
+        sink.summary({**counts, f"flops_per_{unit.rstrip('s')}": fpu, "peak_flops_per_worker": peak,
+                      "world_size": world})
+    s = State(cfg, objective, engine, stream, sink, device, rank, world, rdir, unit, fpu, step=start, units=units,
+              val=[(objective.prepare(b, device), c) for b, c in raw_val],
+              sample_batch=raw_val[0][0] if raw_val else None)
 
-    def validate(step: int) -> None:
-        if val_share:
-            sink.log({"step": step, "val_loss": evaluate(engine, val_share, device), "tokens": tokens,
-                      "flops": fpt * tokens})
+    hooks = Hooks()
+    hooks.add(log_step, every=1)
+    hooks.add(validate, every=t.eval_every, at_start=True)
+    hooks.add(save_checkpoint, every=t.ckpt_every)
+    hooks.extend(objective.hooks(s))
+    hooks.add(write_artefact, every=0)
 
     if start == 0:
-        validate(0)
+        hooks.start(s)
     first_step_at = None
     for step in range(start + 1, t.steps + 1):
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(accum):
-            batch = next(stream)
-            loss, _ = causal_lm(engine, {"input_ids": batch["input_ids"].to(device, non_blocking=True)})
-            grad_norm = backward_and_step(engine, loss)
-            loss_sum += loss.detach().float()
-        loss_mean = _mean_over_ranks(loss_sum, accum)  # also synchronises: the step's time is complete
+        raw = [next(stream) for _ in range(accum)]
+        micro = [objective.prepare(b, device) for b in raw]
+        if s.sample_batch is None:
+            s.sample_batch = raw[0]
+        count = torch.stack([objective.count(b) for b in micro]).sum().float()
+        dist.all_reduce(count)
+        # engine.backward divides by grad_accum and the gradient all-reduce averages over ranks.
+        scale = world * accum / count.clamp(min=1)
+        local: Metrics = {}
+        grad_norm = None
+        for b in micro:
+            total, n, metrics = objective.loss(engine, b)
+            grad_norm = backward_and_step(engine, total * scale)
+            for k, (v, c) in {"loss": (total, n), **metrics}.items():
+                prev = local.get(k)
+                v, c = v.detach().float(), c.float()
+                local[k] = (v, c) if prev is None else (prev[0] + v, prev[1] + c)
+        values = reduce_metrics(local, device)  # also synchronises: the step's time is complete
         dt = time.perf_counter() - t0
-        tokens += step_tokens
+        units += step_units
         first_step_at = first_step_at or time.time()
-        row = {
-            "step": step, "loss": loss_mean, "lr": engine.get_lr()[0],
-            "grad_norm": grad_norm,
-            "tokens": tokens, "tokens_per_s": step_tokens / dt, "flops": fpt * tokens,
-            "mfu": fpt * step_tokens / dt / (peak * world), "step_time_s": dt,
+        s.step, s.units = step, units
+        s.row = {
+            "step": step, **values, "lr": engine.get_lr()[0], "grad_norm": grad_norm,
+            unit: units, f"{unit}_per_s": step_units / dt, "flops": fpu * units,
+            "mfu": fpu * step_units / dt / (peak * world), "step_time_s": dt, **stream.stats(),
         }
-        row.update(stream.stats())
-        sink.log(row)
-        if step == t.steps or (t.eval_every and step % t.eval_every == 0):
-            validate(step)
-        if step == t.steps or (t.ckpt_every and step % t.ckpt_every == 0):
-            client = {"step": step, "tokens": tokens, "data": stream.state_dict(), "config": cfg.model_dump(mode="json")}
-            ckpt.save(engine, ckpt_dir, step, client, rank)
+        hooks.after_step(s, step, last=step == t.steps)
 
     stream.close()  # stop its dataloader workers before the final (collective) save
     save_final_weights(engine, cfg, rdir / "final", rank)
     if rank == 0:
         summary = {
-            **counts, **summarize(rdir / "metrics.jsonl"), "world_size": world,
+            **counts, **summarize(rdir / "metrics.jsonl", unit), "world_size": world,
             "wall_time_s": time.time() - started_at,
             "time_to_first_step_s": (first_step_at - started_at) if first_step_at else None,
         }
-        (rdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write(rdir / "summary.json", json.dumps(summary, indent=2) + "\n")
         sink.summary(summary)
     sink.close()

@@ -104,6 +104,22 @@ def test_address_defaults_to_ray_address():
     assert r.returncode == 2 and "RAY_ADDRESS" in one_line(r)
 
 
+def test_watching_commands_import_no_torch():
+    """`pretrain status`, `logs` and `jobs` import Ray's job client, never torch, triton or deepspeed (the CLI
+    mounts only the command group a command line names)."""
+    port = free_port()
+    for args in (("status", "raysubmit_x"), ("logs", "raysubmit_x"), ("jobs",)):
+        r = _run([sys.executable, "-X", "importtime", "-m", "pretrain.cli", *args,
+                  "--address", f"http://127.0.0.1:{port}"], bare_env(), 60)
+        assert r.returncode == 1, (args, r.stderr[-2000:])
+        heavy = {m for m in re.findall(r"\|\s+([\w.]+)\s*$", r.stderr, re.M)
+                 if m.split(".")[0] in ("torch", "triton", "deepspeed")}
+        assert not heavy, (args, sorted(heavy)[:5])
+        errors = [ln for ln in r.stderr.splitlines() if not ln.startswith("import time:") and ln.strip()]
+        assert errors == [f"error: cannot reach the Ray job API at http://127.0.0.1:{port} "
+                          "(is the head node up and its dashboard port open?)"], args
+
+
 # ----------------------------------------------------------------------------- against a Ray head
 
 
@@ -177,7 +193,7 @@ def test_submit_gpt_tiny_follow_status_and_stop(ray_head, tiny_shards, tmp_path)
     env = ray_head.env(WANDB_MODE="offline")  # passed through to the job like WANDB_API_KEY would be
     common = [
         f"data.train={tiny_shards}/train", f"data.val={tiny_shards}/val", f"run.dir={tmp_path}",
-        "cluster.workers=1", "train.log_every=1", "train.eval_every=0", "train.sample_tokens=0",
+        "cluster.workers=1", "train.log_every=1", "train.eval_every=0", "objective.sample_tokens=0",
     ]
     r = cli("submit", "configs/gpt-tiny.yaml", "train.steps=10", "run.name=tiny10", *common, *addr, env=env)
     assert r.returncode == 0, r.stderr

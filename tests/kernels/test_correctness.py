@@ -1,6 +1,6 @@
 """Every op's forward and input gradients against an fp64 reference, in fp32, fp16 and bf16, on odd
 shapes (S = 1, 77, 130; D = 40, 64; hidden 123; batch 1 and 3; GQA 4:1; causal or not; strided inputs).
-The rule is kernels.checks: error <= 3x the reference's own error in that dtype + a small floor; NaN
+The rule is pretrain.kernels.checks: error <= 3x the reference's own error in that dtype + a small floor; NaN
 (including NaN-poisoned elements a kernel never wrote) fails."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import checks
-from kernels._runtime import use_triton
+from pretrain.kernels import checks
+from pretrain.kernels._runtime import use_triton
 
 pytestmark = pytest.mark.kernels
 

@@ -15,7 +15,7 @@ from triton.backends.compiler import GPUTarget
 
 # importlib: the package re-exports functions under the same names as their modules.
 attention, cross_entropy, layer_norm, rms_norm, rope, swiglu = (
-    importlib.import_module(f"kernels.{m}") for m in ("attention", "cross_entropy", "layer_norm", "rms_norm", "rope", "swiglu")
+    importlib.import_module(f"pretrain.kernels.{m}") for m in ("attention", "cross_entropy", "layer_norm", "rms_norm", "rope", "swiglu")
 )
 
 pytestmark = pytest.mark.kernels

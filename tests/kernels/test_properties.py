@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels._runtime import new_empty, use_triton
+from pretrain import kernels
+from pretrain.kernels._runtime import new_empty, use_triton
 
 pytestmark = pytest.mark.kernels
 

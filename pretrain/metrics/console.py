@@ -1,4 +1,4 @@
-"""Console progress of a run, read from its metrics.jsonl while the workers train.
+"""The console sink: progress lines of a run, read from its metrics.jsonl while the workers train.
 
 Following the file rather than worker stdout keeps the display independent of where rank 0 runs and
 of Ray's log forwarding: one line per logging interval, one per validation.
@@ -23,19 +23,30 @@ def _fmt_duration(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def format_row(row: dict, total_steps: int) -> str:
+_SHOWN = ("loss", "lr", "grad_norm", "step_time_s", "mfu", "flops", "step")
+
+
+def _extra(row: dict, prefix: str = "") -> str:
+    """The objective's own metrics (accuracy, ...), after the loss."""
+    keys = [k for k in row if k.startswith(prefix) and k.removeprefix(prefix) not in _SHOWN
+            and "/" not in k and isinstance(row[k], float) and not k.endswith("_per_s")]
+    return "".join(f"  {k} {row[k]:.4f}" for k in keys if (prefix or not k.startswith("val_")))
+
+
+def format_row(row: dict, total_steps: int, unit: str = "tokens") -> str:
     if "val_loss" in row:
-        return f"[bold]step {row['step']:>6}/{total_steps}  val_loss {row['val_loss']:.4f}[/]"
+        return f"[bold]step {row['step']:>6}/{total_steps}  val_loss {row['val_loss']:.4f}{_extra(row, 'val_')}[/]"
     eta = (total_steps - row["step"]) * row["step_time_s"]
+    grad = row["grad_norm"] if row["grad_norm"] is not None else float("nan")
     return (
-        f"step {row['step']:>6}/{total_steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
-        f"grad {row['grad_norm'] if row['grad_norm'] is not None else float('nan'):.2f}  "
-        f"{row['tokens_per_s']:,.0f} tok/s  mfu {100 * row['mfu']:.1f}%  eta {_fmt_duration(eta)}"
+        f"step {row['step']:>6}/{total_steps}  loss {row['loss']:.4f}{_extra(row)}  lr {row['lr']:.2e}  "
+        f"grad {grad:.2f}  {row[f'{unit}_per_s']:,.0f} {unit}/s  mfu {100 * row['mfu']:.1f}%  "
+        f"eta {_fmt_duration(eta)}"
     )
 
 
 @contextlib.contextmanager
-def follow_metrics(path: Path, cfg: Config, enabled: bool = True, poll_s: float = 0.5):
+def follow_metrics(path: Path, cfg: Config, unit: str, enabled: bool = True, poll_s: float = 0.5):
     """Print new rows of `path` while the body runs (rows that exist already are history: skipped)."""
     if not enabled:
         yield
@@ -60,7 +71,7 @@ def follow_metrics(path: Path, cfg: Config, enabled: bool = True, poll_s: float 
                     row = json.loads(ln)
                     step = row["step"]
                     if "val_loss" in row or step % cfg.train.log_every == 0 or step in (1, cfg.train.steps):
-                        console.print(format_row(row, cfg.train.steps))
+                        console.print(format_row(row, cfg.train.steps, unit))
             if done:
                 return
             stop.wait(poll_s)
