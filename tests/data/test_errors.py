@@ -30,7 +30,7 @@ def _drain_epoch(cfg: DataConfig, n: int) -> list:
 def test_validate_reports(sources):
     info = validate_data(DataConfig(train=str(sources["prose"]), val=str(sources["val"])))
     m = json.loads((sources["prose"] / "index.json").read_text())
-    assert info == {"seq_len": 16, "tokenizer": "gpt2", "vocab_size": 50257, "train_samples": m["samples"],
+    assert info == {"kind": "tokens", "seq_len": 16, "tokenizer": "gpt2", "vocab_size": 50257, "train_samples": m["samples"],
                     "val_samples": json.loads((sources["val"] / "index.json").read_text())["samples"]}
 
 
