@@ -10,10 +10,8 @@ from pretrain.config import Config
 def preflight(cfg: Config):
     """The run's objective, checked against its data and model."""
     from pretrain.data import validate_data
-    from pretrain.models import get_family
     from pretrain.objectives import build_objective
 
-    get_family(cfg.model.type)  # registered (the config already checked; this documents the dependency)
     objective = build_objective(cfg, validate_data(cfg.data))
     objective.check()
     return objective

@@ -23,14 +23,14 @@ def _fmt_duration(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-_SHOWN = ("loss", "lr", "grad_norm", "step_time_s", "mfu", "flops", "step")
+_SHOWN = {"loss", "lr", "grad_norm", "step_time_s", "mfu", "flops"}  # the loop's own: printed apart or not at all
 
 
 def _extra(row: dict, prefix: str = "") -> str:
-    """The objective's own metrics (accuracy, ...), after the loss."""
+    """The objective's own metrics (accuracy, ...), after the loss: float values other than the loop's."""
     keys = [k for k in row if k.startswith(prefix) and k.removeprefix(prefix) not in _SHOWN
             and "/" not in k and isinstance(row[k], float) and not k.endswith("_per_s")]
-    return "".join(f"  {k} {row[k]:.4f}" for k in keys if (prefix or not k.startswith("val_")))
+    return "".join(f"  {k} {row[k]:.4f}" for k in keys)
 
 
 def format_row(row: dict, total_steps: int, unit: str = "tokens") -> str:

@@ -23,6 +23,15 @@ if TYPE_CHECKING:
 Metrics = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (sum, count), this rank's share
 
 
+def add_metrics(acc: Metrics, new: Metrics, weight: float = 1.0) -> Metrics:
+    """`acc` plus `new`, name by name (detached, fp32); `weight` 0 adds nothing but keeps the names."""
+    for k, (s, c) in new.items():
+        s, c = s.detach().float() * weight, c.float() * weight
+        prev = acc.get(k)
+        acc[k] = (s, c) if prev is None else (prev[0] + s, prev[1] + c)
+    return acc
+
+
 class ObjectiveError(ValueError):
     """The data or the model does not fit the objective; the message is one line naming the key."""
 
@@ -73,10 +82,7 @@ class Objective:
         out: Metrics = {}
         for batch, counted in batches:
             total, n, metrics = self.loss(model, batch)
-            for k, (s, c) in {"loss": (total, n), **metrics}.items():
-                s, c = (s.detach().float(), c.float()) if counted else (s.detach().float() * 0, c.float() * 0)
-                prev = out.get(k)
-                out[k] = (s, c) if prev is None else (prev[0] + s, prev[1] + c)
+            add_metrics(out, {"loss": (total, n), **metrics}, 1.0 if counted else 0.0)
         return out
 
     # ------------------------------------------------------------------ hooks and end of run

@@ -28,7 +28,7 @@ from pretrain.data import build_train_stream, build_val_batches, validate_data
 from pretrain.metrics.flops import peak_flops
 from pretrain.metrics.sinks import Fanout, JsonlSink, Sink, WandbSink, truncate_after
 from pretrain.models import get_family
-from pretrain.objectives import Metrics, Objective, build_objective
+from pretrain.objectives import Metrics, Objective, add_metrics, build_objective
 from pretrain.train import checkpoint as ckpt
 from pretrain.train.engine import backward_and_step, build_engine
 from pretrain.train.final import save_final_weights
@@ -230,10 +230,7 @@ def train(cfg: Config, *, started_at: float | None = None) -> None:
         for b in micro:
             total, n, metrics = objective.loss(engine, b)
             grad_norm = backward_and_step(engine, total * scale)
-            for k, (v, c) in {"loss": (total, n), **metrics}.items():
-                prev = local.get(k)
-                v, c = v.detach().float(), c.float()
-                local[k] = (v, c) if prev is None else (prev[0] + v, prev[1] + c)
+            add_metrics(local, {"loss": (total, n), **metrics})
         values = reduce_metrics(local, device)  # also synchronises: the step's time is complete
         dt = time.perf_counter() - t0
         units += step_units
