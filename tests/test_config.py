@@ -78,8 +78,8 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
      ("model.max_seq_len=16", "model.max_seq_len (16)"),
      ("objective.type=masked_lm", "model.causal"),
      # The registries list what exists; renamed keys say what they are called now.
-     ("model.type=mamba", "model.type 'mamba' is not registered (registered: bert, gpt2, llama)"),
-     ("objective.type=dpo", "registered: causal_lm, masked_lm"),
+     ("model.type=mamba", "model.type 'mamba' is not registered (registered: bert, dit, gpt2, llama)"),
+     ("objective.type=dpo", "registered: causal_lm, ddpm, masked_lm, rectified_flow"),
      ("model.family=gpt2", "model.family is now called model.type"),
      ("train.sample_tokens=8", "objective.sample_tokens")],
 )
@@ -111,4 +111,43 @@ def test_cli_refuses_another_data_kind(tmp_path):
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert lines == ["error: objective.type=causal_lm reads tokens shards, but data.train holds images shards"], r.stderr
+    assert not runs.exists()
+
+
+@pytest.fixture(scope="module")
+def image_shards(tmp_path_factory) -> Path:
+    """Fashion-MNIST-like shards: random 28x28 images, labels 0..9."""
+    from tests.data.test_image_stream import write_idx_source
+
+    return write_idx_source(tmp_path_factory.mktemp("images"), 40, 20, 28, seed=0)
+
+
+@pytest.mark.parametrize(
+    "override, expect",
+    [("model.input_size=30", "model.input_size (30) is not divisible by model.patch_size (4)"),
+     ("model.num_classes=5", "model.num_classes (5) is smaller than the data's 10 classes"),
+     ("model.in_channels=3", "model.in_channels (3) does not match the data's 1 channels"),
+     ("model.input_size=24", "model.input_size (24) is smaller than the data's 28x28 images"),
+     ("objective.sampler=ddim", "objective.sampler"),
+     ("model.learn_sigma=true", "objective.type=rectified_flow does not learn a variance")],
+)
+def test_cli_diffusion_errors(tmp_path, image_shards, override, expect):
+    """configs/dit-fashion.yaml with a model or objective that does not fit its images: one line, no run dir."""
+    runs = tmp_path / "runs"
+    r = _cli("train", str(ROOT / "configs/dit-fashion.yaml"), f"run.dir={runs}", "run.name=bad",
+             f"data.train={image_shards / 'train'}", f"data.val={image_shards / 'val'}", override, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and expect in lines[0], r.stderr
+    assert not runs.exists()
+
+
+def test_cli_refuses_token_shards_for_a_dit(tmp_path, tiny_shards):
+    runs = tmp_path / "runs"
+    r = _cli("train", str(ROOT / "configs/dit-fashion.yaml"), f"run.dir={runs}", "run.name=bad",
+             f"data.train={tiny_shards / 'train'}", f"data.val={tiny_shards / 'val'}", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines == ["error: objective.type=rectified_flow reads images shards, but data.train holds tokens shards"], \
+        r.stderr
     assert not runs.exists()

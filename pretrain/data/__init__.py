@@ -1,8 +1,9 @@
 """The data layer's public face: checks the driver runs before any worker starts, the training stream,
 the fixed validation batches, and the tokenizer a run's data was written with.
 
-Shards are webdataset tars of packed token sequences with an `index.json` manifest (see `write_text`);
-the sample order is a pure function of (seed, epoch, position) (see `order` and `stream`).
+Shards are webdataset tars with an `index.json` manifest: packed token sequences (`write_text`), or
+labelled images as uint8 pixels (`write_images`) or VAE latents (`write_latents`). The sample order is a
+pure function of (seed, epoch, position) (see `order` and `stream`), whatever the shards hold.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pretrain.config import DataConfig
 from pretrain.data.errors import DataError
 from pretrain.data.manifest import Source, resolve, shard_name
 from pretrain.data.shards import open_url
-from pretrain.data.stream import Layout, ShardReader, TrainStream
+from pretrain.data.stream import Layout, ShardReader, TrainStream, spec_of
 from pretrain.data.tokenizer import load_tokenizer, tokenizer_hash
 from pretrain.urls import is_url
 
@@ -32,13 +33,16 @@ def _train_sources(cfg: DataConfig) -> list[Source]:
 
 
 def _agree(sources: list[tuple[str, Source]]) -> Source:
-    """All sources hold one kind of shard (and tokens of one length and tokenizer); returns the first.
-    Which kind an objective reads is the objective's check (`pretrain.objectives`)."""
+    """All sources hold one kind of shard (tokens of one length and tokenizer; images of one shape, class
+    list and encoding); returns the first. Which kind an objective reads is the objective's check
+    (`pretrain.objectives`)."""
     (_, first), *rest = sources
     for setting, src in rest:
         if src.manifest["kind"] != first.manifest["kind"]:
             raise DataError(f"{setting}: {src.path} holds {src.manifest['kind']} shards, {first.path} "
                             f"{first.manifest['kind']} shards")
+    if first.manifest["kind"] == "images":
+        _agree_images(sources)
     if first.manifest["kind"] != "tokens":
         return first
     for setting, src in rest:
@@ -51,6 +55,34 @@ def _agree(sources: list[tuple[str, Source]]) -> Source:
     return first
 
 
+def _agree_images(sources: list[tuple[str, Source]]) -> None:
+    """Image sources: each of one size (`spec_of`), all of one shape (channels-first), class list,
+    encoding and latent scale, since a model has one input shape and one label embedding."""
+    specs = [spec_of(src, setting) for setting, src in sources]
+    (_, first), *rest = sources
+    for (setting, src), spec in zip(rest, specs[1:], strict=True):
+        if spec.shape != specs[0].shape:
+            raise DataError(f"{setting}: {src.path} has another image_shape than {first.path} "
+                            f"({list(spec.shape)} vs {list(specs[0].shape)}, channels first)")
+        for key in ("encoding", "latent_scale"):
+            mine, theirs = _image_meta(src)[key], _image_meta(first)[key]
+            if mine != theirs:
+                raise DataError(f"{setting}: {src.path} has another {key} than {first.path} "
+                                f"({mine} vs {theirs})")
+        a, b = src.manifest["classes"], first.manifest["classes"]
+        if a != b:
+            i = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), None)
+            what = f"{len(a)} vs {len(b)} classes" if i is None else f"class {i}: {a[i]!r} vs {b[i]!r}"
+            raise DataError(f"{setting}: {src.path} has other classes than {first.path} ({what})")
+
+
+def _image_meta(src: Source) -> dict:
+    """Encoding and latent scale of an image source (pixel shards written before latents had neither)."""
+    m = src.manifest
+    scale = m.get("latent_scale")
+    return {"encoding": m.get("encoding", "pixels"), "latent_scale": None if scale is None else float(scale)}
+
+
 def _check_names(sources: list[Source]) -> None:
     names = [s.name for s in sources]
     dup = {n for n in names if names.count(n) > 1}
@@ -60,8 +92,9 @@ def _check_names(sources: list[Source]) -> None:
 
 def validate_data(cfg: DataConfig) -> dict:
     """Every source exists with a manifest and its shards (sizes checked for local ones), and all agree on
-    their kind (and for tokens on seq_len and tokenizer). Reads manifests only. Returns the kind and
-    sample counts, and for tokens seq_len, tokenizer and vocab_size."""
+    their kind (and for tokens on seq_len and tokenizer, for images on shape, classes and encoding). Reads
+    manifests only. Returns the kind and sample counts; for tokens seq_len, tokenizer and vocab_size; for
+    images image_shape [C, H, W], num_classes, classes, encoding ("pixels" or "latents") and latent_scale."""
     train = _train_sources(cfg)
     _check_names(train)
     tagged = [(f"data.train[{i}]" if len(train) > 1 else "data.train", s) for i, s in enumerate(train)]
@@ -71,6 +104,10 @@ def validate_data(cfg: DataConfig) -> dict:
     info = {"kind": m["kind"], "train_samples": sum(s.samples for s in train), "val_samples": val.samples if val else 0}
     if m["kind"] == "tokens":
         info.update(seq_len=int(m["seq_len"]), tokenizer=_tokenizer_spec(first), vocab_size=int(m["vocab_size"]))
+    elif m["kind"] == "images":
+        spec = spec_of(first, "data.train")
+        info.update(image_shape=list(spec.shape), num_classes=spec.num_classes, classes=list(m["classes"]),
+                    **_image_meta(first))
     return info
 
 
@@ -112,7 +149,7 @@ def build_train_stream(cfg: DataConfig, *, seed: int, rank: int, world_size: int
     _check_names(sources)
     first = _agree([(f"data.train[{i}]", s) for i, s in enumerate(sources)])
     layout = Layout(seed, rank, world_size, micro_batch_size, grad_accum)
-    return TrainStream(sources, [s.weight for s in cfg.train], int(first.manifest["seq_len"]), layout,
+    return TrainStream(sources, [s.weight for s in cfg.train], spec_of(first, "data.train"), layout,
                        cfg.num_workers, cfg.skip_corrupt)
 
 
@@ -123,24 +160,27 @@ def build_val_batches(cfg: DataConfig, *, rank: int, world_size: int, micro_batc
     if cfg.val is None:
         return []
     src = resolve(cfg.val.path, cfg.val.name, "data.val")
-    seq_len = int(src.manifest["seq_len"])
+    spec = spec_of(src, "data.val")
     n = min(max_batches, src.samples // (micro_batch_size * world_size))
     if n == 0:
         raise DataError(f"data.val: {src.path} has {src.samples} samples, fewer than one micro-batch "
                         f"per rank ({micro_batch_size} x {world_size})")
-    reader = ShardReader([src], seq_len, seed=0, skip_corrupt=False)
+    reader = ShardReader([src], spec, seed=0, skip_corrupt=False)
     ends = np.cumsum([s["samples"] for s in src.shards])
     out = []
     for b in range(n):
         start = (b * world_size + rank) * micro_batch_size
-        keys, rows = [], []
-        for p in range(start, start + micro_batch_size):
+        keys: list[str] = []
+        fields = {name: np.empty((micro_batch_size, *shape), dtype) for name, (shape, dtype)
+                  in spec.fields.items()}
+        for row, p in enumerate(range(start, start + micro_batch_size)):
             j = int(np.searchsorted(ends, p, side="right"))
-            k, tokens = reader.shard(0, j)
+            k, decoded = reader.shard(0, j)
             i = p - int(ends[j] - src.shards[j]["samples"])
             keys.append(k[i])
-            rows.append(tokens[i])
-        out.append({"input_ids": torch.from_numpy(np.stack(rows).astype(np.int64)), "keys": keys,
+            for name, arr in fields.items():
+                arr[row] = decoded[name][i]
+        out.append({**{name: torch.from_numpy(arr) for name, arr in fields.items()}, "keys": keys,
                     "source": [src.name] * micro_batch_size,
                     "positions": torch.arange(start, start + micro_batch_size, dtype=torch.int64)})
     return out

@@ -102,6 +102,38 @@ def images(
 
 
 @app.command()
+def latents(
+    source: str = typer.Argument(..., help="image shards: a shard directory, or one holding train/ "
+                                           "and/or val/"),
+    vae: Path = typer.Option(..., "--vae", help="a local diffusers AutoencoderKL directory (never "
+                                                "downloaded)"),
+    out: Path = typer.Option(..., "--out", help="output directory: one latent shard directory per split"),
+    size: int = typer.Option(256, "--size", help="image side before encoding (shorter side resized, "
+                                                 "centre crop)"),
+    batch_size: int = typer.Option(32, "--batch-size", help="images per VAE forward"),
+    shard_samples: int = typer.Option(10_000, "--shard-samples", help="latents per shard"),
+) -> None:
+    """Encode image shards with a VAE into latent shards (float16 latent .npy, label .cls) for latent
+    diffusion."""
+    from pretrain.data.write_latents import write_latents
+
+    try:
+        bar, update = _progress("encoding")
+        bar.columns = bar.columns[:2] + bar.columns[-1:]  # counts images, not bytes
+        with bar:
+            manifests = write_latents(source, vae=vae, out=out, size=size, batch_size=batch_size,
+                                      shard_samples=shard_samples, progress=update)
+    except DataError as e:
+        raise fail(str(e)) from None
+    except OSError as e:  # an unwritable --out, a full disk: still one line
+        raise fail(f"{e.filename or ''}: {e.strerror or e}") from None
+    for split, m in manifests.items():
+        shape = "x".join(map(str, m["image_shape"]))
+        typer.echo(f"{out / split}: {len(m['shards'])} shards, {m['samples']:,} latents ({shape}, scale "
+                   f"{m['latent_scale']:g}), {len(m['classes'])} classes")
+
+
+@app.command()
 def inspect(directory: str = typer.Argument(..., help="shard directory (holding index.json) or URL"),
             verify: bool = typer.Option(False, "--verify", help="also read every shard and check its sha256"),
             as_json: bool = typer.Option(False, "--json", help="print the summary as JSON")) -> None:

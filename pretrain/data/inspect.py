@@ -16,7 +16,8 @@ def summarize(src: Source) -> dict:
         out.update(tokens=m.get("tokens", 0), seq_len=m["seq_len"], dtype=m.get("dtype", ""),
                    tokenizer=m["tokenizer"], vocab_size=m["vocab_size"])
     else:
-        out.update({k: m[k] for k in ("image_shape", "classes", "captions") if k in m})
+        keys = ("image_shape", "classes", "captions", "encoding", "latent_scale", "vae")
+        out.update({k: m[k] for k in keys if k in m})
     return out
 
 

@@ -7,6 +7,11 @@ Rank r takes the contiguous slice [s*G + r*mb*A, s*G + (r+1)*mb*A) and its micro
 rows of it. Every rank reads the shards covering its positions and keeps only its rows, so the result is
 exact at any world size, and a state written at one (W, A) loads at another with the same G.
 
+What a sample holds comes from the manifest's kind (`SampleSpec`): token rows (`input_ids`), or images
+(`images` channels-first, uint8 pixels or float32 VAE latents, and `labels`). A shard decodes into one
+fixed-shape array per field, so a batch is a gather, whatever the kind. Nothing read is executed or
+unpickled: `.npy` payloads go through numpy's header parser with pickles refused.
+
 Dataloader workers: micro-batches are grouped in chunks of a few shards' worth of this rank's rows;
 worker w of n builds chunks w, w+n, ..., which torch's DataLoader returns in order. A worker mostly reads
 shards no other worker of its rank reads. Errors come back as values so the message stays one line.
@@ -14,9 +19,11 @@ shards no other worker of its rank reads. Errors come back as values so the mess
 
 from __future__ import annotations
 
+import io
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -28,6 +35,70 @@ from pretrain.data.order import Mixer, SourceOrder, source_salt
 from pretrain.data.shards import read_shard
 
 STATE_VERSION = 1
+TOKEN_DTYPES = {"tokens.u16": "<u2", "tokens.u32": "<u4"}
+IMAGE_MEMBERS = {"pixels": "image.npy", "latents": "latent.npy"}  # by the manifest's `encoding`
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What one sample of a source holds, read from its manifest: the payload member, the payload's shape
+    in the shard, and the shape a batch carries it in (tokens: seq_len + 1; images: C, H, W)."""
+
+    kind: str  # "tokens" or "images"
+    member: str  # tokens.u16 | tokens.u32 | image.npy | latent.npy
+    stored: tuple[int, ...]  # payload shape in the shard (pixels: HxW or HxWxC)
+    shape: tuple[int, ...]  # per-sample shape in a batch
+    num_classes: int = 0
+
+    @property
+    def seq_len(self) -> int | None:
+        return self.shape[0] - 1 if self.kind == "tokens" else None
+
+    @cached_property
+    def fields(self) -> dict[str, tuple[tuple[int, ...], type]]:
+        """Batch fields: name -> (per-sample shape, numpy dtype); built once, read per batch."""
+        if self.kind == "tokens":
+            return {"input_ids": (self.shape, np.int64)}
+        return {"images": (self.shape, np.float32 if self.member == "latent.npy" else np.uint8),
+                "labels": ((), np.int64)}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one sample in a batch."""
+        return sum(math.prod(s) * np.dtype(d).itemsize for s, d in self.fields.values())
+
+    def state_entry(self) -> tuple[str, object]:
+        """The data-state entry that pins the sample format (tokens keep `seq_len`, as older checkpoints)."""
+        return ("seq_len", self.seq_len) if self.kind == "tokens" else ("sample_shape", list(self.shape))
+
+
+def spec_of(src: Source, setting: str) -> SampleSpec:
+    """A source's SampleSpec; DataError naming `setting` for a manifest the stream cannot read."""
+    m = src.manifest
+    if m["kind"] == "tokens":
+        if m.get("member") not in TOKEN_DTYPES:
+            raise DataError(f"{setting}: {src.path} has unknown token member '{m.get('member')}'")
+        n = int(m["seq_len"]) + 1
+        return SampleSpec("tokens", m["member"], (n,), (n,))
+    if m["kind"] != "images":
+        raise DataError(f"{setting}: {src.path} holds {m['kind']} shards, which the stream cannot read")
+    encoding = m.get("encoding", "pixels")
+    if encoding not in IMAGE_MEMBERS:
+        raise DataError(f"{setting}: {src.path} has unknown image encoding '{encoding}' (pixels or latents)")
+    shape, classes = m.get("image_shape"), m.get("classes")
+    if shape is None:
+        raise DataError(f"{setting}: {src.path} holds images of mixed sizes; write them at one size "
+                        f"(resize the folder, or `pretrain data latents --size N`)")
+    if not isinstance(classes, list) or not classes:
+        raise DataError(f"{setting}: manifest of {src.path} lacks 'classes'")
+    stored = tuple(int(d) for d in shape)
+    if encoding == "latents" and len(stored) == 3:
+        chw = stored
+    elif encoding == "pixels" and len(stored) in (2, 3):
+        chw = (1, *stored) if len(stored) == 2 else (stored[2], stored[0], stored[1])
+    else:
+        raise DataError(f"{setting}: {src.path} has image_shape {list(stored)}, not one of {encoding} images")
+    return SampleSpec("images", IMAGE_MEMBERS[encoding], stored, chw, len(classes))
 
 
 @dataclass
@@ -51,31 +122,34 @@ class Layout:
         return np.arange(start, start + self.micro_batch_size, dtype=np.int64)
 
 
+Decoded = tuple[list[str], dict[str, np.ndarray]]  # a shard's keys and one array per field, in file order
+
+
 class ShardReader:
     """Decoded shards of the sources, an LRU of a few, with corrupt-shard detection and (if configured)
     deterministic substitution: a sample of a corrupt shard is replaced by the same offset of the next
     healthy shard in that epoch's shard order, and the corrupt shard is counted."""
 
-    def __init__(self, sources: list[Source], seq_len: int, seed: int, skip_corrupt: bool, cache: int = 2):
-        self.sources, self.seq_len, self.skip_corrupt = sources, seq_len, skip_corrupt
+    def __init__(self, sources: list[Source], spec: SampleSpec, seed: int, skip_corrupt: bool,
+                 cache: int = 2):
+        self.sources, self.spec, self.skip_corrupt = sources, spec, skip_corrupt
         self.orders = [SourceOrder([s["samples"] for s in src.shards], seed, source_salt(src.name)) for src in sources]
-        self._cache: OrderedDict[tuple[int, int], tuple[list[str], np.ndarray]] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int], Decoded] = OrderedDict()
         self._max = cache * len(sources)  # a step may straddle two shards of every source
         self.corrupt: set[str] = set()
 
-    def shard(self, i: int, j: int) -> tuple[list[str], np.ndarray] | None:
-        """(keys, tokens [n, seq_len + 1]) of shard j of source i; None if corrupt and skipping."""
+    def shard(self, i: int, j: int) -> Decoded | None:
+        """(keys, {field: array [n, ...]}) of shard j of source i; None if corrupt and skipping."""
         hit = self._cache.get((i, j))
         if hit is not None:
             self._cache.move_to_end((i, j))
             return hit
-        src, entry = self.sources[i], self.sources[i].shards[j]
-        label = src.urls[j]
+        entry, label = self.sources[i].shards[j], self.sources[i].urls[j]
         if label in self.corrupt:
             return None
         try:
             samples = read_shard(label, sha256=entry.get("sha256"), nbytes=entry.get("bytes"), label=label)
-            hit = _decode(samples, self.seq_len, entry["samples"], src.manifest.get("member", ""), label)
+            hit = _decode(samples, self.spec, entry["samples"], label)
         except DataError:
             if not self.skip_corrupt:
                 raise
@@ -86,8 +160,9 @@ class ShardReader:
             self._cache.popitem(last=False)
         return hit
 
-    def rows(self, i: int, q: np.ndarray, out: np.ndarray) -> list[str]:
-        """Fill `out` with positions q of source i's shuffled order; returns their keys."""
+    def rows(self, i: int, q: np.ndarray, out: dict[str, np.ndarray]) -> list[str]:
+        """Fill the arrays of `out` (one per field) with positions q of source i's shuffled order; returns
+        their keys."""
         order = self.orders[i]
         epoch, j, shard, off = order.locate(q)
         keys: list[str] = [""] * len(q)
@@ -97,12 +172,13 @@ class ShardReader:
             if got is None:  # corrupt and skipped: the same offsets of the next healthy shard
                 got, sh = self._substitute(i, e, int(j[sel[0]]))
             idx = order.inner(e, sh)[off[sel] % len(got[0])]
-            out[sel] = got[1][idx]
+            for name, arr in out.items():
+                arr[sel] = got[1][name][idx]  # also widens the stored dtype (u16 tokens, fp16 latents)
             for n, k in zip(sel.tolist(), idx.tolist(), strict=True):
                 keys[n] = got[0][k]
         return keys
 
-    def _substitute(self, i: int, epoch: int, j: int) -> tuple[tuple[list[str], np.ndarray], int]:
+    def _substitute(self, i: int, epoch: int, j: int) -> tuple[Decoded, int]:
         perm, _ = self.orders[i].shard_order(epoch)
         for step in range(1, len(perm)):
             cand = int(perm[(j + step) % len(perm)])
@@ -112,34 +188,107 @@ class ShardReader:
         raise DataError(f"source {self.sources[i].name}: every shard is corrupt")
 
 
-def _decode(samples, seq_len: int, expected: int, member: str, label: str) -> tuple[list[str], np.ndarray]:
-    """Raw samples -> keys and one compact token array (one frombuffer over the joined payloads)."""
+def _decode(samples, spec: SampleSpec, expected: int, label: str) -> Decoded:
+    """Raw samples -> keys and one compact array per field."""
     if len(samples) != expected:
         raise DataError(f"shard {label}: {len(samples)} samples, the manifest says {expected}")
-    dtype = {"tokens.u16": "<u2", "tokens.u32": "<u4"}.get(member)
-    if dtype is None:
-        raise DataError(f"shard {label}: unknown token member '{member}'")
+    if spec.kind == "tokens":
+        return _decode_tokens(samples, spec, label)
+    return _decode_images(samples, spec, label)
+
+
+def _decode_tokens(samples, spec: SampleSpec, label: str) -> Decoded:
+    """Token rows: one frombuffer over the joined payloads."""
+    member, dtype, n = spec.member, TOKEN_DTYPES[spec.member], spec.shape[0]
     keys, payloads = [], []
     for key, members in samples:
         data = members.get(member)
-        if data is None or len(members) != 1 or len(data) != (seq_len + 1) * np.dtype(dtype).itemsize:
-            raise DataError(f"shard {label}: sample {key} is not one {member} of {seq_len + 1} tokens")
+        if data is None or len(members) != 1 or len(data) != n * np.dtype(dtype).itemsize:
+            raise DataError(f"shard {label}: sample {key} is not one {member} of {n} tokens")
         keys.append(key)
         payloads.append(data)
-    return keys, np.frombuffer(b"".join(payloads), dtype=dtype).reshape(len(keys), seq_len + 1)
+    return keys, {"input_ids": np.frombuffer(b"".join(payloads), dtype=dtype).reshape(len(keys), n)}
+
+
+def _decode_images(samples, spec: SampleSpec, label: str) -> Decoded:
+    """Images (pixels or latents) channels-first, and labels checked against the manifest's classes."""
+    keys, payloads = [], []
+    labels = np.empty(len(samples), dtype=np.int64)
+    for n, (key, members) in enumerate(samples):
+        data, cls = members.get(spec.member), members.get("label.cls")
+        if data is None or cls is None:
+            raise DataError(f"shard {label}: sample {key} lacks its {spec.member} or label.cls")
+        try:
+            y = int(cls.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            msg = f"shard {label}: sample {key} has label {cls[:20]!r}, not a decimal integer"
+            raise DataError(msg) from None
+        if not 0 <= y < spec.num_classes:
+            raise DataError(f"shard {label}: sample {key} has label {y}, outside [0, {spec.num_classes}) "
+                            f"of the manifest's classes")
+        labels[n] = y
+        keys.append(key)
+        payloads.append(data)
+    images = _npy_stack(keys, payloads, spec, label)
+    if spec.member == "image.npy":  # pixels: HxW -> 1xHxW, HxWxC -> CxHxW
+        hwc = len(spec.stored) == 3
+        images = np.ascontiguousarray(images.transpose(0, 3, 1, 2)) if hwc else images[:, None]
+    return keys, {"images": images, "labels": labels}
+
+
+def _dtype_ok(spec: SampleSpec, dtype: np.dtype) -> bool:
+    return dtype == np.uint8 if spec.member == "image.npy" else dtype.kind == "f"
+
+
+def _npy_stack(keys: list[str], payloads: list[bytes], spec: SampleSpec, label: str) -> np.ndarray:
+    """The .npy payloads as one array [n, *stored]. Fast path: every payload has the first one's header
+    (same shape and dtype), so the data parts are joined and read with one frombuffer; otherwise each is
+    loaded on its own to name the first that is wrong."""
+    first = payloads[0]
+    f = io.BytesIO(first)
+    try:
+        version = np.lib.format.read_magic(f)
+        fmt = np.lib.format
+        read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+        shape, fortran, dtype = read(f) if read else (None, True, None)
+    except ValueError:
+        read = None
+    if read is not None and not fortran and tuple(shape) == spec.stored and _dtype_ok(spec, dtype):
+        head, size = f.tell(), f.tell() + math.prod(spec.stored) * dtype.itemsize
+        prefix = first[:head]
+        if len(first) == size and all(len(p) == size and p[:head] == prefix for p in payloads):
+            joined = b"".join(memoryview(p)[head:] for p in payloads)
+            return np.frombuffer(joined, dtype=dtype).reshape(len(payloads), *spec.stored)
+    out = np.empty((len(payloads), *spec.stored), np.uint8 if spec.member == "image.npy" else np.float32)
+    for n, (key, p) in enumerate(zip(keys, payloads, strict=True)):
+        try:
+            arr = np.load(io.BytesIO(p), allow_pickle=False)
+        except Exception as e:  # a truncated header, an object array: all mean the sample is unusable
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            msg = f"shard {label}: sample {key}: {spec.member} is not a readable .npy ({why})"
+            raise DataError(msg) from None
+        if arr.shape != spec.stored:
+            raise DataError(f"shard {label}: sample {key}: {spec.member} of shape {list(arr.shape)}, the "
+                            f"manifest's image_shape is {list(spec.stored)}")
+        if not _dtype_ok(spec, arr.dtype):
+            want = "uint8" if spec.member == "image.npy" else "floating point"
+            raise DataError(f"shard {label}: sample {key}: {spec.member} of dtype {arr.dtype}, not {want}")
+        out[n] = arr
+    return out
 
 
 class _Chunks(IterableDataset):
     """Chunks of consecutive micro-batches from micro `start` on; in a DataLoader worker, every n-th."""
 
-    def __init__(self, sources, seq_len, layout: Layout, mixer: Mixer, skip_corrupt: bool, start: int, chunk: int):
-        self.sources, self.seq_len, self.layout, self.mixer = sources, seq_len, layout, mixer
+    def __init__(self, sources, spec: SampleSpec, layout: Layout, mixer: Mixer, skip_corrupt: bool,
+                 start: int, chunk: int):
+        self.sources, self.spec, self.layout, self.mixer = sources, spec, layout, mixer
         self.skip_corrupt, self.start, self.chunk = skip_corrupt, start, chunk
 
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        reader = ShardReader(self.sources, self.seq_len, self.layout.seed, self.skip_corrupt)
+        reader = ShardReader(self.sources, self.spec, self.layout.seed, self.skip_corrupt)
         c = wid
         while True:
             first = self.start + c * self.chunk
@@ -149,34 +298,41 @@ class _Chunks(IterableDataset):
             except DataError as e:
                 yield {"error": str(e)}
                 return
-            # One tensor per chunk: each tensor crossing from a worker costs a shared-memory handle.
-            yield {"input_ids": torch.stack([b["input_ids"] for b in batches]),
-                   "positions": torch.stack([b["positions"] for b in batches]), "keys": [b["keys"] for b in batches],
-                   "source": [b["source"] for b in batches], "corrupt": sorted(reader.corrupt)}
+            # One tensor per field per chunk: each tensor crossing from a worker costs a shared-memory handle.
+            names = (*self.spec.fields, "positions")
+            yield {**{name: torch.stack([b[name] for b in batches]) for name in names},
+                   "keys": [b["keys"] for b in batches], "source": [b["source"] for b in batches],
+                   "corrupt": sorted(reader.corrupt)}
             c += nw
 
 
 def build_batch(reader: ShardReader, mixer: Mixer, sources: list[Source], pos: np.ndarray) -> dict:
-    """The batch dict for global positions `pos`."""
+    """The batch dict for global positions `pos`: the spec's fields, then positions, keys, source."""
     src, q = mixer.locate(pos)
-    ids = np.empty((len(pos), reader.seq_len + 1), dtype=np.int64)
+    out = {name: np.empty((len(pos), *shape), dtype) for name, (shape, dtype) in reader.spec.fields.items()}
     keys: list[str] = [""] * len(pos)
     for i in np.unique(src).tolist():
         sel = np.flatnonzero(src == i)
-        part = np.empty((len(sel), reader.seq_len + 1), dtype=np.int64)
+        whole = len(sel) == len(pos)  # one source (the common case): fill the batch in place
+        part = out if whole else {n: np.empty((len(sel), *a.shape[1:]), a.dtype) for n, a in out.items()}
         for n, k in zip(sel.tolist(), reader.rows(i, q[sel], part), strict=True):
             keys[n] = k
-        ids[sel] = part
-    return {"input_ids": torch.from_numpy(ids), "positions": torch.from_numpy(pos.astype(np.int64)), "keys": keys,
-            "source": [sources[i].name for i in src.tolist()]}
+        if not whole:
+            for name, a in out.items():
+                a[sel] = part[name]
+    batch = {name: torch.from_numpy(a) for name, a in out.items()}
+    batch.update(positions=torch.from_numpy(pos.astype(np.int64)), keys=keys,
+                 source=[sources[i].name for i in src.tolist()])
+    return batch
 
 
 class TrainStream:
     """Infinite iterator of this rank's micro-batches; see the module docstring for the order."""
 
-    def __init__(self, sources: list[Source], weights: list[float], seq_len: int, layout: Layout,
+    def __init__(self, sources: list[Source], weights: list[float], spec: SampleSpec, layout: Layout,
                  num_workers: int = 0, skip_corrupt: bool = False):
-        self.sources, self.seq_len, self.layout = sources, seq_len, layout
+        self.sources, self.spec, self.layout = sources, spec, layout
+        self.seq_len = spec.seq_len  # None for images
         self.mixer = Mixer(weights)
         self.num_workers, self.skip_corrupt = num_workers, skip_corrupt
         self._micro = 0  # micro-batches handed to the caller, counted from step 0
@@ -185,8 +341,8 @@ class TrainStream:
         self._pending: list[dict] = []
         mean_shard = np.mean([s["samples"] for src in sources for s in src.shards])
         per_rank = layout.micro_batch_size * layout.world_size
-        bytes_per_micro = layout.micro_batch_size * (seq_len + 1) * 8
-        # Four shards' worth of this rank's rows per chunk (within 64 MiB of int64 tokens): a chunk rarely
+        bytes_per_micro = layout.micro_batch_size * spec.nbytes
+        # Four shards' worth of this rank's rows per chunk (within 64 MiB of batch tensors): a chunk rarely
         # starts on a shard boundary, so its worker reads ~5 shards for 4 shards of rows.
         self._chunk = 1 if num_workers == 0 else int(
             max(1, min(math.ceil(4 * mean_shard / per_rank), (64 << 20) // bytes_per_micro))
@@ -196,7 +352,8 @@ class TrainStream:
         return self
 
     def _start(self) -> None:
-        ds = _Chunks(self.sources, self.seq_len, self.layout, self.mixer, self.skip_corrupt, self._micro, self._chunk)
+        ds = _Chunks(self.sources, self.spec, self.layout, self.mixer, self.skip_corrupt, self._micro,
+                     self._chunk)
         if self.num_workers == 0:
             self._it = iter(ds)
         else:
@@ -212,9 +369,10 @@ class TrainStream:
                 self.close()
                 raise DataError(item["error"])
             self._corrupt.update(item["corrupt"])
-            self._pending = [{"input_ids": ids, "positions": pos, "keys": k, "source": s}
-                             for ids, pos, k, s in zip(item["input_ids"], item["positions"], item["keys"],
-                                                       item["source"], strict=True)]
+            cols = [(name, item[name]) for name in (*self.spec.fields, "positions")]
+            rows = zip(item["keys"], item["source"], strict=True)
+            self._pending = [{**{name: col[m] for name, col in cols}, "keys": keys, "source": source}
+                             for m, (keys, source) in enumerate(rows)]
             self._pending.reverse()  # pop() from the end is O(1)
         self._micro += 1
         return self._pending.pop()
@@ -233,10 +391,11 @@ class TrainStream:
         L = self.layout
         step, k = divmod(self._micro, L.grad_accum)
         counts = self.mixer.counts(step * L.global_batch)
+        shape_key, shape = self.spec.state_entry()
         return {
             "version": STATE_VERSION, "seed": L.seed, "global_batch": L.global_batch, "step": step,
             "micro_in_step": k, "grad_accum": L.grad_accum, "world_size": L.world_size,
-            "position": self._position(), "seq_len": self.seq_len,
+            "position": self._position(), shape_key: shape,
             "sources": {s.name: {"samples": int(n), "weight_share": int(w)}
                         for s, n, w in zip(self.sources, counts, self.mixer.per_block, strict=True)},
             "corrupt_shards": sorted(self._corrupt),
@@ -246,7 +405,10 @@ class TrainStream:
         L = self.layout
         if state.get("version") != STATE_VERSION:
             raise DataError(f"data state: version {state.get('version')} is not {STATE_VERSION}")
-        for key, mine in (("global_batch", L.global_batch), ("seed", L.seed), ("seq_len", self.seq_len)):
+        shape_key, shape = self.spec.state_entry()
+        if shape_key not in state:
+            raise DataError(f"data state: it has no {shape_key}; a run on another kind of data wrote it")
+        for key, mine in (("global_batch", L.global_batch), ("seed", L.seed), (shape_key, shape)):
             if state[key] != mine:
                 raise DataError(f"data state: {key} was {state[key]}, this run has {mine}; the sample order would change")
         names = [s.name for s in self.sources]
@@ -259,12 +421,16 @@ class TrainStream:
         self._corrupt = set(state.get("corrupt_shards", []))
 
     def stats(self) -> dict:
-        """Tokens and epochs of each source over all ranks at the last step boundary, corrupt shards."""
+        """Per source over all ranks at the last step boundary: tokens (token data) or samples (images) and
+        epochs; and the corrupt shards skipped."""
         L = self.layout
         counts = self.mixer.counts((self._micro // L.grad_accum) * L.global_batch)
         out: dict = {}
         for src, n in zip(self.sources, counts, strict=True):
-            out[f"tokens/{src.name}"] = int(n) * self.seq_len
+            if self.spec.kind == "tokens":
+                out[f"tokens/{src.name}"] = int(n) * self.seq_len
+            else:
+                out[f"samples/{src.name}"] = int(n)
             out[f"epoch/{src.name}"] = int(n) / src.samples
         out["corrupt_shards_skipped"] = len(self._corrupt)
         return out

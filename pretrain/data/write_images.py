@@ -121,8 +121,10 @@ def _npy(arr: np.ndarray) -> bytes:
 
 
 def _write_split(out: Path, header: dict, items: Callable[[int], Iterator[Item]], count: int, sps: int,
-                 progress: Callable[[int], None]) -> dict:
-    """Shards of `sps` samples each; finished shards from an interrupted run with the same header are kept."""
+                 progress: Callable[[int], None], member: str = "image.npy",
+                 encode: Callable[[np.ndarray], bytes] = _npy) -> dict:
+    """Shards of `sps` samples each (the array of each as `<key>.<member>`, written by `encode`); finished
+    shards from an interrupted run with the same header are kept. Also writes latent shards."""
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(out)
     (out / MANIFEST).unlink(missing_ok=True)
@@ -145,7 +147,7 @@ def _write_split(out: Path, header: dict, items: Callable[[int], Iterator[Item]]
     for index, (image, label, caption) in enumerate(items(start), start=start):
         if writer is None:
             writer = ShardWriter(out / f"shard-{len(shards):06d}.tar")
-        members = {"image.npy": _npy(image), "label.cls": str(label).encode()}
+        members = {member: encode(image), "label.cls": str(label).encode()}
         if caption is not None:
             members["caption.txt"] = caption.encode()
         writer.add(f"{index:010d}", members)

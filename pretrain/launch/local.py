@@ -59,7 +59,9 @@ def launch(cfg: Config, *, started_at: float, quiet: bool = False) -> None:
 
     from pretrain.launch.preflight import preflight
 
-    unit = preflight(cfg).unit  # bad data or a mismatched model fails here, before Ray starts
+    objective = preflight(cfg)  # bad data or a mismatched model fails here, before Ray starts
+    objective.setup()
+    unit = objective.unit
     cfg = resolve_paths(cfg)
     _init_ray(cfg)
     use_gpu = cfg.cluster.use_gpu if cfg.cluster.use_gpu is not None else torch.cuda.is_available()

@@ -36,6 +36,8 @@ def _extra(row: dict, prefix: str = "") -> str:
 def format_row(row: dict, total_steps: int, unit: str = "tokens") -> str:
     if "val_loss" in row:
         return f"[bold]step {row['step']:>6}/{total_steps}  val_loss {row['val_loss']:.4f}{_extra(row, 'val_')}[/]"
+    if "loss" not in row:  # an objective's evaluation (fd, class_agreement of samples)
+        return f"[bold]step {row['step']:>6}/{total_steps} {_extra(row)}[/]"
     eta = (total_steps - row["step"]) * row["step_time_s"]
     grad = row["grad_norm"] if row["grad_norm"] is not None else float("nan")
     return (
@@ -70,7 +72,7 @@ def follow_metrics(path: Path, cfg: Config, unit: str, enabled: bool = True, pol
                 for ln in lines:
                     row = json.loads(ln)
                     step = row["step"]
-                    if "val_loss" in row or step % cfg.train.log_every == 0 or step in (1, cfg.train.steps):
+                    if "loss" not in row or step % cfg.train.log_every == 0 or step in (1, cfg.train.steps):
                         console.print(format_row(row, cfg.train.steps, unit))
             if done:
                 return

@@ -17,6 +17,7 @@ from pretrain.atomic import atomic_write
 
 class Sink:
     def log(self, row: dict) -> None: ...
+    def image(self, step: int, name: str, path: Path) -> None: ...  # a PNG already written to the run dir
     def summary(self, values: dict) -> None: ...
     def close(self) -> None: ...
 
@@ -68,6 +69,11 @@ class WandbSink(Sink):
             data["loss_vs_flops/loss"] = data[f"loss_vs_{self.unit}/loss"] = row["loss"]
         self._run.log(data, step=row["step"])
 
+    def image(self, step: int, name: str, path: Path) -> None:
+        import wandb
+
+        self._run.log({name: wandb.Image(str(path))}, step=step)
+
     def summary(self, values: dict) -> None:
         self._run.summary.update(values)
 
@@ -82,6 +88,10 @@ class Fanout(Sink):
     def log(self, row: dict) -> None:
         for s in self.sinks:
             s.log(row)
+
+    def image(self, step: int, name: str, path: Path) -> None:
+        for s in self.sinks:
+            s.image(step, name, path)
 
     def summary(self, values: dict) -> None:
         for s in self.sinks:

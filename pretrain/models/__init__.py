@@ -43,4 +43,5 @@ def get_family(name: str) -> Family:
     return _FAMILIES.get(name)
 
 
+from pretrain.models import dit as _dit  # noqa: E402,F401  (registers dit)
 from pretrain.models import transformer as _transformer  # noqa: E402,F401  (registers gpt2, llama, bert)

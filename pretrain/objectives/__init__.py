@@ -41,6 +41,7 @@ class Objective:
     Config: ClassVar[type[Section]]
     data_kind: ClassVar[str]  # the manifest `kind` it reads
     unit: ClassVar[str]  # what throughput and FLOPs count
+    summary_keys: ClassVar[tuple[str, ...]] = ()  # metrics whose first and last values go into summary.json
 
     def __init__(self, cfg: Config, data: dict):
         """`data`: what `pretrain.data.validate_data` found (kind, seq_len, vocab_size, ...)."""
@@ -53,6 +54,10 @@ class Objective:
         if kind != self.data_kind:
             raise ObjectiveError(f"objective.type={self.name} reads {self.data_kind} shards, but data.train holds "
                                  f"{kind} shards")
+
+    def setup(self) -> None:
+        """Work done once, on the driver, before any worker starts (train a judge for sample quality and
+        cache it); nothing by default. Workers may rely on what it cached."""
 
     def units_per_sample(self) -> int:
         """Units of work (throughput, FLOPs) in one sample of the data."""
@@ -115,4 +120,6 @@ def build_objective(cfg: Config, data: dict) -> Objective:
 
 
 from pretrain.objectives import causal_lm as _causal_lm  # noqa: E402,F401  (registers causal_lm)
+from pretrain.objectives import ddpm as _ddpm  # noqa: E402,F401  (registers ddpm)
 from pretrain.objectives import masked_lm as _masked_lm  # noqa: E402,F401  (registers masked_lm)
+from pretrain.objectives import rectified_flow as _rectified_flow  # noqa: E402,F401  (registers rectified_flow)

@@ -29,3 +29,11 @@ def uniform(seed: int, positions: np.ndarray, n: int, stream: int) -> np.ndarray
         rows = _mix(key ^ np.asarray(positions, dtype=np.int64).astype(np.uint64))[:, None]
         z = _mix(rows ^ (np.arange(n, dtype=np.uint64)[None, :] * _GOLDEN))
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+
+
+def normal(seed: int, positions: np.ndarray, n: int, stream: int) -> np.ndarray:
+    """(len(positions), n) standard normals (float32) by Box–Muller from two uniform draws of `stream`."""
+    u1 = uniform(seed, positions, n, stream)
+    u2 = uniform(seed, positions, n, stream + (1 << 32))
+    r = np.sqrt(-2.0 * np.log1p(-u1))  # 1 - u1 lies in (0, 1]: no log(0)
+    return (r * np.cos(2.0 * np.pi * u2)).astype(np.float32)

@@ -30,6 +30,10 @@ def _tag(step: int) -> str:
     return f"step-{step}"
 
 
+def step_dir(ckpt_dir: Path, step: int) -> Path:
+    return ckpt_dir / _tag(step)
+
+
 def latest_step(ckpt_dir: Path) -> int | None:
     """The step of the newest complete checkpoint, or None."""
     f = ckpt_dir / LATEST
@@ -56,14 +60,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int, extra=None) -> Path:
+    """Collective: every rank calls it. `extra(directory)` writes what else belongs to the step (the EMA)
+    into the not-yet-renamed directory, on every rank. Returns the final directory."""
     final, tmp_tag = ckpt_dir / _tag(step), _tag(step) + ".tmp"
     if rank == 0:
         shutil.rmtree(ckpt_dir / tmp_tag, ignore_errors=True)  # debris of an earlier crash
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), ckpt_dir / tmp_tag / f"rng-rank{rank}.pt")
+    if extra is not None:
+        extra(ckpt_dir / tmp_tag)
     dist.barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)

@@ -8,13 +8,14 @@ name. `load_final_model` rebuilds any registered family's model on CPU.
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import yaml
 from safetensors.torch import load_file, save_file
 
 from pretrain.atomic import atomic_path, atomic_write
-from pretrain.config import Config, typed_section
+from pretrain.config import Config, dump_config, typed_section
 
 
 def _unique_tensors(module) -> dict:
@@ -25,8 +26,12 @@ def _unique_tensors(module) -> dict:
     return out
 
 
-def save_final_weights(engine, cfg: Config, out: Path, rank: int) -> None:
+def save_final_weights(engine, cfg: Config, out: Path, rank: int, *, ema=None, data: dict | None = None) -> None:
+    """`model.safetensors` (the trained weights), `model.yaml` and the run's `config.yaml`; with an EMA also `ema.safetensors` (the
+    averaged weights with the same names, buffers included); `data.json`, what the data was (image shape and
+    classes, tokenizer), so the model can be used without the data."""
     import deepspeed  # here, not at the top: sampling on the driver must not pay for (or print) its import
+    import torch.distributed as dist
 
     module = engine.module
     gather = (
@@ -41,15 +46,31 @@ def save_final_weights(engine, cfg: Config, out: Path, rank: int) -> None:
             with atomic_path(out / "model.safetensors") as tmp:
                 save_file(tensors, str(tmp))
             atomic_write(out / "model.yaml", yaml.safe_dump(cfg.model.model_dump(mode="json"), sort_keys=False))
+            atomic_write(out / "config.yaml", dump_config(cfg))  # the whole run's: objective, seed, data
+            if data is not None:
+                atomic_write(out / "data.json", json.dumps(data, indent=1, sort_keys=True) + "\n")
+        buffers = {k: v.detach().float().cpu().contiguous() for k, v in _unique_tensors(module).items()
+                   if k not in dict(module.named_parameters())} if rank == 0 else {}
+    if ema is not None:
+        # After the raw weights' gather: one parameter at a time, so no rank holds a second full model.
+        averaged = {n: t for n, t in ema.gathered(rank, dist.get_world_size())}
+        if rank == 0:
+            with atomic_path(out / "ema.safetensors") as tmp:
+                save_file({**averaged, **buffers}, str(tmp), metadata={"ema_decay": str(ema.decay),
+                                                                      "ema_updates": str(ema.updates)})
 
 
-def load_final_model(path: Path):
-    """The model of a run's `final/` directory, on CPU, in eval mode."""
+def load_final_model(path: Path, weights: str = "model"):
+    """The model of a run's `final/` directory, on CPU, in eval mode; `weights="ema"` loads the EMA."""
     from pretrain.models import get_family
 
     mcfg = typed_section("model", yaml.safe_load((path / "model.yaml").read_text()))
     model = get_family(mcfg.type).build(mcfg)
-    state = load_file(str(path / "model.safetensors"))
+    f = path / f"{weights}.safetensors"
+    if not f.is_file():
+        what = "EMA weights (train with train.ema_decay set)" if weights == "ema" else "final weights"
+        raise FileNotFoundError(f"{path.parent}: the run has no {what}: {f} is missing")
+    state = load_file(str(f))
     expected = set(_unique_tensors(model))
     if set(state) != expected:
         raise ValueError(f"{path}: weights do not match the model (missing {sorted(expected - set(state))}, "

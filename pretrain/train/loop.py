@@ -30,6 +30,7 @@ from pretrain.metrics.sinks import Fanout, JsonlSink, Sink, WandbSink, truncate_
 from pretrain.models import get_family
 from pretrain.objectives import Metrics, Objective, add_metrics, build_objective
 from pretrain.train import checkpoint as ckpt
+from pretrain.train.ema import EMA
 from pretrain.train.engine import backward_and_step, build_engine
 from pretrain.train.final import save_final_weights
 from pretrain.train.hooks import Hooks
@@ -91,6 +92,7 @@ class State:
     row: dict = field(default_factory=dict)
     val: list = field(default_factory=list)  # prepared (batch, counted) pairs of this rank
     sample_batch: dict | None = None  # a raw batch for the artefact
+    ema: EMA | None = None  # the fp32 moving average of the weights, when train.ema_decay is set
 
 
 def _sinks(cfg: Config, rdir: Path, rank: int, unit: str) -> Sink:
@@ -120,9 +122,14 @@ def validate(s: State) -> None:
                 "flops": s.flops_per_unit * s.units})
 
 
+def update_ema(s: State) -> None:
+    s.ema.update()
+
+
 def save_checkpoint(s: State) -> None:
     client = {"step": s.step, "units": s.units, "data": s.stream.state_dict(), "config": s.cfg.model_dump(mode="json")}
-    ckpt.save(s.engine, s.rdir / "checkpoints", s.step, client, s.rank)
+    extra = (lambda d: s.ema.save(d, s.rank, s.world)) if s.ema is not None else None
+    ckpt.save(s.engine, s.rdir / "checkpoints", s.step, client, s.rank, extra=extra)
 
 
 def write_artefact(s: State) -> None:
@@ -133,8 +140,9 @@ def write_artefact(s: State) -> None:
         atomic_write(s.rdir / "sample.txt", text)
 
 
-def summarize(metrics_path: Path, unit: str) -> dict:
-    """Loss figures of a run from its metrics.jsonl (the record that survives resumes)."""
+def summarize(metrics_path: Path, unit: str, keys: tuple[str, ...] = ()) -> dict:
+    """Loss figures of a run from its metrics.jsonl (the record that survives resumes); for each of the
+    objective's own `keys` (fd, class_agreement) its last value and its first as `initial_<key>`."""
     rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "val_loss" in r]
@@ -145,6 +153,10 @@ def summarize(metrics_path: Path, unit: str) -> dict:
     if val:
         for k in (k for k in val[-1] if k.startswith("val_")):
             out[f"initial_{k}"], out[f"final_{k}"] = val[0].get(k), val[-1][k]
+    for k in keys:
+        seen = [r[k] for r in rows if k in r]
+        if seen:
+            out[f"initial_{k}"], out[k] = seen[0], seen[-1]
     return out
 
 
@@ -185,10 +197,13 @@ def train(cfg: Config, *, started_at: float | None = None) -> None:
     )
     raw_val = validation_share(cfg, rank, world) if cfg.data.val else []
 
+    ema = EMA(engine.module, t.ema_decay, t.ema_warmup) if t.ema_decay else None
     start, units = 0, 0
     if last is not None:
         state = ckpt.load(engine, ckpt_dir, last, rank, universal)
         stream.load_state_dict(state["data"])
+        if ema is not None:
+            ema.load(ckpt.step_dir(ckpt_dir, last), rank, world)
         start, units = state["step"], state.get("units", state.get("tokens", 0))
         if rank == 0:
             truncate_after(rdir / "metrics.jsonl", start)
@@ -203,9 +218,11 @@ def train(cfg: Config, *, started_at: float | None = None) -> None:
                       "world_size": world})
     s = State(cfg, objective, engine, stream, sink, device, rank, world, rdir, unit, fpu, step=start, units=units,
               val=[(objective.prepare(b, device), c) for b, c in raw_val],
-              sample_batch=raw_val[0][0] if raw_val else None)
+              sample_batch=raw_val[0][0] if raw_val else None, ema=ema)
 
     hooks = Hooks()
+    if ema is not None:
+        hooks.add(update_ema, every=1)  # first: every later hook of the step sees the updated average
     hooks.add(log_step, every=1)
     hooks.add(validate, every=t.eval_every, at_start=True)
     hooks.add(save_checkpoint, every=t.ckpt_every)
@@ -244,10 +261,10 @@ def train(cfg: Config, *, started_at: float | None = None) -> None:
         hooks.after_step(s, step, last=step == t.steps)
 
     stream.close()  # stop its dataloader workers before the final (collective) save
-    save_final_weights(engine, cfg, rdir / "final", rank)
+    save_final_weights(engine, cfg, rdir / "final", rank, ema=ema, data=objective.data)
     if rank == 0:
         summary = {
-            **counts, **summarize(rdir / "metrics.jsonl", unit), "world_size": world,
+            **counts, **summarize(rdir / "metrics.jsonl", unit, objective.summary_keys), "world_size": world,
             "wall_time_s": time.time() - started_at,
             "time_to_first_step_s": (first_step_at - started_at) if first_step_at else None,
         }
