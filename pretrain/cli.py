@@ -118,6 +118,10 @@ def _mount(argv: list[str]) -> None:
         from pretrain.data.cli import app as data_app
 
         app.add_typer(data_app, name="data", help="Write and inspect webdataset shards.")
+    if everything or command == "scaling":
+        from pretrain.scaling.cli import app as scaling_app
+
+        app.add_typer(scaling_app, name="scaling", help="Fit scaling laws to runs or published tables.")
     if everything or command == "bench":
         from pretrain.bench.kernels import app as kernels_bench
 

@@ -8,7 +8,7 @@ config (gradient accumulation, head size) are functions below, never written bac
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -114,6 +114,9 @@ class ClusterConfig(Section):
     cpus_per_worker: int = Field(1, gt=0, description="CPU cores reserved per worker")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts before giving up (-1: unlimited)")
     min_workers: int | None = Field(None, gt=0, description="fewest workers to continue with after losing a node")
+    worker_counts: list[Annotated[int, Field(gt=0)]] | None = Field(
+        None, description="the only group sizes an elastic run may train at (must include min_workers and workers); "
+        "none: every count from min_workers to workers, each of which must then divide the global batch")
     storage: str | None = Field(None, description="shared path or object-store URL for checkpoints; default the run dir")
     collective_timeout_s: int = Field(1800, gt=0, description="a collective hung this long fails the step")
 
@@ -160,7 +163,25 @@ class Config(Section):
             raise ValueError("zero.offload_params needs zero.stage=3")
         if self.cluster.min_workers and self.cluster.min_workers > self.cluster.workers:
             raise ValueError("cluster.min_workers must not exceed cluster.workers")
+        self._elastic()
         return self
+
+    def _elastic(self) -> None:
+        # Every group size the run may restart at must divide the global batch, or a lost node ends
+        # in DeepSpeed's batch assertion on every restart instead of continuing.
+        c, t = self.cluster, self.train
+        lo = c.min_workers or c.workers
+        if c.worker_counts is not None:
+            if lo not in c.worker_counts or c.workers not in c.worker_counts:
+                raise ValueError(f"cluster.worker_counts {c.worker_counts} must include cluster.min_workers ({lo}) "
+                                 f"and cluster.workers ({c.workers})")
+            where, counts = "cluster.worker_counts", sorted(c.worker_counts)
+        else:
+            where, counts = f"cluster.min_workers={lo}", range(lo, c.workers + 1)
+        for n in counts:
+            if t.global_batch_size % (t.micro_batch_size * n):
+                raise ValueError(f"{where}: {n} workers do not divide train.global_batch_size "
+                                 f"({t.global_batch_size}) by train.micro_batch_size ({t.micro_batch_size})")
 
 
 # ----------------------------------------------------------------------------- derived values
@@ -170,6 +191,16 @@ def grad_accum_steps(cfg: Config, workers: int | None = None) -> int:
     """Micro-batches per rank per optimizer step: global / (micro x workers)."""
     w = workers or cfg.cluster.workers
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * w)
+
+
+def worker_counts(cfg: Config) -> list[int]:
+    """The group sizes the run may train at, ascending: cluster.worker_counts within min_workers..workers,
+    else every count from cluster.min_workers (default cluster.workers) to cluster.workers."""
+    c = cfg.cluster
+    lo = c.min_workers or c.workers
+    if c.worker_counts is None:
+        return list(range(lo, c.workers + 1))
+    return sorted(n for n in set(c.worker_counts) if lo <= n <= c.workers)
 
 
 def run_dir(cfg: Config) -> Path:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from pretrain.config import ConfigError, grad_accum_steps, load_config
+from pretrain.config import ConfigError, grad_accum_steps, load_config, worker_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -69,6 +70,17 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
+def _refused(config: str, tmp_path: Path, *overrides: str) -> str:
+    """`pretrain train configs/<config>` with overrides: exit 2, one line on stderr, no run directory; the line."""
+    runs = tmp_path / "runs"
+    r = _cli("train", str(ROOT / "configs" / config), f"run.dir={runs}", "run.name=bad", *overrides, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert not runs.exists()
+    return lines[0]
+
+
 @pytest.mark.parametrize(
     "override, expect",
     [("model.n_layers=abc", "model.n_layers"), ("train.stepz=5", "train.stepz"),
@@ -84,13 +96,9 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
      ("train.sample_tokens=8", "objective.sample_tokens")],
 )
 def test_cli_errors_exit_2_with_one_line_and_no_run_dir(tmp_path, tiny_shards, override, expect):
-    runs = tmp_path / "runs"
-    r = _cli("train", str(ROOT / "configs/gpt-tiny.yaml"), f"run.dir={runs}", "run.name=bad",
-             f"data.train={tiny_shards / 'train'}", f"data.val={tiny_shards / 'val'}", override, cwd=tmp_path)
-    assert r.returncode == 2, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and expect in lines[0], r.stderr
-    assert not runs.exists()
+    line = _refused("gpt-tiny.yaml", tmp_path, f"data.train={tiny_shards / 'train'}",
+                    f"data.val={tiny_shards / 'val'}", override)
+    assert expect in line
 
 
 def test_cli_refuses_another_data_kind(tmp_path):
@@ -105,13 +113,8 @@ def test_cli_refuses_another_data_kind(tmp_path):
         for i in range(4):
             Image.fromarray(np.full((4, 4), 40 * i, dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
     write_images(str(tmp_path / "imgs"), out=tmp_path / "img-shards", shard_samples=4, val_fraction=0.25)
-    runs = tmp_path / "runs"
-    r = _cli("train", str(ROOT / "configs/gpt-tiny.yaml"), f"run.dir={runs}", "run.name=bad",
-             f"data.train={tmp_path / 'img-shards' / 'train'}", "data.val=null", cwd=tmp_path)
-    assert r.returncode == 2, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert lines == ["error: objective.type=causal_lm reads tokens shards, but data.train holds images shards"], r.stderr
-    assert not runs.exists()
+    line = _refused("gpt-tiny.yaml", tmp_path, f"data.train={tmp_path / 'img-shards' / 'train'}", "data.val=null")
+    assert line == "error: objective.type=causal_lm reads tokens shards, but data.train holds images shards"
 
 
 @pytest.fixture(scope="module")
@@ -133,21 +136,65 @@ def image_shards(tmp_path_factory) -> Path:
 )
 def test_cli_diffusion_errors(tmp_path, image_shards, override, expect):
     """configs/dit-fashion.yaml with a model or objective that does not fit its images: one line, no run dir."""
-    runs = tmp_path / "runs"
-    r = _cli("train", str(ROOT / "configs/dit-fashion.yaml"), f"run.dir={runs}", "run.name=bad",
-             f"data.train={image_shards / 'train'}", f"data.val={image_shards / 'val'}", override, cwd=tmp_path)
-    assert r.returncode == 2, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and expect in lines[0], r.stderr
-    assert not runs.exists()
+    line = _refused("dit-fashion.yaml", tmp_path, f"data.train={image_shards / 'train'}",
+                    f"data.val={image_shards / 'val'}", override)
+    assert expect in line
 
 
 def test_cli_refuses_token_shards_for_a_dit(tmp_path, tiny_shards):
-    runs = tmp_path / "runs"
-    r = _cli("train", str(ROOT / "configs/dit-fashion.yaml"), f"run.dir={runs}", "run.name=bad",
-             f"data.train={tiny_shards / 'train'}", f"data.val={tiny_shards / 'val'}", cwd=tmp_path)
-    assert r.returncode == 2, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert lines == ["error: objective.type=rectified_flow reads images shards, but data.train holds tokens shards"], \
-        r.stderr
-    assert not runs.exists()
+    line = _refused("dit-fashion.yaml", tmp_path, f"data.train={tiny_shards / 'train'}", f"data.val={tiny_shards / 'val'}")
+    assert line == "error: objective.type=rectified_flow reads images shards, but data.train holds tokens shards"
+
+
+# ----------------------------------------------------------------------------- elastic worker counts
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_restarts_at_every_allowed_size(path):
+    """Each group size an elastic restart may get divides the global batch by the micro-batch."""
+    cfg = load_config(path)
+    sizes = worker_counts(cfg)
+    assert sizes[-1] == cfg.cluster.workers and sizes[0] == (cfg.cluster.min_workers or cfg.cluster.workers)
+    assert all(cfg.train.global_batch_size % (cfg.train.micro_batch_size * n) == 0 for n in sizes)
+
+
+@pytest.mark.parametrize(
+    "overrides, expect",
+    [(["cluster.min_workers=48"],  # the llama-7b setting issue 13 found: no size from 48 to 63 divides 1024
+      "cluster.min_workers=48: 48 workers do not divide train.global_batch_size (1024) by train.micro_batch_size (1)"),
+     (["cluster.min_workers=32"], "cluster.min_workers=32: 33 workers do not divide"),
+     (["cluster.min_workers=32", "cluster.worker_counts=[32, 48, 64]"], "cluster.worker_counts: 48 workers do not"),
+     (["cluster.min_workers=32", "cluster.worker_counts=[64]"],
+      "cluster.worker_counts [64] must include cluster.min_workers (32) and cluster.workers (64)"),
+     (["cluster.worker_counts=[32]"], "must include cluster.min_workers (64) and cluster.workers (64)"),
+     (["cluster.min_workers=32", "cluster.worker_counts=[0, 32, 64]"], "cluster.worker_counts")],
+)
+def test_elastic_sizes_that_do_not_divide_are_named(overrides, expect):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/llama-7b.yaml", overrides)
+    assert expect in str(e.value) and "\n" not in str(e.value)
+
+
+def test_listed_worker_counts_bound_the_elastic_range():
+    cfg = load_config(ROOT / "configs/llama-7b.yaml", ["cluster.min_workers=32", "cluster.worker_counts=[128, 64, 32]"])
+    assert worker_counts(cfg) == [32, 64]  # 128 divides, but lies above cluster.workers
+    cfg = load_config(ROOT / "configs/gpt-tiny.yaml", ["cluster.min_workers=1"])
+    assert worker_counts(cfg) == [1, 2]
+
+
+def test_cli_refuses_a_non_dividing_elastic_range(tmp_path):
+    """gpt-tiny on 4 workers, micro-batch 1, global 8, elastic from 2: 3 workers cannot split 8 sequences."""
+    line = _refused("gpt-tiny.yaml", tmp_path, "cluster.workers=4", "train.micro_batch_size=1",
+                    "train.global_batch_size=8", "cluster.min_workers=2")
+    assert line == ("error: cluster.min_workers=2: 3 workers do not divide train.global_batch_size (8) by "
+                    "train.micro_batch_size (1)")
+
+
+def test_documented_slurm_examples_validate():
+    """Every `sbatch --nodes=N cluster/slurm.sbatch CONFIG` in the script and its README, at N x 8 workers
+    (what the script passes), loads: an example never starts Ray only to fail on its own config."""
+    text = (ROOT / "cluster" / "slurm.sbatch").read_text() + (ROOT / "cluster" / "README.md").read_text()
+    examples = re.findall(r"sbatch --nodes=(\d+) cluster/slurm\.sbatch (configs/\S+\.yaml)", text)
+    assert len(examples) >= 2
+    for nodes, config in examples:
+        load_config(ROOT / config, [f"cluster.workers={int(nodes) * 8}"])

@@ -16,10 +16,9 @@ import torch
 from pretrain.config import DataConfig
 from pretrain.data.errors import DataError
 from pretrain.data.manifest import Source, resolve, shard_name
-from pretrain.data.shards import open_url
 from pretrain.data.stream import Layout, ShardReader, TrainStream, spec_of
 from pretrain.data.tokenizer import load_tokenizer, tokenizer_hash
-from pretrain.urls import is_url
+from pretrain.urls import ReadFailed, is_url, read_bytes
 
 __all__ = [
     "DataError", "TrainStream", "build_train_stream", "build_val_batches", "load_tokenizer", "tokenizer_for",
@@ -94,14 +93,20 @@ def validate_data(cfg: DataConfig) -> dict:
     """Every source exists with a manifest and its shards (sizes checked for local ones), and all agree on
     their kind (and for tokens on seq_len and tokenizer, for images on shape, classes and encoding). Reads
     manifests only. Returns the kind and sample counts; for tokens seq_len, tokenizer and vocab_size; for
-    images image_shape [C, H, W], num_classes, classes, encoding ("pixels" or "latents") and latent_scale."""
+    images image_shape [C, H, W], num_classes, classes, encoding ("pixels" or "latents") and latent_scale.
+    `commands` holds one notice line per source whose reading runs a shell command (a `pipe:` path of the
+    user's config), "data.train executes a command: <cmd>", for the caller to print before the run; empty
+    otherwise."""
     train = _train_sources(cfg)
     _check_names(train)
     tagged = [(f"data.train[{i}]" if len(train) > 1 else "data.train", s) for i, s in enumerate(train)]
     val = resolve(cfg.val.path, cfg.val.name, "data.val") if cfg.val else None
-    first = _agree(tagged + ([("data.val", val)] if val else []))
+    tagged_all = tagged + ([("data.val", val)] if val else [])
+    first = _agree(tagged_all)
     m = first.manifest
-    info = {"kind": m["kind"], "train_samples": sum(s.samples for s in train), "val_samples": val.samples if val else 0}
+    info = {"kind": m["kind"], "train_samples": sum(s.samples for s in train), "val_samples": val.samples if val else 0,
+            "commands": [f"{setting} executes a command: {src.path.removeprefix('pipe:')}"
+                         for setting, src in tagged_all if src.command]}
     if m["kind"] == "tokens":
         info.update(seq_len=int(m["seq_len"]), tokenizer=_tokenizer_spec(first), vocab_size=int(m["vocab_size"]))
     elif m["kind"] == "images":
@@ -131,8 +136,12 @@ def tokenizer_for(cfg: DataConfig):
     if is_url(spec):
         from tokenizers import Tokenizer
 
-        with open_url(spec) as f:
-            tok = Tokenizer.from_str(f.read().decode())
+        try:
+            tok = Tokenizer.from_str(read_bytes(spec).decode())
+        except ReadFailed as e:
+            raise DataError(f"data.train: tokenizer {spec}: {e}") from None
+        except Exception as e:  # not UTF-8, not a tokenizer.json
+            raise DataError(f"data.train: tokenizer {spec} is not a readable tokenizer.json ({e})") from None
     else:
         tok = load_tokenizer(spec)
     if tokenizer_hash(tok) != src.manifest.get("tokenizer_sha256"):

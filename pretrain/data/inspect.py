@@ -1,4 +1,8 @@
-"""Summaries of a shard directory for `pretrain data inspect`, and full verification of every shard."""
+"""Summaries of a shard directory for `pretrain data inspect`, and full verification of every shard.
+
+The source comes from `manifest.resolve`, so its shard names were checked (plain file names inside the
+source) before anything is read; `--verify` reads through `shards.read_shard`, so a shard that cannot be
+read says "unreadable" and one whose bytes are wrong says what differs."""
 
 from __future__ import annotations
 

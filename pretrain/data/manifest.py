@@ -9,11 +9,20 @@ A source path is one of:
   first shard's file name with `index.json`, and only the listed shards are used.
 
 What counts as a URL (`scheme://` or `pipe:`) is decided by `pretrain.urls.is_url`, not here.
+
+Trust: a manifest is data, and nothing it says is executed or leaves its source. Every shard name (and the
+tokenizer file name) must be a plain file name inside the source directory or prefix (`shard-000000.tar`:
+letters, digits, `.`, `_`, `-`, no leading dot, ending `.tar`); anything else (a path separator, `..`, an
+absolute path, a scheme, `pipe:`, whitespace, shell metacharacters, control characters) is refused with
+one line naming the manifest and the name, wherever a manifest is read (the driver's `validate_data`,
+every worker, `data inspect`). A `pipe:` source runs a command only because the user wrote it in their own
+config; `commands` lists such sources so the run can say so.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +30,15 @@ import braceexpand
 
 from pretrain.atomic import atomic_write
 from pretrain.data.errors import DataError
-from pretrain.data.shards import open_url
-from pretrain.urls import is_url
+from pretrain.urls import ReadFailed, is_command, is_url, read_bytes
 
 FORMAT = "pretrain-shards/1"
 MANIFEST = "index.json"
+# A file name inside the source: what the writers produce (shard-000000.tar, tokenizer.json) and nothing that
+# a path, URL or shell would read as more than a name. No leading dot, so neither `..` nor hidden files.
+_FILE_NAME = r"[A-Za-z0-9_-][A-Za-z0-9._-]*"
+_SHARD_NAME = re.compile(_FILE_NAME + r"\.tar")
+_TOKENIZER_NAME = re.compile(_FILE_NAME + r"\.json")
 
 
 @dataclass
@@ -46,6 +59,11 @@ class Source:
     def local(self) -> bool:
         return not is_url(self.urls[0])
 
+    @property
+    def command(self) -> bool:
+        """Whether reading this source runs a shell command (a `pipe:` path from the user's config)."""
+        return any(is_command(u) for u in self.urls)
+
 
 def write_manifest(directory: Path, manifest: dict) -> None:
     """Atomically (`pretrain.atomic`) write `index.json`; sorted keys so equal inputs give equal bytes."""
@@ -54,10 +72,9 @@ def write_manifest(directory: Path, manifest: dict) -> None:
 
 def _read_manifest_url(url: str, setting: str) -> dict:
     try:
-        with open_url(url) as f:
-            text = f.read()
-    except Exception as e:
-        raise DataError(f"{setting}: cannot read manifest {url}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        text = read_bytes(url)
+    except ReadFailed as e:
+        raise DataError(f"{setting}: manifest {url}: {e}") from None
     return _parse(text, url, setting)
 
 
@@ -68,7 +85,28 @@ def _parse(text: bytes | str, where: str, setting: str) -> dict:
         raise DataError(f"{setting}: manifest {where} is not valid JSON ({e})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("shards"), list):
         raise DataError(f"{setting}: {where} is not a pretrain shard manifest (format {FORMAT})")
+    for s in m["shards"]:
+        if not isinstance(s, dict):
+            raise DataError(f"{setting}: manifest {where} lists shard {_shown(s)}, not an entry with a name")
+        name = s.get("name")
+        if not (isinstance(name, str) and _SHARD_NAME.fullmatch(name) and ".." not in name):
+            raise DataError(f"{setting}: manifest {where} lists shard {_shown(name)}, not a file name inside "
+                            f"the source (letters, digits, '.', '_', '-', ending .tar)")
+        for key in ("samples", "bytes"):
+            if not isinstance(s.get(key), int) or isinstance(s[key], bool) or s[key] < 0:
+                raise DataError(f"{setting}: manifest {where}: shard {name} has no '{key}' count")
+    tok = m.get("tokenizer")
+    if tok is not None and tok != "gpt2" and not (isinstance(tok, str) and _TOKENIZER_NAME.fullmatch(tok)
+                                                  and ".." not in tok):
+        raise DataError(f"{setting}: manifest {where} names tokenizer {_shown(tok)}, neither 'gpt2' nor a "
+                        f"file name inside the source ending .json")
     return m
+
+
+def _shown(name: object) -> str:
+    """A name from a manifest as one printable line: repr escapes newlines and control characters."""
+    text = repr(name)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def shard_name(url: str) -> str:
@@ -100,7 +138,7 @@ def resolve(path: str, name: str | None, setting: str) -> Source:
             raise DataError(f"{setting}: no manifest {mfile} (write shards with `pretrain data text`)")
         m = _parse(mfile.read_bytes(), str(mfile), setting)
         return _check(Source(name, path, m, list(m["shards"]), [str(d / s["name"]) for s in m["shards"]]), setting)
-    if is_url(path) and not path.startswith("pipe:") and "{" not in path and not path.endswith(".tar") and "::" not in path:
+    if is_url(path) and not is_command(path) and "{" not in path and not path.endswith(".tar") and "::" not in path:
         base = path.rstrip("/")
         m = _read_manifest_url(base + "/" + MANIFEST, setting)
         return _check(Source(name, path, m, list(m["shards"]), [base + "/" + s["name"] for s in m["shards"]]), setting)

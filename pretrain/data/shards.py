@@ -1,9 +1,11 @@
 """Shard files: deterministic tar writing (fixed mtime/uid, durable atomic rename) and verified reading.
 
 Writing uses `tarfile` directly so every header field is pinned and the same corpus gives byte-identical
-shards. Reading goes through webdataset (`gopen` for local paths, `pipe:` and object-store URLs, and its tar
-iterator) with the bytes hashed on the way in: a flipped byte inside a payload leaves a valid tar, so only
-the manifest's sha256 can catch it.
+shards. Reading fetches a shard whole through `pretrain.urls.read_bytes` (local files, object stores through
+fsspec, a user's own `pipe:` command; retried when the failure may pass), checks its size and sha256
+against the manifest (a flipped byte inside a payload leaves a valid tar, so only the sha256 can catch it),
+then splits it with webdataset's tar iterator. A shard is "corrupt" only when its bytes arrived and are
+wrong; one that cannot be read is `UnreadableShard`.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import os
 import tarfile
 from pathlib import Path
 
-import webdataset as wds
 from webdataset.tariterators import tar_file_iterator
 
 from pretrain.atomic import fsync_dir
 from pretrain.data.errors import DataError
+from pretrain.urls import ReadFailed, first_line, read_bytes
 
 
 class ShardWriter:
@@ -77,72 +79,38 @@ class _HashingWriter:
         return self._f.tell()
 
 
-class _HashingReader:
-    """File-like wrapper hashing every byte read, so verification costs no second pass."""
-
-    def __init__(self, f):
-        self._f, self.hash, self.bytes = f, hashlib.sha256(), 0
-
-    def read(self, n: int = -1) -> bytes:
-        b = self._f.read(n)
-        self.hash.update(b)
-        self.bytes += len(b)
-        return b
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-    def close(self) -> None:
-        self._f.close()
-
-
-def open_url(url: str):
-    """webdataset's `gopen` (local paths, file:, pipe:, http(s) via curl, gs: via gsutil, ais:), plus s3://
-    through the AWS CLI, which gopen has no handler for."""
-    if url.startswith("s3://"):
-        url = f"pipe:aws s3 cp {url} -"
-    return wds.gopen(url, "rb")
+class UnreadableShard(DataError):
+    """A shard that could not be read at all (missing, forbidden, or every retried attempt failed): the
+    run stops even with `data.skip_corrupt`, which skips only shards whose bytes are wrong, so a network
+    hiccup never silently swaps in other data."""
 
 
 def read_shard(url: str, *, sha256: str | None, nbytes: int | None, label: str) -> list[tuple[str, dict[str, bytes]]]:
-    """All samples of one shard in file order as (key, {ext: bytes}); raises DataError naming `label`
-    (the shard) on a truncated/corrupt tar or a size or sha256 that differs from the manifest's."""
+    """All samples of one shard in file order as (key, {ext: bytes}). The bytes are fetched whole first
+    (`pretrain.urls.read_bytes`: retried with backoff and a per-read timeout), so a failed read is
+    UnreadableShard and only bytes that arrived and are wrong (a size or sha256 that differs from the
+    manifest's, an undecodable tar) are DataError "corrupt"; both name `label` (the shard)."""
     try:
-        stream = open_url(url)
-    except Exception as e:
-        raise DataError(f"shard {label}: cannot open: {_first_line(e)}") from None
-    reader = _HashingReader(stream)
+        data = read_bytes(url)
+    except ReadFailed as e:
+        raise UnreadableShard(f"shard {label}: {e}") from None
+    if nbytes is not None and len(data) != nbytes:
+        raise DataError(f"shard {label}: {len(data)} bytes, the manifest says {nbytes} (truncated or replaced)")
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise DataError(f"shard {label}: sha256 differs from the manifest (corrupt or replaced shard)")
     samples: list[tuple[str, dict[str, bytes]]] = []
     try:
-        for item in tar_file_iterator(reader):
+        for item in tar_file_iterator(io.BytesIO(data)):
             key, _, ext = item["fname"].partition(".")
             if samples and samples[-1][0] == key:
                 samples[-1][1][ext] = item["data"]
             else:
                 samples.append((key, {ext: item["data"]}))
-        reader.drain()  # the tar end padding is part of the file's hash
-    except DataError:
-        raise
-    except Exception as e:  # tarfile.ReadError, EOFError, a failed pipe: all mean this shard is unusable
-        raise DataError(f"shard {label}: corrupt or truncated tar ({_first_line(e)})") from None
-    finally:
-        try:
-            reader.close()
-        except Exception as e:  # webdataset's Pipe raises here when the command failed
-            raise DataError(f"shard {label}: cannot read: {_first_line(e)}") from None
-    if nbytes is not None and reader.bytes != nbytes:
-        raise DataError(f"shard {label}: {reader.bytes} bytes, the manifest says {nbytes} (truncated or replaced)")
-    if sha256 is not None and reader.hash.hexdigest() != sha256:
-        raise DataError(f"shard {label}: sha256 differs from the manifest (corrupt or replaced shard)")
+    except Exception as e:  # tarfile.ReadError, EOFError: the bytes are not a tar
+        raise DataError(f"shard {label}: corrupt or truncated tar ({first_line(e)})") from None
     return samples
 
 
 def token_ext(vocab_size: int) -> tuple[str, str]:
     """(member extension, numpy dtype) of a token sample: uint16 while the vocabulary fits, else uint32."""
     return ("tokens.u16", "<u2") if vocab_size <= 65536 else ("tokens.u32", "<u4")
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pretrain.data.errors import DataError
 from pretrain.data.manifest import Source
 from pretrain.data.order import Mixer, SourceOrder, source_salt
-from pretrain.data.shards import read_shard
+from pretrain.data.shards import UnreadableShard, read_shard
 
 STATE_VERSION = 1
 TOKEN_DTYPES = {"tokens.u16": "<u2", "tokens.u32": "<u4"}
@@ -150,8 +150,8 @@ class ShardReader:
         try:
             samples = read_shard(label, sha256=entry.get("sha256"), nbytes=entry.get("bytes"), label=label)
             hit = _decode(samples, self.spec, entry["samples"], label)
-        except DataError:
-            if not self.skip_corrupt:
+        except DataError as e:
+            if not self.skip_corrupt or isinstance(e, UnreadableShard):  # a failed read is never "corrupt"
                 raise
             self.corrupt.add(label)
             return None

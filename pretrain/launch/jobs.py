@@ -5,6 +5,8 @@ Owns `pretrain submit | status | logs | stop | jobs`, thin wrappers over Ray's j
 validates the config locally, uploads the project directory as the job's working directory
 (without .venv, runs/, data/, .git and caches) and starts `pretrain train CONFIG overrides...` on the
 head node; there `pretrain train` finds the cluster through the RAY_ADDRESS Ray sets for every job.
+No secret of the submitting shell travels with a job unless `--env NAME` asks for it, with a warning: a
+job's runtime_env is readable by anyone with the cluster token. The cluster provides secrets itself.
 
 Ray 2.60 heads run with token authentication by default. The token is read from the same places Ray reads
 it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) and sent as a bearer header whatever
@@ -42,16 +44,13 @@ EXIT_CLUSTER, EXIT_USAGE = 1, 2
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
-# Environment a job needs from the submitting shell. The head never sees the laptop's environment
-# otherwise, and W&B must get the key to log online instead of offline.
-PASS_ENV = (
-    "WANDB_API_KEY",
-    "WANDB_ENTITY",
-    "WANDB_PROJECT",
-    "WANDB_MODE",
-    "WANDB_BASE_URL",
-    "HF_TOKEN",
-)
+# Settings (no secrets) a job takes from the submitting shell when they are set there.
+PASS_ENV = ("WANDB_ENTITY", "WANDB_PROJECT", "WANDB_MODE", "WANDB_BASE_URL")
+# Secrets are never copied by default: a job's runtime_env and metadata are readable by anyone holding
+# the cluster token (job API, dashboard, `ray job list`). The cluster definitions give them to the nodes
+# (cluster/README.md, "Secrets for the run"); `--env NAME` sends one anyway, with a warning. These are
+# the ones submit mentions when they are set here and therefore not sent.
+KNOWN_SECRETS = ("WANDB_API_KEY", "HF_TOKEN")
 
 # gitignore patterns relative to the working directory; a leading "/" anchors at its root so that
 # pretrain/data/ (code) is uploaded while ./data/ (shards) is not. Ray caps a package at ~500 MB.
@@ -72,6 +71,8 @@ UPLOAD_EXCLUDES = [
     ".ruff_cache/",
     ".mypy_cache/",
     ".cache/",
+    ".env",  # dotenv files hold secrets: never part of an upload
+    "*.env",
 ]
 
 AddressOpt = Annotated[
@@ -244,12 +245,18 @@ def build_job(
         rel = config.resolve().relative_to(wd)
     except ValueError:
         _fail(f"config {config} is outside the working directory {wd}; move it under it", EXIT_USAGE)
-    env_vars = {}
-    for name in (*PASS_ENV, *env):
-        if name in os.environ:
-            env_vars[name] = os.environ[name]
-        elif name in env:
+    env_vars = {name: os.environ[name] for name in PASS_ENV if name in os.environ}
+    warnings = []
+    for name in dict.fromkeys(env):
+        if name not in os.environ:
             _fail(f"--env {name}: not set in this shell", EXIT_USAGE)
+        env_vars[name] = os.environ[name]
+        warnings.append(f"sending {name} to the cluster in the job's runtime_env: readable by anyone with the "
+                        "cluster token")
+    for name in KNOWN_SECRETS:
+        if name in os.environ and name not in env_vars:
+            warnings.append(f"{name} is set here but not sent: the job has it only where the cluster provides "
+                            "it (cluster/README.md, \"Secrets for the run\")")
     # No pip/conda/uv here: the cluster image already has the project's dependencies
     # (torch included); reinstalling torch per job would take minutes and gigabytes.
     runtime_env: dict = {"working_dir": str(wd), "excludes": list(UPLOAD_EXCLUDES)}
@@ -259,7 +266,7 @@ def build_job(
         "entrypoint": shlex.join(["pretrain", "train", rel.as_posix(), *overrides]),
         "runtime_env": runtime_env,
         "metadata": {"run": cfg.run.name, "config": rel.as_posix()},
-        "warnings": locality_warnings(cfg),
+        "warnings": [*warnings, *locality_warnings(cfg)],
     }
 
 
@@ -283,7 +290,9 @@ def submit(
         typer.Option("--working-dir", help="Directory uploaded as the job's code; default: the project of CONFIG."),
     ] = None,
     env: Annotated[
-        list[str] | None, typer.Option("--env", help="Extra environment variable to pass to the job (repeatable).")
+        list[str] | None,
+        typer.Option("--env", help="Send this variable of your shell to the job, visible to anyone with the "
+                     "cluster token (repeatable); secrets belong in the cluster definition."),
     ] = None,
     job_id: Annotated[str | None, typer.Option("--job-id", help="Submission id; default: Ray picks one.")] = None,
 ) -> None:

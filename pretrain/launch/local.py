@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 from pretrain.config import Config, config_from_dict, run_dir
@@ -60,6 +61,8 @@ def launch(cfg: Config, *, started_at: float, quiet: bool = False) -> None:
     from pretrain.launch.preflight import preflight
 
     objective = preflight(cfg)  # bad data or a mismatched model fails here, before Ray starts
+    for line in objective.data.get("commands", []):  # a `pipe:` source the user wrote: say that it runs
+        print(f"notice: {line}", file=sys.stderr, flush=True)
     objective.setup()
     unit = objective.unit
     cfg = resolve_paths(cfg)

@@ -99,11 +99,13 @@ def evaluate_images(s) -> None:
         save_grid(grid.numpy(), path, nrow=cols, labels=classes)
         s.sink.image(s.step, "samples", path)
     if scored:
-        score = judge_for(s.cfg).score(samples.numpy(), eval_labels.numpy())
+        judge = judge_for(s.cfg)
+        score = judge.score(samples.numpy(), eval_labels.numpy())
         s.sink.log({"step": s.step, **score, s.unit: s.units})
+        s.sink.summary({"judge_test_accuracy": judge.test_accuracy})
 
 
-def judge_for(cfg, log=None):
+def judge_for(cfg):
     """The cached classifier of this run's data (trained on first use; the driver does that before launch)."""
     from pretrain.metrics.image_quality import Judge
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.atomic import atomic_write
-from pretrain.config import Config, grad_accum_steps, run_dir
+from pretrain.config import Config, grad_accum_steps, run_dir, worker_counts
 from pretrain.data import build_train_stream, build_val_batches, validate_data
 from pretrain.metrics.flops import peak_flops
 from pretrain.metrics.sinks import Fanout, JsonlSink, Sink, WandbSink, truncate_after
@@ -173,6 +173,12 @@ def train(cfg: Config, *, started_at: float | None = None) -> None:
     rdir = run_dir(cfg)
     ckpt_dir = rdir / "checkpoints"
 
+    t = cfg.train
+    if world not in worker_counts(cfg) or t.global_batch_size % (t.micro_batch_size * world):
+        # An elastic group can shrink to a size the config does not allow: refuse before any checkpoint
+        # conversion, never silently train on another batch size.
+        raise ValueError(f"{world} workers: not an allowed group size of this run ({worker_counts(cfg)}: "
+                         f"train.global_batch_size must divide by train.micro_batch_size x workers)")
     family = get_family(cfg.model.type)
     objective = build_objective(cfg, validate_data(cfg.data))
     objective.check()
@@ -186,11 +192,6 @@ def train(cfg: Config, *, started_at: float | None = None) -> None:
     engine = build_engine(cfg, model, world, load_universal=universal)
 
     t = cfg.train
-    if t.global_batch_size % (t.micro_batch_size * world):
-        # An elastic group can shrink to a size that does not divide the global batch: refuse, never
-        # silently train on another batch size.
-        raise ValueError(f"train.global_batch_size ({t.global_batch_size}) is not divisible by "
-                         f"train.micro_batch_size x {world} workers")
     accum = grad_accum_steps(cfg, world)
     stream = build_train_stream(
         cfg.data, seed=t.seed, rank=rank, world_size=world, micro_batch_size=t.micro_batch_size, grad_accum=accum

@@ -52,14 +52,21 @@ def test_job_spec_runs_pretrain_train_in_the_project(monkeypatch):
     for name in [k for k in os.environ if k.startswith("WANDB_")]:  # e.g. WANDB_MODE set by `make test`
         monkeypatch.delenv(name)
     monkeypatch.setenv("WANDB_API_KEY", "k-123")
+    monkeypatch.setenv("WANDB_PROJECT", "p")
     monkeypatch.setenv("MY_SETTING", "7")
     spec = jobs.build_job(TINY, ["train.steps=10", "run.name=a b"], env=["MY_SETTING"])
     assert spec["entrypoint"] == "pretrain train configs/gpt-tiny.yaml train.steps=10 'run.name=a b'"
     renv = spec["runtime_env"]
     assert renv["working_dir"] == str(ROOT)
-    assert renv["env_vars"] == {"WANDB_API_KEY": "k-123", "MY_SETTING": "7"}
+    # Settings travel, the secret does not; what --env asks for does, with a warning.
+    assert renv["env_vars"] == {"WANDB_PROJECT": "p", "MY_SETTING": "7"}
+    assert spec["warnings"][:2] == [
+        "sending MY_SETTING to the cluster in the job's runtime_env: readable by anyone with the cluster token",
+        'WANDB_API_KEY is set here but not sent: the job has it only where the cluster provides it '
+        '(cluster/README.md, "Secrets for the run")',
+    ]
     assert not {"pip", "uv", "conda"} & set(renv)  # the image has torch; a job never reinstalls it
-    assert {"/.venv/", "/.git/", "/runs/", "/data/"} <= set(renv["excludes"])
+    assert {"/.venv/", "/.git/", "/runs/", "/data/", ".env", "*.env"} <= set(renv["excludes"])
     assert spec["metadata"] == {"run": "a b", "config": "configs/gpt-tiny.yaml"}
     with pytest.raises(jobs.JobCommandError, match="NOT_SET_ANYWHERE"):
         jobs.build_job(TINY, [], env=["NOT_SET_ANYWHERE"])
@@ -190,7 +197,7 @@ def _last_line(result: subprocess.CompletedProcess) -> str:
 def test_submit_gpt_tiny_follow_status_and_stop(ray_head, tiny_shards, tmp_path):
     """gpt-tiny trains 10 steps as a Ray job; a second run is stopped while it runs."""
     addr = ["--address", ray_head.address]
-    env = ray_head.env(WANDB_MODE="offline")  # passed through to the job like WANDB_API_KEY would be
+    env = ray_head.env(WANDB_MODE="offline")  # a setting: passed through to the job
     common = [
         f"data.train={tiny_shards}/train", f"data.val={tiny_shards}/val", f"run.dir={tmp_path}",
         "cluster.workers=1", "train.log_every=1", "train.eval_every=0", "objective.sample_tokens=0",
@@ -230,3 +237,38 @@ def test_submit_gpt_tiny_follow_status_and_stop(ray_head, tiny_shards, tmp_path)
     rows = {ln.split()[0]: ln.split() for ln in listed.stdout.splitlines()[1:]}
     assert rows[first][1:2] == ["SUCCEEDED"] and rows[second][1:2] == ["STOPPED"]
     assert "tiny10" in rows[first] and "long" in rows[second]
+
+
+@pytest.mark.ray
+def test_submit_sends_no_secret_unless_asked(ray_head, tmp_path):
+    """`pretrain submit` with WANDB_API_KEY and HF_TOKEN in the shell: neither is in what the job API gives
+    anyone with the cluster token; with `--env WANDB_API_KEY` that one is, and submit warned."""
+    import secrets
+
+    from ray.job_submission import JobSubmissionClient
+
+    key, hf = f"wandb-{secrets.token_hex(8)}", f"hf-{secrets.token_hex(8)}"
+    env = ray_head.env(WANDB_API_KEY=key, HF_TOKEN=hf, WANDB_MODE="offline")
+    # Absolute paths (no locality warnings); the job, if it got as far, would fail on the missing data.
+    args = ["submit", str(TINY), "data.train=/nonexistent/train", "data.val=null", f"run.dir={tmp_path}",
+            "--address", ray_head.address]
+    client = JobSubmissionClient(ray_head.address, headers={"Authorization": f"Bearer {ray_head.token}"})
+
+    def submitted(*extra: str) -> tuple[str, str]:
+        r = cli(*args, *extra, env=env)
+        assert r.returncode == 0, r.stderr
+        jid = r.stdout.strip()
+        info = client.get_job_info(jid)
+        client.stop_job(jid)  # only its metadata matters here
+        return repr(info) + json.dumps(info.runtime_env) + json.dumps(info.metadata), r.stderr
+
+    seen, stderr = submitted()
+    assert key not in seen and hf not in seen and "WANDB_API_KEY" not in seen and "HF_TOKEN" not in seen
+    assert "offline" in seen  # the settings still travel
+    assert "sending" not in stderr and "WANDB_API_KEY is set here but not sent" in stderr
+
+    seen, stderr = submitted("--env", "WANDB_API_KEY")
+    assert key in seen and hf not in seen
+    warning = ("warning: sending WANDB_API_KEY to the cluster in the job's runtime_env: readable by anyone "
+               "with the cluster token")
+    assert warning in stderr.splitlines(), stderr

@@ -31,7 +31,7 @@ def test_validate_reports(sources):
     info = validate_data(DataConfig(train=str(sources["prose"]), val=str(sources["val"])))
     m = json.loads((sources["prose"] / "index.json").read_text())
     assert info == {"kind": "tokens", "seq_len": 16, "tokenizer": "gpt2", "vocab_size": 50257, "train_samples": m["samples"],
-                    "val_samples": json.loads((sources["val"] / "index.json").read_text())["samples"]}
+                    "val_samples": json.loads((sources["val"] / "index.json").read_text())["samples"], "commands": []}
 
 
 def test_missing_directory_and_manifest(sources, tmp_path):

@@ -74,7 +74,7 @@ def test_batch_format_and_contents(fm):
     cfg = DataConfig(train=str(fm["train"]), val=str(fm["val"]))
     assert validate_data(cfg) == {"kind": "images", "train_samples": 45, "val_samples": 20,
                                   "image_shape": [1, 8, 8], "num_classes": 10, "classes": FASHION_CLASSES,
-                                  "encoding": "pixels", "latent_scale": None}
+                                  "encoding": "pixels", "latent_scale": None, "commands": []}
     s = build_train_stream(cfg, seed=0, rank=0, world_size=1, micro_batch_size=5, grad_accum=1)
     b = next(s)
     assert list(b) == ["images", "labels", "positions", "keys", "source"]
