@@ -30,12 +30,23 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import (os.umask can only be read by setting it, which is not thread-safe).
+_UMASK = _read_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
     """For writers that take a file name (safetensors, torch.save): yields a temporary path in the same
     directory; when the block ends the file is fsynced and renamed to `path` (removed on an exception)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result has an ordinary file's mode
     os.close(fd)
     try:
         yield Path(tmp)
