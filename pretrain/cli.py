@@ -34,6 +34,10 @@ def train(
     started = time.time()
     try:
         cfg = load_config(config, overrides or [])
+        if cfg.train.init_from:  # the model section comes from the released checkpoint
+            from pretrain.train.init_from import resolve
+
+            cfg = resolve(cfg)
     except ConfigError as e:
         raise fail(str(e)) from None
     from pretrain.data import DataError
@@ -107,6 +111,83 @@ def sample(
         raise fail(str(e)) from None
     typer.echo(f"{out}: {info['images']} images ({info['rows']} classes x {info['cols']}), {info['weights']} weights, "
                f"{steps} steps, guidance {cfg_scale}")
+
+
+@app.command()
+def generate(
+    source: Path = typer.Argument(..., help="a finished run directory, a Hugging Face model directory or a .gguf file"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="text to continue (or, with --chat, the user's message)"),
+    chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the checkpoint's chat template"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="most tokens to generate"),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy; above 0: sampling at this temperature"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="sample among the k likeliest tokens only"),
+    seed: int = typer.Option(0, "--seed", help="sampling seed"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="a .jsonl of chat or prompt/response records: answer "
+                                           "each greedily and print the exact-match accuracy against its last assistant turn"),
+    out: Optional[Path] = typer.Option(None, "--out", help="with --prompts: write the answers here (.jsonl)"),
+    weights: str = typer.Option("model", "--weights", help="model or ema (runs only)"),
+) -> None:
+    """Generate text with a KV cache, stopping at the checkpoint's end-of-sequence token; prints the continuation alone."""
+    if (prompt is None) == (prompts is None):
+        raise fail("give --prompt TEXT or --prompts FILE.jsonl")
+    from pretrain import inference
+
+    try:
+        loaded = inference.load(source, weights)
+        if prompt is not None:
+            typer.echo(loaded.answer(loaded.encode(prompt, chat), max_new_tokens, temperature, top_k, seed))
+            return
+        records = _read_jsonl(prompts)
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:
+            task = bar.add_task("answering", total=len(records))
+            res = inference.exact_match(loaded, records, max_new_tokens, where=str(prompts),
+                                        progress=lambda d, t: bar.update(task, completed=d))
+    except (FileNotFoundError, ValueError, ConfigError) as e:
+        raise fail(str(e)) from None
+    if out is not None:
+        from pretrain.atomic import atomic_write
+
+        atomic_write(out, "".join(json.dumps(r) + "\n" for r in res["answers"]))
+    for r in res["answers"][:5]:
+        typer.echo(f"{'ok ' if r['correct'] else 'no '} {r['prompt']!r} -> {r['answer']!r} (want {r['reference']!r})")
+    typer.echo(f"exact match: {res['correct']}/{res['n']} = {100 * res['accuracy']:.1f}%")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
+    if not rows:
+        raise ValueError(f"{path}: no records")
+    return rows
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="a finished run directory"),
+    format: str = typer.Option("hf", "--format", help="hf (a Hugging Face model directory) or peft (a LoRA adapter)"),
+    out: Path = typer.Option(..., "--out", help="directory to write (must not exist)"),
+    merge: bool = typer.Option(False, "--merge", help="peft: fold the adapter into the base and write a whole hf model"),
+    weights: str = typer.Option("model", "--weights", help="model or ema"),
+) -> None:
+    """Write a run's final weights as a Hugging Face model (transformers loads it) or as a PEFT LoRA adapter."""
+    if format not in ("hf", "peft"):
+        raise fail(f"--format must be hf or peft (got {format!r})")
+    from pretrain.export import export_run
+
+    try:
+        info = export_run(run, out, format=format, merge=merge, weights=weights)
+    except (FileNotFoundError, FileExistsError, ValueError, ConfigError) as e:
+        raise fail(str(e)) from None
+    typer.echo(f"{out}: {info}")
 
 
 def _mount(argv: list[str]) -> None:

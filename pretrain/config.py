@@ -99,6 +99,19 @@ class TrainConfig(Section):
     activation_checkpointing: bool = Field(False, description="recompute block activations in backward")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an fp32 EMA of the weights with this decay (e.g. 0.9999); none: no EMA")
     ema_warmup: bool = Field(False, description="EMA decay min(ema_decay, (1+n)/(10+n)) after n updates, for short runs")
+    init_from: str | None = Field(None, description="start from released weights: a Hugging Face model directory, a .gguf file, "
+                                  "or another run's directory; the model section then comes from the checkpoint (keys set here override it)")
+
+
+class LoraConfig(Section):
+    """Low-rank adapters (Hu et al. 2021, https://arxiv.org/abs/2106.09685) on the Linear layers named by `targets`;
+    every other weight is frozen, and checkpoints hold only the adapters and their optimizer state."""
+
+    rank: int = Field(8, gt=0, description="adapter rank r")
+    alpha: float = Field(16.0, gt=0, description="scaling numerator: the update is B A x * alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
+    targets: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1,
+                               description="module names (last component, or fnmatch patterns on the full name) that get adapters")
 
 
 class ZeroConfig(Section):
@@ -150,6 +163,7 @@ class Config(Section):
     zero: ZeroConfig = Field(default_factory=ZeroConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    lora: LoraConfig | None = Field(None, description="train low-rank adapters instead of all weights (fine-tuning)")
 
     @model_validator(mode="after")
     def _batch(self) -> Config:

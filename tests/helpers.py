@@ -42,3 +42,31 @@ def make_tiny_shards(tmp_path: Path, seq_len: int = 32) -> Path:
     assert result.exit_code == 0, result.output
     assert (out / "train" / "index.json").exists() and (out / "val" / "index.json").exists()
     return out
+
+
+# A chat template with a default system turn, as SmolLM2's has.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHAT_WORDS = "planet river stone cloud garden window answer number letter reverse spell what is the word".split()
+
+
+def make_chat_tokenizer(d: Path) -> Path:
+    """A real chat tokenizer saved with save_pretrained into `d`: byte-level BPE trained with `tokenizers`
+    on a tiny text (vocabulary 400), wrapped as a transformers fast tokenizer with CHAT_TEMPLATE."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = " ".join(CHAT_WORDS) + " system\nBe brief.\n user\n assistant\n Answer. again 0123456789 + ? :"
+    tok.train_from_iterator([text] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(d)
+    return d

@@ -4,9 +4,9 @@ CI once spent half an hour in pip's resolver (boto3 / botocore / aiobotocore) an
 added to pyproject.toml without `make lock` would bring that back."""
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -128,9 +128,10 @@ def test_loss_is_sum_over_global_batch_divided_by_global_units(tmp_path, tiny_sh
     # losses in float64, summed and divided by the number of targets kept.
     from pretrain.data import build_train_stream
     from pretrain.models import get_family
+    from pretrain.train.build import init_model
 
     torch.manual_seed(cfg.train.seed)
-    model = get_family("gpt2").build(cfg.model).double()
+    model = init_model(get_family("gpt2").build(cfg.model), cfg).double()
     stream = build_train_stream(cfg.data, seed=cfg.train.seed, rank=0, world_size=1, micro_batch_size=16,
                                 grad_accum=1)
     batch = next(stream)

@@ -28,13 +28,15 @@ from pretrain.launch.local import launch
 from pretrain.metrics.flops import measured_cpu_peak
 from pretrain.models import get_family
 from pretrain.objectives import build_objective
+from pretrain.train.build import build_model
 from pretrain.train.engine import build_optimizer
+from pretrain.train.init_from import resolve
 
 
 def bare_loop(cfg, steps: int, warmup: int) -> list[float]:
     """units/s per step of a plain single-process loop (micro-batches accumulated like the trainer)."""
     torch.manual_seed(cfg.train.seed)
-    model = get_family(cfg.model.type).build(cfg.model)
+    model, _ = build_model(cfg, torch.device("cpu"))  # the trainer's initial (or released) weights, LoRA applied
     objective = build_objective(cfg, validate_data(cfg.data))
     opt = build_optimizer(cfg, model)
     accum = grad_accum_steps(cfg, 1)
@@ -63,6 +65,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for the worker and the bare loop")
     ap.add_argument("--out", default="bench-out/bench_train.json")
+    ap.add_argument("--full", action="store_true", help="drop the config's lora section: train every weight")
+    ap.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = ap.parse_args()
 
     total = args.steps + args.warmup
@@ -74,7 +78,11 @@ def main() -> None:
             f"train.steps={total}", "cluster.workers=1", "zero.stage=0", f"cluster.cpus_per_worker={args.threads}",
             f"run.dir={tmp}", "run.name=bench", "train.eval_every=0", "train.ckpt_every=0",
             "log.wandb=false", "train.precision=fp32", *(f"objective.{k}={v}" for k, v in quiet.items() if k in fields),
+            *args.overrides,
         ])
+        if args.full:
+            cfg.lora = None
+        cfg = resolve(cfg)
         objective = build_objective(cfg, validate_data(cfg.data))
         t0 = time.time()
         launch(cfg, started_at=t0, quiet=True)
@@ -86,11 +94,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     bare = bare_loop(cfg, args.steps, args.warmup)
     family = get_family(cfg.model.type)
-    fpu = family.flops_per_unit(cfg.model, family.count_parameters(family.build(cfg.model)), objective.workload())
+    with torch.device("meta"):
+        fpu = family.flops_per_unit(cfg.model, family.count_parameters(family.build(cfg.model)), objective.workload())
     peak = measured_cpu_peak(args.threads)
 
     result = {
-        "config": args.config, "unit": unit, "threads": args.threads, "peak_flops": peak, "flops_per_unit": fpu,
+        "config": args.config, "lora": cfg.lora is not None, "unit": unit, "threads": args.threads, "peak_flops": peak, "flops_per_unit": fpu,
         "pretrain_per_s": statistics.median(ours), "bare_per_s": statistics.median(bare),
         "time_to_first_step_s": summary["time_to_first_step_s"], "wall_time_s": summary["wall_time_s"],
     }

@@ -32,7 +32,7 @@ def _train_sources(cfg: DataConfig) -> list[Source]:
 
 
 def _agree(sources: list[tuple[str, Source]]) -> Source:
-    """All sources hold one kind of shard (tokens of one length and tokenizer; images of one shape, class
+    """All sources hold one kind of shard (tokens or sft rows of one length and tokenizer; images of one shape, class
     list and encoding); returns the first. Which kind an objective reads is the objective's check
     (`pretrain.objectives`)."""
     (_, first), *rest = sources
@@ -42,7 +42,7 @@ def _agree(sources: list[tuple[str, Source]]) -> Source:
                             f"{first.manifest['kind']} shards")
     if first.manifest["kind"] == "images":
         _agree_images(sources)
-    if first.manifest["kind"] != "tokens":
+    if first.manifest["kind"] not in ("tokens", "sft"):
         return first
     for setting, src in rest:
         for key in ("seq_len", "tokenizer_sha256"):
@@ -92,7 +92,9 @@ def _check_names(sources: list[Source]) -> None:
 def validate_data(cfg: DataConfig) -> dict:
     """Every source exists with a manifest and its shards (sizes checked for local ones), and all agree on
     their kind (and for tokens on seq_len and tokenizer, for images on shape, classes and encoding). Reads
-    manifests only. Returns the kind and sample counts; for tokens seq_len, tokenizer and vocab_size; for
+    manifests only. Returns the kind and sample counts; for tokens seq_len, tokenizer and vocab_size (sft
+    rows: the same, with seq_len the tokens of a row, plus tokenizer_name, tokenizer_sha256 and the
+    supervised_fraction of the training tokens); for
     images image_shape [C, H, W], num_classes, classes, encoding ("pixels" or "latents") and latent_scale.
     `commands` holds one notice line per source whose reading runs a shell command (a `pipe:` path of the
     user's config), "data.train executes a command: <cmd>", for the caller to print before the run; empty
@@ -109,6 +111,13 @@ def validate_data(cfg: DataConfig) -> dict:
                          for setting, src in tagged_all if src.command]}
     if m["kind"] == "tokens":
         info.update(seq_len=int(m["seq_len"]), tokenizer=_tokenizer_spec(first), vocab_size=int(m["vocab_size"]))
+    elif m["kind"] == "sft":  # seq_len: tokens per row, all of which the model sees
+        spec_of(first, "data.train")
+        rows = sum(src.manifest.get("tokens", 0) for src in train)
+        sup = sum(src.manifest.get("supervised_tokens", 0) for src in train)
+        info.update(seq_len=int(m["seq_len"]), tokenizer=_tokenizer_spec(first), vocab_size=int(m["vocab_size"]),
+                    tokenizer_name=m.get("tokenizer_name", ""), tokenizer_sha256=m["tokenizer_sha256"],
+                    supervised_fraction=sup / rows if rows else 1.0)
     elif m["kind"] == "images":
         spec = spec_of(first, "data.train")
         info.update(image_shape=list(spec.shape), num_classes=spec.num_classes, classes=list(m["classes"]),

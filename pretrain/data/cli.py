@@ -74,6 +74,40 @@ def text(
 
 
 @app.command()
+def sft(
+    files: list[Path] = typer.Argument(..., help="chat records, one JSON object a line: {'messages': [{'role', "
+                                               "'content'}, ...]} or {'prompt', 'response'}"),
+    tokenizer: str = typer.Option(..., "--tokenizer", help="a checkpoint directory (tokenizer.json and a chat "
+                                                           "template) or a .gguf file"),
+    out: Path = typer.Option(..., "--out", help="output directory: train/ (and val/) shard directories"),
+    seq_len: int = typer.Option(..., "--seq-len", help="tokens per row; examples are packed whole into rows"),
+    val_fraction: float = typer.Option(0.0, "--val-fraction", help="every n-th record goes to val/"),
+    truncate: bool = typer.Option(False, "--truncate/--refuse-long", help="cut an example longer than "
+                                  "--seq-len to its first seq_len tokens (default: refuse it, naming the record)"),
+    shard_size: str = typer.Option("64MB", "--shard-size", help="target shard size"),
+) -> None:
+    """Render chat records with the checkpoint's chat template into packed rows, with the loss on assistant
+    turns only (input_ids, targets, segment_ids per row), in webdataset shards with an index.json manifest."""
+    from pretrain.data.write_sft import write_sft
+
+    try:
+        size = parse_size(shard_size)
+        bar, update = _progress("rendering")
+        bar.columns = bar.columns[:2] + bar.columns[-1:]  # counts records, not bytes
+        with bar:
+            manifests = write_sft([str(f) for f in files], tokenizer=tokenizer, out=out, seq_len=seq_len,
+                                  val_fraction=val_fraction, truncate=truncate, shard_bytes=size, progress=update)
+    except DataError as e:
+        raise fail(str(e)) from None
+    except OSError as e:  # an unwritable --out, a full disk: still one line
+        raise fail(f"{e.filename or ''}: {e.strerror or e}") from None
+    for split, m in manifests.items():
+        extra = "".join(f", {m[k]:,} {k.split('_')[0]}" for k in ("truncated_examples", "skipped_examples") if m[k])
+        typer.echo(f"{out / split}: {len(m['shards'])} shards, {m['samples']:,} rows of {seq_len} tokens, "
+                   f"{m['examples']:,} examples, {m['supervised_tokens']:,} supervised tokens{extra}")
+
+
+@app.command()
 def images(
     source: str = typer.Argument(..., help="an image folder root/<class>/<image> (a <image>.txt is its caption), "
                                            "or 'fashion-mnist' (Debian's dataset-fashion-mnist files)"),

@@ -11,7 +11,8 @@ from pretrain.data.shards import read_shard
 
 
 def summarize(src: Source) -> dict:
-    """The manifest's headline figures: kind, sizes, shards, tokenizer or image shape."""
+    """The manifest's headline figures: kind, sizes, shards, tokenizer (sft: also examples and supervised
+    tokens) or image shape."""
     m = src.manifest
     sizes = [s["samples"] for s in src.shards]
     out = {"path": src.path, "kind": m["kind"], "shards": len(src.shards), "samples": sum(sizes),
@@ -19,6 +20,11 @@ def summarize(src: Source) -> dict:
     if m["kind"] == "tokens":
         out.update(tokens=m.get("tokens", 0), seq_len=m["seq_len"], dtype=m.get("dtype", ""),
                    tokenizer=m["tokenizer"], vocab_size=m["vocab_size"])
+    elif m["kind"] == "sft":
+        keys = ("examples", "supervised_tokens", "padding_tokens", "text_bytes", "truncated_examples",
+                "skipped_examples")
+        out.update(tokens=m.get("tokens", 0), seq_len=m["seq_len"], tokenizer=m.get("tokenizer_name", ""),
+                   vocab_size=m["vocab_size"], **{k: m[k] for k in keys if k in m})
     else:
         keys = ("image_shape", "classes", "captions", "encoding", "latent_scale", "vae")
         out.update({k: m[k] for k in keys if k in m})

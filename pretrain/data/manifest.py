@@ -164,7 +164,9 @@ def resolve(path: str, name: str | None, setting: str) -> Source:
 def _check(src: Source, setting: str) -> Source:
     """Manifest consistency, and for local shards that each exists with the recorded size."""
     m = src.manifest
-    needed = ("seq_len", "tokenizer", "tokenizer_sha256", "vocab_size", "member") if m.get("kind") == "tokens" else ("kind",)
+    needed = {"tokens": ("seq_len", "tokenizer", "tokenizer_sha256", "vocab_size", "member"),
+              "sft": ("seq_len", "tokenizer", "tokenizer_sha256", "vocab_size", "members", "dtype")}.get(
+        m.get("kind"), ("kind",))
     for key in needed:
         if key not in m:
             raise DataError(f"{setting}: manifest of {src.path} lacks '{key}'")

@@ -7,8 +7,10 @@ Rank r takes the contiguous slice [s*G + r*mb*A, s*G + (r+1)*mb*A) and its micro
 rows of it. Every rank reads the shards covering its positions and keeps only its rows, so the result is
 exact at any world size, and a state written at one (W, A) loads at another with the same G.
 
-What a sample holds comes from the manifest's kind (`SampleSpec`): token rows (`input_ids`), or images
-(`images` channels-first, uint8 pixels or float32 VAE latents, and `labels`). A shard decodes into one
+What a sample holds comes from the manifest's kind (`SampleSpec`): token rows (`input_ids`), packed
+supervised rows (`input_ids`, `targets`, `segment_ids`, and `token_positions` that restart at 0 at each
+document, derived from the segment ids), or images (`images` channels-first, uint8 pixels or float32 VAE
+latents, and `labels`). A batch's `positions` are always the rows' global sample positions. A shard decodes into one
 fixed-shape array per field, so a batch is a gather, whatever the kind. Nothing read is executed or
 unpickled: `.npy` payloads go through numpy's header parser with pickles refused.
 
@@ -37,28 +39,32 @@ from pretrain.data.shards import UnreadableShard, read_shard
 STATE_VERSION = 1
 TOKEN_DTYPES = {"tokens.u16": "<u2", "tokens.u32": "<u4"}
 IMAGE_MEMBERS = {"pixels": "image.npy", "latents": "latent.npy"}  # by the manifest's `encoding`
+SFT_MEMBERS = ("input_ids.i32", "segment_ids.i32", "targets.i32")  # little-endian int32 rows (write_sft)
 
 
 @dataclass(frozen=True)
 class SampleSpec:
     """What one sample of a source holds, read from its manifest: the payload member, the payload's shape
-    in the shard, and the shape a batch carries it in (tokens: seq_len + 1; images: C, H, W)."""
+    in the shard, and the shape a batch carries it in (tokens: seq_len + 1; sft: seq_len; images: C, H, W)."""
 
-    kind: str  # "tokens" or "images"
-    member: str  # tokens.u16 | tokens.u32 | image.npy | latent.npy
+    kind: str  # "tokens", "sft" or "images"
+    member: str  # tokens.u16 | tokens.u32 | input_ids.i32 (sft: one of three) | image.npy | latent.npy
     stored: tuple[int, ...]  # payload shape in the shard (pixels: HxW or HxWxC)
     shape: tuple[int, ...]  # per-sample shape in a batch
     num_classes: int = 0
 
     @property
     def seq_len(self) -> int | None:
-        return self.shape[0] - 1 if self.kind == "tokens" else None
+        """Tokens the model sees per row: a token row holds one more (its last token is only a target)."""
+        return {"tokens": self.shape[0] - 1, "sft": self.shape[0]}.get(self.kind)
 
     @cached_property
     def fields(self) -> dict[str, tuple[tuple[int, ...], type]]:
         """Batch fields: name -> (per-sample shape, numpy dtype); built once, read per batch."""
         if self.kind == "tokens":
             return {"input_ids": (self.shape, np.int64)}
+        if self.kind == "sft":
+            return {name: (self.shape, np.int64) for name in ("input_ids", "targets", "segment_ids", "token_positions")}
         return {"images": (self.shape, np.float32 if self.member == "latent.npy" else np.uint8),
                 "labels": ((), np.int64)}
 
@@ -68,8 +74,13 @@ class SampleSpec:
         return sum(math.prod(s) * np.dtype(d).itemsize for s, d in self.fields.values())
 
     def state_entry(self) -> tuple[str, object]:
-        """The data-state entry that pins the sample format (tokens keep `seq_len`, as older checkpoints)."""
-        return ("seq_len", self.seq_len) if self.kind == "tokens" else ("sample_shape", list(self.shape))
+        """The data-state entry that pins the sample format (tokens keep `seq_len`, as older checkpoints;
+        sft rows their own key, so a pretraining run's state never loads into a fine-tune's stream)."""
+        if self.kind == "tokens":
+            return ("seq_len", self.seq_len)
+        if self.kind == "sft":
+            return ("sft_seq_len", self.seq_len)
+        return ("sample_shape", list(self.shape))
 
 
 def spec_of(src: Source, setting: str) -> SampleSpec:
@@ -80,6 +91,12 @@ def spec_of(src: Source, setting: str) -> SampleSpec:
             raise DataError(f"{setting}: {src.path} has unknown token member '{m.get('member')}'")
         n = int(m["seq_len"]) + 1
         return SampleSpec("tokens", m["member"], (n,), (n,))
+    if m["kind"] == "sft":
+        if sorted(m.get("members", [])) != list(SFT_MEMBERS) or m.get("dtype") != "int32":
+            raise DataError(f"{setting}: {src.path} has sft members {m.get('members')} of {m.get('dtype')}, "
+                            f"not {list(SFT_MEMBERS)} of int32")
+        n = int(m["seq_len"])
+        return SampleSpec("sft", SFT_MEMBERS[0], (n,), (n,))
     if m["kind"] != "images":
         raise DataError(f"{setting}: {src.path} holds {m['kind']} shards, which the stream cannot read")
     encoding = m.get("encoding", "pixels")
@@ -194,6 +211,8 @@ def _decode(samples, spec: SampleSpec, expected: int, label: str) -> Decoded:
         raise DataError(f"shard {label}: {len(samples)} samples, the manifest says {expected}")
     if spec.kind == "tokens":
         return _decode_tokens(samples, spec, label)
+    if spec.kind == "sft":
+        return _decode_sft(samples, spec, label)
     return _decode_images(samples, spec, label)
 
 
@@ -208,6 +227,33 @@ def _decode_tokens(samples, spec: SampleSpec, label: str) -> Decoded:
         keys.append(key)
         payloads.append(data)
     return keys, {"input_ids": np.frombuffer(b"".join(payloads), dtype=dtype).reshape(len(keys), n)}
+
+
+def _decode_sft(samples, spec: SampleSpec, label: str) -> Decoded:
+    """Packed supervised rows: one frombuffer per member over the joined payloads, and the positions
+    within each document (segment) that the segment ids imply."""
+    n = spec.shape[0]
+    keys: list[str] = []
+    payloads: dict[str, list[bytes]] = {m: [] for m in SFT_MEMBERS}
+    for key, members in samples:
+        if sorted(members) != list(SFT_MEMBERS) or any(len(b) != 4 * n for b in members.values()):
+            raise DataError(f"shard {label}: sample {key} is not {', '.join(SFT_MEMBERS)} of {n} int32 each")
+        keys.append(key)
+        for m in SFT_MEMBERS:
+            payloads[m].append(members[m])
+    out = {m.split(".")[0]: np.frombuffer(b"".join(p), dtype="<i4").reshape(len(keys), n)
+           for m, p in payloads.items()}
+    out["token_positions"] = segment_positions(out["segment_ids"])
+    return keys, out
+
+
+def segment_positions(segment_ids: np.ndarray) -> np.ndarray:
+    """(R, N) positions that restart at 0 wherever the segment id changes (each packed document, and
+    the padding after them, counts from 0), int32."""
+    idx = np.broadcast_to(np.arange(segment_ids.shape[1], dtype=np.int32), segment_ids.shape)
+    start = np.ones(segment_ids.shape, dtype=bool)
+    start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return idx - np.maximum.accumulate(np.where(start, idx, 0), axis=1)
 
 
 def _decode_images(samples, spec: SampleSpec, label: str) -> Decoded:
@@ -427,7 +473,7 @@ class TrainStream:
         counts = self.mixer.counts((self._micro // L.grad_accum) * L.global_batch)
         out: dict = {}
         for src, n in zip(self.sources, counts, strict=True):
-            if self.spec.kind == "tokens":
+            if self.spec.kind in ("tokens", "sft"):  # sft: tokens the model saw, padding included
                 out[f"tokens/{src.name}"] = int(n) * self.seq_len
             else:
                 out[f"samples/{src.name}"] = int(n)

@@ -28,6 +28,8 @@ def resolve_paths(cfg: Config) -> Config:
     for src in tree["data"]["train"] + ([tree["data"]["val"]] if tree["data"]["val"] else []):
         if not is_url(src["path"]):
             src["path"] = str(Path(src["path"]).resolve())
+    if tree["train"]["init_from"] and not is_url(tree["train"]["init_from"]):
+        tree["train"]["init_from"] = str(Path(tree["train"]["init_from"]).expanduser().resolve())
     return config_from_dict(tree)
 
 

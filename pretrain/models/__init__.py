@@ -25,6 +25,9 @@ class Family:
     # (config, counts, the objective's workload: seq_len, head_fraction, ...) -> training FLOPs per unit
     flops_per_unit: Callable[[Any, dict, dict], float]
     adapter: Any = None  # checkpoint import/export (Hugging Face formats)
+    # (config, parameter name, full-shape fp32 tensor to fill, generator) -> None. With it the trainer builds the
+    # model inside ZeRO-3's partitioned construction and initialises each parameter in place (train/build.py).
+    init_parameter: Callable[[Any, str, Any, Any], None] | None = None
 
 
 _FAMILIES: Registry[Family] = Registry("model.type")

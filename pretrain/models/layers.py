@@ -2,15 +2,20 @@
 
 Each block takes the kernel backend name ("auto" or "reference") and passes it through, so one config
 switch compares Triton against plain PyTorch end to end. Nothing here knows about ranks or devices.
+Attention also takes what packed rows and cached decoding need: per-token positions, segment ids, and a
+per-layer KV cache (`pretrain.models.kv_cache`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pretrain import kernels
+from pretrain.models.kv_cache import LayerCache
 
 
 class RMSNorm(nn.Module):
@@ -34,30 +39,73 @@ class LayerNorm(nn.Module):
         return kernels.layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend)
 
 
+class Rotary:
+    """RoPE settings shared by every attention layer: theta, and, when the config scales the frequencies
+    (Llama 3's `rope_scaling`), a function that makes the (D/2,) inverse-frequency table.
+
+    Not a module and not a buffer on purpose: the table is a function of the config, so it stays out of
+    `state_dict` (released checkpoints do not carry it, and ours must load into Hugging Face unchanged) and
+    ZeRO-3 has nothing of it to partition. It is made at the first forward on each device, never at
+    construction, which may run on the meta device or inside `deepspeed.zero.Init`."""
+
+    def __init__(self, theta: float, backend: str, make_table: Callable[[], torch.Tensor] | None = None):
+        self.theta, self.backend, self._make = theta, backend, make_table
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def table(self, device: torch.device) -> torch.Tensor | None:
+        if self._make is None:
+            return None
+        if device not in self._on:
+            self._on[device] = self._make().to(device)
+        return self._on[device]
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        table = self.table(x.device)
+        if table is None:  # unscaled RoPE: the kernels' own theta^(-2i/D), today's fast path
+            return kernels.rope(x, positions, self.theta, backend=self.backend)
+        return kernels.rope(x, positions, self.theta, inv_freq=table, backend=self.backend)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention, causal (decoders) or bidirectional (encoders); grouped-query when
-    n_kv_heads < n_heads; RoPE when rope_theta is set."""
+    n_kv_heads < n_heads; rotary positions when `rotary` is given. `head_dim` may differ from
+    d_model / n_heads (as Hugging Face Llama and Qwen allow); q/k/v and o carry separate bias switches
+    because Qwen2 has biases on q/k/v only."""
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, bias: bool, rope_theta: float | None,
-                 backend: str, causal: bool = True):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, bias: bool, rotary: Rotary | None,
+                 backend: str, causal: bool = True, *, head_dim: int | None = None, qkv_bias: bool | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.head_dim = d_model // n_heads
-        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
+        self.head_dim = head_dim or d_model // n_heads
+        qkv_bias = bias if qkv_bias is None else qkv_bias
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
-        self.rope_theta, self.backend, self.causal = rope_theta, backend, causal
+        self.rotary, self.backend, self.causal = rotary, backend, causal
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, segment_ids: torch.Tensor | None = None,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        """x (B, T, d_model); positions (T,) or (B, T); segment_ids (B, T): keys of another document are
+        never attended. With a cache, keys and values (after RoPE) are appended to it; a single new query
+        then attends every cached key without a causal mask, since all of them lie in its past."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.rope_theta is not None:
-            q = kernels.rope(q, positions, self.rope_theta, backend=self.backend)
-            k = kernels.rope(k, positions, self.rope_theta, backend=self.backend)
-        y = kernels.attention(q, k, v, causal=self.causal, backend=self.backend)
+        if self.rotary is not None:
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
+        causal = self.causal
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(k, v)
+            if past:
+                # The kernels' causal mask is top-left (S == Skv); one query after the cached ones needs none.
+                if t != 1:
+                    raise ValueError(f"a cached forward after the prefill takes one token at a time, got {t}")
+                causal = False
+        masks = {} if segment_ids is None else {"segment_ids": segment_ids}
+        y = kernels.attention(q, k, v, causal=causal, backend=self.backend, **masks)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 

@@ -123,3 +123,4 @@ from pretrain.objectives import causal_lm as _causal_lm  # noqa: E402,F401  (reg
 from pretrain.objectives import ddpm as _ddpm  # noqa: E402,F401  (registers ddpm)
 from pretrain.objectives import masked_lm as _masked_lm  # noqa: E402,F401  (registers masked_lm)
 from pretrain.objectives import rectified_flow as _rectified_flow  # noqa: E402,F401  (registers rectified_flow)
+from pretrain.objectives import sft as _sft  # noqa: E402,F401  (registers sft)

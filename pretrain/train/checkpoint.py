@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import random
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +129,28 @@ def load_rng(directory: Path, rank: int) -> bool:
     return True
 
 
+def _has_frozen(engine) -> bool:
+    return any(not p.requires_grad for p in engine.module.parameters())
+
+
+@contextlib.contextmanager
+def _without_frozen(engine):
+    """Yields whether the model has frozen parameters; while inside, the engine's module state leaves out every
+    name of a frozen tensor. DeepSpeed's own exclusion goes by `named_parameters()`, which lists a shared tensor
+    once, so the tied alias of a frozen embedding (`lm_head.weight`) would still be saved: 113 MB of SmolLM2."""
+    if not _has_frozen(engine):
+        yield False
+        return
+    frozen = {id(p) for p in engine.module.parameters() if not p.requires_grad}
+    drop = {n for n, t in engine.module.state_dict(keep_vars=True).items() if id(t) in frozen}
+    full = engine.module_state_dict
+    engine.module_state_dict = lambda *a, **k: OrderedDict((n, t) for n, t in full(*a, **k).items() if n not in drop)
+    try:
+        yield True
+    finally:
+        del engine.module_state_dict
+
+
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int, extra=None) -> Path:
     """Collective: every rank calls it. `extra(directory)` writes what else belongs to the step (the EMA)
     into the not-yet-renamed directory, on every rank. Returns the final directory."""
@@ -134,7 +158,10 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int, extra
     if rank == 0:
         shutil.rmtree(ckpt_dir / tmp_tag, ignore_errors=True)  # debris of an earlier crash
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
+    # A run with frozen weights (LoRA) saves only what trains: the frozen base is rebuilt from train.init_from.
+    with _without_frozen(engine) as frozen:
+        engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=frozen)
     save_rng(ckpt_dir / tmp_tag, rank)
     if extra is not None:
         extra(ckpt_dir / tmp_tag)
@@ -179,7 +206,7 @@ def prepare_universal(ckpt_dir: Path, step: int, rank: int) -> None:
 def load(engine, ckpt_dir: Path, step: int, rank: int, universal: bool = False) -> dict:
     """Collective: restore engine (model, optimizer, scheduler) and this rank's RNG; return client state."""
     tag = _tag(step) + ("/universal" if universal else "")
-    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=not _has_frozen(engine))
     if client_state is None:
         raise RuntimeError(f"checkpoint {ckpt_dir / tag} could not be loaded")
     load_rng(ckpt_dir / _tag(step), rank)

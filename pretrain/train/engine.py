@@ -46,9 +46,11 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     # Decay matrices only; biases, norm gains and (by convention) nothing 1-D is decayed.
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if p.requires_grad:  # a ZeRO-3 partition is flat: its full shape is ds_shape
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # No empty group (LoRA trains matrices only): ZeRO drops it, and the schedule would count one group too many.
+    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:

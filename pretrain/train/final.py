@@ -26,31 +26,44 @@ def _unique_tensors(module) -> dict:
     return out
 
 
+def _one_at_a_time(module, zero3: bool, bf16: bool):
+    """(name, fp32 CPU tensor) per parameter, each shared one once. Under ZeRO-3 each is gathered alone, so no
+    rank's accelerator holds more than one whole parameter; a bf16 run gives its fp32 master weights (those
+    the optimizer updates), not the bf16 working copy. Collective: every rank iterates it to the end."""
+    import deepspeed  # here, not at the top: sampling on the driver must not pay for (or print) its import
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for name, p in module.named_parameters():
+        scope = deepspeed.zero.GatheredParameters([p], modifier_rank=None) if zero3 else contextlib.nullcontext()
+        with scope:
+            master = safe_get_full_fp32_param(p) if bf16 and p.requires_grad else None
+            value = master if master is not None else p
+            yield name, value.detach().float().cpu().clone()
+
+
 def save_final_weights(engine, cfg: Config, out: Path, rank: int, *, ema=None, data: dict | None = None) -> None:
     """`model.safetensors` (the trained weights), `model.yaml` and the run's `config.yaml`; with an EMA also `ema.safetensors` (the
     averaged weights with the same names, buffers included); `data.json`, what the data was (image shape and
     classes, tokenizer), so the model can be used without the data."""
-    import deepspeed  # here, not at the top: sampling on the driver must not pay for (or print) its import
     import torch.distributed as dist
 
     module = engine.module
-    gather = (
-        deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-        if cfg.zero.stage == 3 else contextlib.nullcontext()
-    )
-    with gather:
+    zero3 = cfg.zero.stage == 3
+    tensors = {}
+    for name, value in _one_at_a_time(module, zero3, cfg.train.precision == "bf16"):
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            # Always fp32 on disk: exact for fp32 runs, lossless widening for bf16 ones.
-            tensors = {k: v.detach().float().cpu().contiguous() for k, v in _unique_tensors(module).items()}
-            with atomic_path(out / "model.safetensors") as tmp:
-                save_file(tensors, str(tmp))
-            atomic_write(out / "model.yaml", yaml.safe_dump(cfg.model.model_dump(mode="json"), sort_keys=False))
-            atomic_write(out / "config.yaml", dump_config(cfg))  # the whole run's: objective, seed, data
-            if data is not None:
-                atomic_write(out / "data.json", json.dumps(data, indent=1, sort_keys=True) + "\n")
-        buffers = {k: v.detach().float().cpu().contiguous() for k, v in _unique_tensors(module).items()
-                   if k not in dict(module.named_parameters())} if rank == 0 else {}
+            tensors[name] = value
+    buffers = {k: b.detach().float().cpu().contiguous() for k, b in module.named_buffers() if k in module.state_dict()}
+    if rank == 0:
+        tensors.update(buffers)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "model.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+        del tensors
+        atomic_write(out / "model.yaml", yaml.safe_dump(cfg.model.model_dump(mode="json"), sort_keys=False))
+        atomic_write(out / "config.yaml", dump_config(cfg))  # the whole run's: objective, seed, data
+        if data is not None:
+            atomic_write(out / "data.json", json.dumps(data, indent=1, sort_keys=True) + "\n")
     if ema is not None:
         # After the raw weights' gather: one parameter at a time, so no rank holds a second full model.
         averaged = {n: t for n, t in ema.gathered(rank, dist.get_world_size())}

@@ -30,6 +30,7 @@ from pretrain.metrics.sinks import Fanout, JsonlSink, Sink, WandbSink, truncate_
 from pretrain.models import get_family
 from pretrain.objectives import Metrics, Objective, add_metrics, build_objective
 from pretrain.train import checkpoint as ckpt
+from pretrain.train.build import build_model
 from pretrain.train.ema import EMA
 from pretrain.train.engine import backward_and_step, build_engine
 from pretrain.train.final import save_final_weights
@@ -182,8 +183,7 @@ def train(cfg: Config, *, started_at: float | None = None) -> None:
     family = get_family(cfg.model.type)
     objective = build_objective(cfg, validate_data(cfg.data))
     objective.check()
-    model = family.build(cfg.model).to(device)
-    counts = family.count_parameters(model)  # before ZeRO-3 partitions the parameters
+    model, counts = build_model(cfg, device)  # in partitions already under ZeRO-3; released weights loaded
     model.activation_checkpointing = cfg.train.activation_checkpointing
     last = ckpt.latest_step(ckpt_dir)
     universal = ckpt.needs_universal(ckpt_dir, last, world)  # resuming at another world size

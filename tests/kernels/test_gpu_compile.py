@@ -22,6 +22,8 @@ pytestmark = pytest.mark.kernels
 
 BF16, F32, I64 = "*bf16", "*fp32", "*i64"
 ATTN = dict(DOT=tl.bfloat16, PREC="tf32", BLOCK_D=128)
+# Without segments the launchers pass the fp32 log-sum-exp buffer in the unused SEG slot.
+ATTN_SEG = (("", F32, False), ("_segments", "*i32", True))
 KERNELS = {
     "rms_fwd": (rms_norm._rms_fwd_kernel, dict(X=BF16, R=BF16, W=BF16, Y=BF16, S=BF16, RSTD=F32, eps="fp32"),
                 dict(HAS_RES=True, BLOCK_R=2, BLOCK_D=4096), 4),
@@ -41,14 +43,20 @@ KERNELS = {
                dict(BLOCK_R=1, BLOCK_V=4096), 4),
     "ce_bwd": (cross_entropy._ce_bwd_kernel, dict(X=BF16, T=I64, LSE=F32, SCALE=F32, DX=BF16, z_loss="fp32"),
                dict(BLOCK_R=1, BLOCK_V=4096), 4),
-    "attn_fwd": (attention._attn_fwd_kernel, dict(Q=BF16, K=BF16, V=BF16, OUT=BF16, LSE=F32, qk_scale="fp32"),
-                 dict(CAUSAL=True, BLOCK_M=64, BLOCK_N=64, **ATTN), 4),
-    "attn_dkdv": (attention._attn_bwd_dkdv_kernel, dict(Q=BF16, K=BF16, V=BF16, DO=BF16, LSE=F32, DELTA=F32,
-                                                       DK=BF16, DV=BF16, qk_scale="fp32", sm_scale="fp32"),
-                  dict(CAUSAL=True, BLOCK_M=64, BLOCK_N=64, **ATTN), 4),
-    "attn_dq": (attention._attn_bwd_dq_kernel, dict(Q=BF16, K=BF16, V=BF16, DO=BF16, LSE=F32, DELTA=F32, DQ=BF16,
-                                                   qk_scale="fp32", sm_scale="fp32"),
-                dict(CAUSAL=True, BLOCK_M=64, BLOCK_N=64, **ATTN), 4),
+    **{f"attn_fwd{tag}": (attention._attn_fwd_kernel,
+                          dict(Q=BF16, K=BF16, V=BF16, SEG=seg, OUT=BF16, LSE=F32, qk_scale="fp32"),
+                          dict(CAUSAL=True, HAS_SEGMENTS=has, BLOCK_M=64, BLOCK_N=64, **ATTN), 4)
+       for tag, seg, has in ATTN_SEG},
+    **{f"attn_dkdv{tag}": (attention._attn_bwd_dkdv_kernel,
+                           dict(Q=BF16, K=BF16, V=BF16, SEG=seg, DO=BF16, LSE=F32, DELTA=F32, DK=BF16, DV=BF16,
+                                qk_scale="fp32", sm_scale="fp32"),
+                           dict(CAUSAL=True, HAS_SEGMENTS=has, BLOCK_M=64, BLOCK_N=64, **ATTN), 4)
+       for tag, seg, has in ATTN_SEG},
+    **{f"attn_dq{tag}": (attention._attn_bwd_dq_kernel,
+                         dict(Q=BF16, K=BF16, V=BF16, SEG=seg, DO=BF16, LSE=F32, DELTA=F32, DQ=BF16,
+                              qk_scale="fp32", sm_scale="fp32"),
+                         dict(CAUSAL=True, HAS_SEGMENTS=has, BLOCK_M=64, BLOCK_N=64, **ATTN), 4)
+       for tag, seg, has in ATTN_SEG},
 }
 
 

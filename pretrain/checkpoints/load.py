@@ -1,0 +1,71 @@
+"""Values into a model's parameters, whole or ZeRO-3 partitioned: each rank writes only the slice of the
+flattened parameter that its partition holds, so a checkpoint streams straight into the partitions (one tensor
+alive at a time) and no rank ever holds the whole model. Knows DeepSpeed only by its parameter attributes
+(`ds_tensor`, `ds_shape`, `ds_numel`, `ds_process_group`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pretrain.checkpoints.errors import CheckpointError
+
+
+def _partition_slice(p: nn.Parameter) -> tuple[int, int]:
+    """[start, stop) of the flattened parameter that this rank's ZeRO-3 partition holds (stop clipped to numel)."""
+    size = p.ds_tensor.ds_numel
+    start = size * dist.get_rank(group=p.ds_process_group)
+    return start, min(start + size, p.ds_numel)
+
+
+def write_parameter(p: nn.Parameter, value: torch.Tensor) -> None:
+    """Set a parameter (partitioned or whole) to `value`, which has the parameter's full shape."""
+    with torch.no_grad():
+        if hasattr(p, "ds_tensor"):
+            if tuple(value.shape) != tuple(p.ds_shape):
+                raise ValueError(f"shape {tuple(value.shape)} does not match the parameter's {tuple(p.ds_shape)}")
+            start, stop = _partition_slice(p)
+            part = p.ds_tensor.data
+            part.zero_()  # the padding past numel stays zero
+            if stop > start:
+                part[: stop - start].copy_(value.reshape(-1)[start:stop])
+        else:
+            if value.shape != p.shape:
+                raise ValueError(f"shape {tuple(value.shape)} does not match the parameter's {tuple(p.shape)}")
+            p.data.copy_(value)
+
+
+def shape_of(p: nn.Parameter) -> tuple[int, ...]:
+    return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+
+
+def load_weights(model: nn.Module, tensors, where: str = "load", skip: set[str] = frozenset()) -> int:
+    """Copy (our name, tensor) pairs into the model's parameters and buffers, partitions included; every
+    parameter not in `skip` must be given exactly once (a tied head as `embed.weight`, the Parameter both
+    modules share). Returns the number of parameters written."""
+    params = dict(model.named_parameters())
+    buffers = {k: b for k, b in model.named_buffers() if k in model.state_dict()}
+    tied = {k for k in model.state_dict() if k not in params and k not in buffers}  # aliases of a shared tensor
+    seen: set[str] = set()
+    for name, value in tensors:
+        if name in tied:
+            continue
+        if name in seen:
+            raise CheckpointError(f"{where}: tensor {name} is given twice")
+        target = params.get(name)
+        if target is None:
+            if name in buffers:
+                buffers[name].data.copy_(value)
+                continue
+            raise CheckpointError(f"{where}: tensor {name} is not a parameter of the model")
+        try:
+            write_parameter(target, value.to(torch.float32))
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {name}: {e}") from None
+        seen.add(name)
+        del value  # before the next tensor is read: never two whole tensors resident
+    missing = sorted(set(params) - seen - set(skip))
+    if missing:
+        raise CheckpointError(f"{where}: no weights for {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    return len(seen)

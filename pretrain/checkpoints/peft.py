@@ -1,0 +1,246 @@
+"""LoRA adapters in PEFT's on-disk layout, so `peft.PeftModel.from_pretrained(hf_model, dir)` loads ours and
+ours loads theirs.
+
+A PEFT LoRA directory is `adapter_config.json` (rank, alpha, dropout, which modules) and
+`adapter_model.safetensors` with `base_model.model.<HF module path>.lora_A.weight` (r, in) and
+`.lora_B.weight` (out, r), the module paths being those of the transformers model (`model.layers.3.self_attn
+.q_proj`). Our LoRA layers have the same factors under our module names (`blocks.3.attn.q_proj.lora_A
+.weight`), so writing and reading is a renaming through the family adapter's `hf_name`, plus checks: a
+setting PEFT has and our LoRALinear does not compute (DoRA, rsLoRA scaling, trained biases, per-module
+ranks) is refused in one line rather than loaded into a model that would compute something else.
+
+GPT-2 fuses q, k and v into one Conv1D (`c_attn`), which holds a single adapter: separate q/k/v adapters
+have no PEFT form, and are refused. GPT-2's other layers (attn.c_proj, mlp.c_fc, mlp.c_proj) export, with
+PEFT's `fan_in_fan_out` (its Conv1D stores the weight transposed; the factors are the same).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from pretrain.atomic import fsync_dir
+from pretrain.checkpoints.errors import CheckpointError
+from pretrain.checkpoints.families import hf_name
+from pretrain.train.lora import ADAPTER_KEYS, LoraConfig
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # PeftModel (base_model) -> LoraModel (model) -> the transformers model
+_CONV1D_FAMILIES = {"gpt2"}  # families whose HF layers are Conv1D: PEFT's fan_in_fan_out
+
+
+@dataclass
+class PeftAdapter:
+    """An adapter read back: the LoRA settings that rebuild its layers, and its factors under our names."""
+
+    lora: LoraConfig
+    tensors: dict[str, torch.Tensor]  # "blocks.0.attn.q_proj.lora_A.weight" -> (r, in) fp32, ...
+    base_model_name_or_path: str | None
+
+
+def _linear_shapes(model_cfg: Any) -> dict[str, tuple[int, int]]:
+    """Our Linear module names -> (out, in), from the model built on the meta device (no memory)."""
+    from pretrain.models import get_family
+
+    # Llama 3's rotary table is computed eagerly on CPU and cannot come from meta tensors; it holds no weights.
+    if getattr(model_cfg, "rope_scaling", None):
+        model_cfg = model_cfg.model_copy(update={"rope_scaling": None})
+    with torch.device("meta"):
+        model = get_family(model_cfg.type).build(model_cfg)
+    return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if type(m) is nn.Linear}
+
+
+def _hf_paths(model_cfg: Any, linears: dict) -> dict[str, str]:
+    return {ours: hf_name(model_cfg, ours) for ours in linears}
+
+
+def _targets(chosen: list[str], every: list[str]) -> list[str]:
+    """The shortest faithful spelling of the module set `chosen` among `every`: a last component (PEFT's and
+    our default spelling, "q_proj") where every module of that name is chosen, the full names where only
+    some are. Both PEFT (a name in the list, or a dotted suffix) and apply_lora read it back as this set."""
+    last = lambda n: n.rsplit(".", 1)[-1]  # noqa: E731
+    out = []
+    for name in sorted({last(n) for n in chosen}):
+        picked = [n for n in chosen if last(n) == name]
+        out += [name] if len(picked) == sum(last(n) == name for n in every) else picked
+    return sorted(out)
+
+
+def _modules(adapters: dict[str, torch.Tensor], linears: dict[str, tuple[int, int]], rank: int) -> list[str]:
+    """The adapted module names, each with both factors of the right shapes."""
+    modules: dict[str, set[str]] = {}
+    for key, t in adapters.items():
+        module, suffix = next(((key[: -len(s) - 1], s) for s in ADAPTER_KEYS if key.endswith("." + s)), (None, None))
+        if module is None:
+            raise CheckpointError(f"PEFT export: {key} is not a LoRA factor (…lora_A.weight or …lora_B.weight)")
+        if module not in linears:
+            raise CheckpointError(f"PEFT export: {key}: {module} is not a Linear module of the model")
+        out_f, in_f = linears[module]
+        want = (rank, in_f) if suffix == "lora_A.weight" else (out_f, rank)
+        if tuple(t.shape) != want:
+            raise CheckpointError(f"PEFT export: {key} has shape {tuple(t.shape)}, lora.rank {rank} and the model "
+                                  f"imply {want}")
+        modules.setdefault(module, set()).add(suffix)
+    for module, have in modules.items():
+        if len(have) != 2:
+            raise CheckpointError(f"PEFT export: {module} has {next(iter(have))} but not its other factor")
+    if not modules:
+        raise CheckpointError("PEFT export: no adapter tensors given")
+    return [n for n in linears if n in modules]  # model order
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Rename the finished `tmp` to `out`, replacing (not merging into) what was there."""
+    fsync_dir(tmp)
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def write_peft(out_dir: str | os.PathLike, model_cfg: Any, lora_cfg: LoraConfig, adapters: dict[str, torch.Tensor],
+               base_model_name_or_path: str | None = None) -> Path:
+    """Write `adapters` (our names, as `lora_state` gives them) as a PEFT LoRA adapter of the transformers
+    model that `model_cfg` exports to; replaces `out_dir` whole (written beside it, then renamed)."""
+    linears = _linear_shapes(model_cfg)
+    modules = _modules(adapters, linears, lora_cfg.rank)
+    paths = _hf_paths(model_cfg, linears)
+    seen: dict[str, str] = {}
+    for m in modules:
+        if paths[m] in seen:
+            raise CheckpointError(
+                f"PEFT export: {seen[paths[m]]} and {m} are one Hugging Face module {paths[m]} (GPT-2 fuses q/k/v "
+                "into c_attn), which holds a single adapter; target o_proj/up_proj/down_proj only")
+        seen[paths[m]] = m
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": lora_cfg.rank,
+        "lora_alpha": int(lora_cfg.alpha) if float(lora_cfg.alpha).is_integer() else lora_cfg.alpha,
+        "lora_dropout": lora_cfg.dropout,
+        "target_modules": _targets([paths[m] for m in modules], list(paths.values())),
+        "base_model_name_or_path": base_model_name_or_path,
+        "bias": "none",
+        "fan_in_fan_out": model_cfg.type in _CONV1D_FAMILIES,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    # fp32 on disk, as our other exports: exact for fp32 adapters, a lossless widening for bf16 ones.
+    tensors = {f"{PREFIX}{paths[m]}.{k}": adapters[f"{m}.{k}"].detach().float().cpu().contiguous()
+               for m in modules for k in ADAPTER_KEYS}
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        _replace_dir(tmp, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(tmp)
+    return out
+
+
+# Settings PEFT's LoRA has that change what the layer computes or what is trained; ours computes plain LoRA.
+_UNSUPPORTED = {
+    "use_dora": (False, None),  # weight-decomposed LoRA: a magnitude vector too
+    "use_rslora": (False, None),  # scaling alpha / sqrt(r) instead of alpha / r
+    "lora_bias": (False, None),  # a trained bias on lora_B
+    "bias": ("none", None),  # base biases trained alongside
+    "modules_to_save": (None, []),  # whole modules trained and saved
+    "rank_pattern": ({}, None),  # per-module ranks
+    "alpha_pattern": ({}, None),
+    "layers_to_transform": (None, []),
+    "target_parameters": (None, []),  # adapters on raw parameters (MoE experts)
+}
+
+
+def _read_config(path: Path) -> dict:
+    f = path / CONFIG
+    if not f.is_file():
+        raise CheckpointError(f"{path}: no {CONFIG} (not a PEFT adapter directory)")
+    try:
+        cfg = json.loads(f.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{f}: not JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{f}: not a JSON object")
+    if cfg.get("peft_type") != "LORA":
+        raise CheckpointError(f"{f}: peft_type {cfg.get('peft_type')!r} is not supported (LORA)")
+    for key, allowed in _UNSUPPORTED.items():
+        if key in cfg and cfg[key] not in allowed:
+            raise CheckpointError(f"{f}: {key} {cfg[key]!r} is not supported ({allowed[0]!r})")
+    return cfg
+
+
+def read_peft(path: str | os.PathLike, model_cfg: Any) -> PeftAdapter:
+    """A PEFT LoRA adapter of the model `model_cfg` describes: its settings and factors under our names,
+    checked against the model (names and shapes) before anything is loaded. Safetensors only: an
+    `adapter_model.bin` is a pickle and is refused."""
+    p = Path(path)
+    cfg = _read_config(p)
+    f = p / WEIGHTS
+    if not f.is_file():
+        if (p / "adapter_model.bin").is_file():
+            raise CheckpointError(f"{p}: only adapter_model.bin (a pickle, which we never load); save it as "
+                                  "safetensors first")
+        raise CheckpointError(f"{p}: no {WEIGHTS}")
+    if model_cfg.type in _CONV1D_FAMILIES:
+        pass  # PEFT sets fan_in_fan_out itself on Conv1D; either spelling means the same factors
+    elif cfg.get("fan_in_fan_out"):
+        raise CheckpointError(f"{p / CONFIG}: fan_in_fan_out true, but {model_cfg.type} has no Conv1D layers")
+    linears = _linear_shapes(model_cfg)
+    ours_of = {}
+    for ours, hf in _hf_paths(model_cfg, linears).items():
+        ours_of.setdefault(hf, []).append(ours)
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(str(f), framework="pt") as st:
+        for key in st.keys():
+            module, suffix = next(((key[: -len(s) - 1], s) for s in ADAPTER_KEYS if key.endswith("." + s)),
+                                  (None, None))
+            hf = module[len(PREFIX):] if module is not None and module.startswith(PREFIX) else None
+            if hf is None:
+                raise CheckpointError(f"{f}: tensor {key} is not a LoRA factor ({PREFIX}<module>.lora_A.weight)")
+            if len(ours_of.get(hf, ())) != 1:
+                what = "is several of our modules (GPT-2's fused c_attn)" if hf in ours_of else "is not a Linear module"
+                raise CheckpointError(f"{f}: tensor {key}: {hf} {what} of the {model_cfg.type} model")
+            tensors[f"{ours_of[hf][0]}.{suffix}"] = st.get_tensor(key).float()
+    rank = cfg.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise CheckpointError(f"{p / CONFIG}: r {rank!r} is not a positive integer")
+    try:
+        modules = _modules(tensors, linears, rank)
+    except CheckpointError as e:  # the export's checks; name the file
+        raise CheckpointError(f"{f}: {str(e).removeprefix('PEFT export: ')}") from None
+    try:
+        lora = LoraConfig(rank=rank, alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0),
+                          targets=_targets(modules, list(linears)))
+    except ValidationError as err:
+        e = err.errors()[0]
+        key = {"alpha": "lora_alpha", "dropout": "lora_dropout"}.get(str(e["loc"][0]), str(e["loc"][0]))
+        raise CheckpointError(f"{p / CONFIG}: {key} {e.get('input')!r}: {e['msg']}") from None
+    return PeftAdapter(lora=lora, tensors=tensors, base_model_name_or_path=cfg.get("base_model_name_or_path"))

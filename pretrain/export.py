@@ -1,0 +1,79 @@
+"""`pretrain export`: a finished run's weights in the formats other tools load.
+
+- `hf`: a Hugging Face model directory (`pretrain.checkpoints.write_hf`: config.json, generation_config.json,
+  safetensors shards, the tokenizer with its chat template), streamed tensor by tensor from `final/`. A LoRA
+  run is exported with its adapters folded into the base.
+- `peft`: a LoRA run's adapters in PEFT's layout, with `base_model_name_or_path` naming the checkpoint the
+  run started from; `--merge` writes the merged model as `hf` does instead.
+
+The output directory must not exist; it appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import yaml
+
+
+def _tensors(path: Path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
+            yield name, f.get_tensor(name).float()
+
+
+def _merged(cfg, weights: Path):
+    """(name, tensor) of the base with every adapter folded in (W + B A alpha / r), adapters dropped."""
+    from pretrain.checkpoints import load_weights
+    from pretrain.models import get_family
+    from pretrain.train.lora import apply_lora, merged_state
+
+    model = get_family(cfg.model.type).build(cfg.model)
+    apply_lora(model, cfg.lora)
+    load_weights(model, _tensors(weights), str(weights))
+    yield from merged_state(model)
+
+
+def _tokenizer_dir(cfg, scratch: Path) -> tuple[Path | None, tuple[int, ...]]:
+    """The tokenizer to ship beside the weights: the released checkpoint's, or the one the data was written with."""
+    if cfg.train.init_from:
+        from pretrain.train.init_from import open_source
+
+        src = open_source(cfg.train.init_from)
+        return src.tokenizer_dir, src.eos_token_ids
+    from pretrain.inference import _data_tokenizer
+
+    tok = _data_tokenizer(cfg)
+    tok.save_pretrained(str(scratch))
+    return scratch, ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
+
+
+def export_run(run: Path, out: Path, *, format: str = "hf", merge: bool = False, weights: str = "model") -> str:
+    from pretrain.checkpoints import write_hf
+    from pretrain.config import config_from_dict
+
+    final = run / "final"
+    if not (final / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run}: not a finished run (no final/config.yaml)")
+    if out.exists():
+        raise FileExistsError(f"{out} exists; export writes a new directory")
+    src = final / f"{weights}.safetensors"
+    if not src.is_file():
+        raise FileNotFoundError(f"{run}: the run has no {src.name}")
+    cfg = config_from_dict(yaml.safe_load((final / "config.yaml").read_text()))
+    if format == "peft" and cfg.lora is None:
+        raise ValueError(f"{run}: not a LoRA run (no lora section); export it with --format hf")
+    if format == "peft" and not merge:
+        from pretrain.checkpoints.peft import write_peft
+
+        adapters = {k: v for k, v in _tensors(src) if ".lora_" in k}
+        write_peft(out, cfg.model, cfg.lora, adapters, base_model_name_or_path=cfg.train.init_from or str(run))
+        return f"PEFT LoRA adapter, {len(adapters)} tensors, base {cfg.train.init_from}"
+    tensors = _merged(cfg, src) if cfg.lora is not None else _tensors(src)
+    with tempfile.TemporaryDirectory() as scratch:
+        tok_dir, eos = _tokenizer_dir(cfg, Path(scratch))
+        write_hf(out, cfg.model, tensors, tokenizer_dir=tok_dir, eos_token_ids=eos)
+    return "Hugging Face model" + (" (LoRA merged)" if cfg.lora is not None else "")
