@@ -85,6 +85,7 @@ class TrainConfig(Section):
     micro_batch_size: int = Field(8, gt=0, description="sequences per rank per forward pass")
     global_batch_size: int = Field(16, gt=0, description="sequences per optimizer step over all ranks")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="compute precision (bf16 is for GPUs)")
+    tf32: bool = Field(False, description="fp32 matrix products on TF32 tensor cores (NVIDIA GPUs); MFU then uses the TF32 peak")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr")
     warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")

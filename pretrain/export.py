@@ -17,15 +17,13 @@ from pathlib import Path
 import yaml
 
 
-def _tensors(path: Path):
-    from safetensors import safe_open
+def _tensors(final: Path, weights: str):
+    from pretrain.train.final import final_tensors
 
-    with safe_open(str(path), framework="pt") as f:
-        for name in f.keys():
-            yield name, f.get_tensor(name).float()
+    yield from final_tensors(final, weights)
 
 
-def _merged(cfg, weights: Path):
+def _merged(cfg, final: Path, weights: str):
     """(name, tensor) of the base with every adapter folded in (W + B A alpha / r), adapters dropped."""
     from pretrain.checkpoints import load_weights
     from pretrain.models import get_family
@@ -33,7 +31,7 @@ def _merged(cfg, weights: Path):
 
     model = get_family(cfg.model.type).build(cfg.model)
     apply_lora(model, cfg.lora)
-    load_weights(model, _tensors(weights), str(weights))
+    load_weights(model, _tensors(final, weights), str(final))
     yield from merged_state(model)
 
 
@@ -60,19 +58,16 @@ def export_run(run: Path, out: Path, *, format: str = "hf", merge: bool = False,
         raise FileNotFoundError(f"{run}: not a finished run (no final/config.yaml)")
     if out.exists():
         raise FileExistsError(f"{out} exists; export writes a new directory")
-    src = final / f"{weights}.safetensors"
-    if not src.is_file():
-        raise FileNotFoundError(f"{run}: the run has no {src.name}")
     cfg = config_from_dict(yaml.safe_load((final / "config.yaml").read_text()))
     if format == "peft" and cfg.lora is None:
         raise ValueError(f"{run}: not a LoRA run (no lora section); export it with --format hf")
     if format == "peft" and not merge:
         from pretrain.checkpoints.peft import write_peft
 
-        adapters = {k: v for k, v in _tensors(src) if ".lora_" in k}
+        adapters = {k: v for k, v in _tensors(final, weights) if ".lora_" in k}
         write_peft(out, cfg.model, cfg.lora, adapters, base_model_name_or_path=cfg.train.init_from or str(run))
         return f"PEFT LoRA adapter, {len(adapters)} tensors, base {cfg.train.init_from}"
-    tensors = _merged(cfg, src) if cfg.lora is not None else _tensors(src)
+    tensors = _merged(cfg, final, weights) if cfg.lora is not None else _tensors(final, weights)
     with tempfile.TemporaryDirectory() as scratch:
         tok_dir, eos = _tokenizer_dir(cfg, Path(scratch))
         write_hf(out, cfg.model, tensors, tokenizer_dir=tok_dir, eos_token_ids=eos)

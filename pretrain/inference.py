@@ -76,14 +76,13 @@ def _eos(tokenizer, given: tuple[int, ...]) -> tuple[int, ...]:
 def load_run(run: Path, weights: str = "model") -> Loaded:
     from pretrain.checkpoints import load_weights
     from pretrain.config import config_from_dict
+    from pretrain.train.final import final_tensors
     from pretrain.train.init_from import open_source
 
     final = run / "final"
     if not (final / "config.yaml").is_file():
         raise FileNotFoundError(f"{run}: not a finished run (no final/config.yaml)")
     cfg = config_from_dict(yaml.safe_load((final / "config.yaml").read_text()))
-    from safetensors import safe_open
-
     from pretrain.models import get_family
 
     model = get_family(cfg.model.type).build(cfg.model)
@@ -91,11 +90,7 @@ def load_run(run: Path, weights: str = "model") -> Loaded:
         from pretrain.train.lora import apply_lora
 
         apply_lora(model, cfg.lora)
-    f = final / f"{weights}.safetensors"
-    if not f.is_file():
-        raise FileNotFoundError(f"{run}: the run has no {f.name}")
-    with safe_open(str(f), framework="pt") as fh:
-        load_weights(model, ((k, fh.get_tensor(k)) for k in fh.keys()), str(f))
+    load_weights(model, final_tensors(final, weights), str(final))
     if cfg.lora is not None:
         from pretrain.train.lora import merge_lora
 

@@ -1,7 +1,7 @@
 """`pretrain bench kernels`: speed of the Triton kernels on a GPU, their correctness sweep on a CPU.
 
 On a GPU, per op over model-realistic shapes: the median time of `triton.testing.do_bench`, TFLOP/s or
-GB/s, the fraction of the device's peak, and the speed-up over torch eager (the plain-PyTorch
+GB/s, the fraction of the device's peak (the table in `pretrain.metrics.flops`), and the speed-up over torch eager (the plain-PyTorch
 reference), `torch.compile` of that reference and, for attention, `scaled_dot_product_attention`.
 Writes `kernels.csv` and `kernels.png` under --out; logs both to W&B with --wandb. On a CPU there is
 nothing meaningful to time: it runs the correctness sweep under the Triton interpreter on small
@@ -22,24 +22,10 @@ import typer
 
 from pretrain import kernels
 from pretrain.kernels import checks
+from pretrain.metrics.flops import device_spec, peak_for
 
 app = typer.Typer(help="Benchmark the Triton kernels (GPU) or check them under the interpreter (CPU).",
                   add_completion=False)
-
-# Dense peak throughput by device-name fragment: (bf16/fp16 TFLOP/s, fp32 TFLOP/s, TB/s), datasheet values.
-PEAKS = {
-    "H200": (989.0, 67.0, 4.8), "H100 PCIe": (756.0, 51.0, 2.0), "H100": (989.0, 67.0, 3.35),
-    "A100": (312.0, 19.5, 2.0), "L40S": (362.0, 91.6, 0.864), "L4": (121.0, 30.3, 0.3),
-    "A10G": (70.0, 31.2, 0.6), "RTX 4090": (165.0, 82.6, 1.0),
-}
-
-
-def device_peak(name: str) -> tuple[float, float, float] | None:
-    for key, peak in PEAKS.items():  # ordered so "H100 PCIe" wins over "H100"
-        if key in name:
-            return peak
-    return None
-
 
 # ------------------------------------------------------------------------------------------ GPU timing
 
@@ -136,7 +122,9 @@ def _timed(fn: Callable, inputs: tuple, backward: bool) -> float:
 
 def _bench_gpu(ops, dtypes) -> list[dict]:
     name = torch.cuda.get_device_name()
-    peak = device_peak(name)
+    spec = device_spec(name)
+    if spec is None:
+        typer.echo(f"{name}: not in the peak table (pretrain.metrics.flops), no % of peak")
     rows = []
     for op in ops:
         for dname in dtypes:
@@ -162,11 +150,13 @@ def _bench_gpu(ops, dtypes) -> list[dict]:
                            "pass": "fwd+bwd" if backward else "fwd", "triton_ms": ms["triton"]}
                     if flops is not None:
                         row["tflops"] = flops * work_mult / (ms["triton"] * 1e-3) / 1e12
-                        pk = (peak[0] if dt != torch.float32 else peak[1]) if peak else None
-                        row["pct_peak"] = 100 * row["tflops"] / pk if pk else math.nan
+                        # fp32 attention runs IEEE tl.dot; the fused head's cuBLAS products follow allow_tf32.
+                        tf32 = op != "attention" and torch.backends.cuda.matmul.allow_tf32
+                        pk = peak_for(name, dname, tf32)
+                        row["pct_peak"] = 100 * row["tflops"] * 1e12 / pk if pk else math.nan
                     else:
                         row["gbps"] = nbytes * work_mult / (ms["triton"] * 1e-3) / 1e9
-                        row["pct_peak"] = 100 * row["gbps"] / (peak[2] * 1e3) if peak else math.nan
+                        row["pct_peak"] = 100 * row["gbps"] / (spec.tb_s * 1e3) if spec else math.nan
                     for impl in ("eager", "compile", "sdpa"):
                         if impl in ms:
                             row[f"{impl}_ms"] = ms[impl]

@@ -40,10 +40,10 @@ def format_row(row: dict, total_steps: int, unit: str = "tokens") -> str:
         return f"[bold]step {row['step']:>6}/{total_steps} {_extra(row)}[/]"
     eta = (total_steps - row["step"]) * row["step_time_s"]
     grad = row["grad_norm"] if row["grad_norm"] is not None else float("nan")
+    mfu = f"{100 * row['mfu']:.1f}%" if row.get("mfu") is not None else "n/a"  # no entry: the device's peak is unknown
     return (
         f"step {row['step']:>6}/{total_steps}  loss {row['loss']:.4f}{_extra(row)}  lr {row['lr']:.2e}  "
-        f"grad {grad:.2f}  {row[f'{unit}_per_s']:,.0f} {unit}/s  mfu {100 * row['mfu']:.1f}%  "
-        f"eta {_fmt_duration(eta)}"
+        f"grad {grad:.2f}  {row[f'{unit}_per_s']:,.0f} {unit}/s  mfu {mfu}  eta {_fmt_duration(eta)}"
     )
 
 

@@ -8,11 +8,12 @@ name. `load_final_model` rebuilds any registered family's model on CPU.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 from pathlib import Path
 
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pretrain.atomic import atomic_path, atomic_write
 from pretrain.config import Config, dump_config, typed_section
@@ -24,6 +25,9 @@ def _unique_tensors(module) -> dict:
     names = set(module.state_dict())
     out.update({k: b for k, b in module.named_buffers() if k in names})
     return out
+
+
+MAX_SHARD_BYTES = 5e9  # as Hugging Face's save_pretrained
 
 
 def _one_at_a_time(module, zero3: bool, bf16: bool):
@@ -48,22 +52,23 @@ def save_final_weights(engine, cfg: Config, out: Path, rank: int, *, ema=None, d
     import torch.distributed as dist
 
     module = engine.module
-    zero3 = cfg.zero.stage == 3
-    tensors = {}
-    for name, value in _one_at_a_time(module, zero3, cfg.train.precision == "bf16"):
-        if rank == 0:
-            tensors[name] = value
+    values = _one_at_a_time(module, cfg.zero.stage == 3, cfg.train.precision == "bf16")
     buffers = {k: b.detach().float().cpu().contiguous() for k, b in module.named_buffers() if k in module.state_dict()}
     if rank == 0:
-        tensors.update(buffers)
+        from pretrain.checkpoints.safetensors_io import INDEX, write_shards
+
         out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "model.safetensors") as tmp:
-            save_file(tensors, str(tmp))
-        del tensors
+        for stale in [*out.glob("model-*-of-*.safetensors"), out / INDEX]:  # an earlier end of this run
+            stale.unlink(missing_ok=True)
+        # Shards of at most MAX_SHARD_BYTES, written as they fill: rank 0 holds one shard, never the model.
+        write_shards(out, itertools.chain(values, buffers.items()), MAX_SHARD_BYTES)
         atomic_write(out / "model.yaml", yaml.safe_dump(cfg.model.model_dump(mode="json"), sort_keys=False))
         atomic_write(out / "config.yaml", dump_config(cfg))  # the whole run's: objective, seed, data
         if data is not None:
             atomic_write(out / "data.json", json.dumps(data, indent=1, sort_keys=True) + "\n")
+    else:
+        for _ in values:  # every rank takes part in each parameter's gather
+            pass
     if ema is not None:
         # After the raw weights' gather: one parameter at a time, so no rank holds a second full model.
         averaged = {n: t for n, t in ema.gathered(rank, dist.get_world_size())}
@@ -73,17 +78,28 @@ def save_final_weights(engine, cfg: Config, out: Path, rank: int, *, ema=None, d
                                                                       "ema_updates": str(ema.updates)})
 
 
+def final_tensors(path: Path, weights: str = "model"):
+    """(name, fp32 tensor) of a run's `final/` weights, one at a time: `model` (one file, or shards with an
+    index for a large model) or `ema`. FileNotFoundError naming what is missing."""
+    from pretrain.checkpoints.safetensors_io import INDEX, iter_file_tensors, read_headers, weight_files
+
+    if weights == "model" and (path / INDEX).is_file():
+        yield from iter_file_tensors(read_headers(weight_files(path)))
+        return
+    f = path / f"{weights}.safetensors"
+    if not f.is_file():
+        what = "EMA weights (train with train.ema_decay set)" if weights == "ema" else "final weights"
+        raise FileNotFoundError(f"{path.parent}: the run has no {what}: {f} is missing")
+    yield from iter_file_tensors(read_headers([f]))
+
+
 def load_final_model(path: Path, weights: str = "model"):
     """The model of a run's `final/` directory, on CPU, in eval mode; `weights="ema"` loads the EMA."""
     from pretrain.models import get_family
 
     mcfg = typed_section("model", yaml.safe_load((path / "model.yaml").read_text()))
     model = get_family(mcfg.type).build(mcfg)
-    f = path / f"{weights}.safetensors"
-    if not f.is_file():
-        what = "EMA weights (train with train.ema_decay set)" if weights == "ema" else "final weights"
-        raise FileNotFoundError(f"{path.parent}: the run has no {what}: {f} is missing")
-    state = load_file(str(f))
+    state = dict(final_tensors(path, weights))
     expected = set(_unique_tensors(model))
     if set(state) != expected:
         raise ValueError(f"{path}: weights do not match the model (missing {sorted(expected - set(state))}, "

@@ -38,14 +38,9 @@ def _run_source(path: Path) -> Source:
     final = path / "final"
     model_cfg = typed_section("model", yaml.safe_load((final / "model.yaml").read_text()))
 
-    def tensors():
-        from safetensors import safe_open
+    from pretrain.train.final import final_tensors
 
-        with safe_open(str(final / "model.safetensors"), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name).float()
-
-    return Source(str(path), model_cfg, tensors)
+    return Source(str(path), model_cfg, lambda: final_tensors(final))
 
 
 def open_source(path: str | Path, max_seq_len: int | None = None) -> Source:

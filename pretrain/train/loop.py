@@ -25,7 +25,7 @@ import torch.distributed as dist
 from pretrain.atomic import atomic_write
 from pretrain.config import Config, grad_accum_steps, run_dir, worker_counts
 from pretrain.data import build_train_stream, build_val_batches, validate_data
-from pretrain.metrics.flops import peak_flops
+from pretrain.metrics.flops import mfu_field, peak_flops
 from pretrain.metrics.sinks import Fanout, JsonlSink, Sink, WandbSink, truncate_after
 from pretrain.models import get_family
 from pretrain.objectives import Metrics, Objective, add_metrics, build_objective
@@ -212,7 +212,11 @@ def train(cfg: Config, *, started_at: float | None = None) -> None:
     unit, per_sample = objective.unit, objective.units_per_sample()
     step_units = t.global_batch_size * per_sample
     fpu = family.flops_per_unit(cfg.model, counts, objective.workload())
-    peak = cfg.log.peak_flops or peak_flops(device, t.precision, cfg.cluster.cpus_per_worker)
+    if device.type == "cuda":  # train.tf32 decides, both ways: cuDNN's own default is TF32 on
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
+    # Read back, not assumed: ROCm honours the flag only with HIPBLASLT_ALLOW_TF32=1; MFU needs the peak in use.
+    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    peak = cfg.log.peak_flops or peak_flops(device, t.precision, cfg.cluster.cpus_per_worker, tf32=tf32)
     sink = _sinks(cfg, rdir, rank, unit)
     if rank == 0:
         sink.summary({**counts, f"flops_per_{unit.rstrip('s')}": fpu, "peak_flops_per_worker": peak,
@@ -257,7 +261,7 @@ def train(cfg: Config, *, started_at: float | None = None) -> None:
         s.row = {
             "step": step, **values, "lr": engine.get_lr()[0], "grad_norm": grad_norm,
             unit: units, f"{unit}_per_s": step_units / dt, "flops": fpu * units,
-            "mfu": fpu * step_units / dt / (peak * world), "step_time_s": dt, **stream.stats(),
+            **mfu_field(fpu * step_units / dt, peak, world), "step_time_s": dt, **stream.stats(),
         }
         hooks.after_step(s, step, last=step == t.steps)
 
