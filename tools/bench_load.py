@@ -3,7 +3,7 @@
 Writes a Llama-shaped Hugging Face checkpoint of random weights (default: Llama-3.2-1B's shape, 1.24B
 parameters, tied embeddings) with `pretrain.checkpoints.write_hf`, then starts `--workers` gloo processes that
 each run the trainer's own `build_model` (zero.Init construction, tensors streamed into the partitions) and
-report their peak resident set size (ru_maxrss) before and after, against the fp32 size of the whole model.
+report their peak resident set size (VmHWM) before and after, against the fp32 size of the whole model.
 Prints a table and writes JSON.
 
     .venv/bin/python tools/bench_load.py [--workers 2] [--layers 16] [--out bench-out/bench_load.json]
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -49,7 +48,11 @@ def _write_checkpoint(out: Path, section: dict) -> int:
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+    """Peak resident set of this process so far (VmHWM: unlike ru_maxrss, not inherited across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _worker(rank: int, world: int, port: int, ckpt: str, queue) -> None:

@@ -27,6 +27,7 @@ class Adapter:
     """One family's translations; subclasses fill in the methods below."""
 
     model_types: tuple[str, ...] = ()  # HF config.json `model_type` values it imports
+    renames_only = False  # each HF tensor is one of ours under another name (it can be read lazily, in slices)
     architectures: tuple[str, ...] = ()  # config.json `architectures` it accepts (a causal-LM head)
     ignored: tuple[str, ...] = ()  # trailing name components of HF tensors that are buffers, not weights
 

@@ -20,7 +20,14 @@ from transformers import CONFIG_MAPPING
 from pretrain.checkpoints.errors import CheckpointError
 from pretrain.checkpoints.families import adapter_for, expected_shapes, our_config
 from pretrain.checkpoints.released import Released, check_shapes, check_vocab
-from pretrain.checkpoints.safetensors_io import INDEX, iter_file_tensors, read_headers, weight_files
+from pretrain.checkpoints.safetensors_io import (
+    INDEX,
+    LazyTensor,
+    iter_file_tensors,
+    iter_lazy_tensors,
+    read_headers,
+    weight_files,
+)
 from pretrain.checkpoints.tokenizer_io import load_tokenizer, max_token_id
 
 
@@ -109,9 +116,15 @@ def read_hf_dir(directory: Path, max_seq_len: int | None = None) -> Released:
             raise CheckpointError(f"{directory}: lm_head.weight differs from the embedding, but config.json "
                                   "has tie_word_embeddings true")
 
+    def lazy() -> Iterator[tuple[str, LazyTensor]]:
+        for t in iter_lazy_tensors(headers, skip):
+            (ours, _), = adapter.to_ours(cfg, adapter.normalise_name(t.name), torch.empty(0))
+            yield ours, t
+
     return Released(
         model_cfg=cfg, source=str(directory), hf_config=raw,
         tokenizer_dir=directory if tok is not None else None,
         eos_token_ids=eos, bos_token_id=None if bos is None else int(bos),
         chat_template=getattr(tok, "chat_template", None) if tok is not None else None, _tensors=tensors,
+        _lazy=lazy if adapter.renames_only and not extra_head else None,
     )

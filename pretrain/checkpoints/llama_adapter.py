@@ -84,6 +84,7 @@ class LlamaAdapter(Adapter):
     model_types = ("llama", "mistral", "qwen2")
     architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
     ignored = ("rotary_emb.inv_freq",)  # a buffer that old checkpoints saved
+    renames_only = True
 
     def model_config(self, hf: Any, where: str, max_seq_len: int | None = None) -> dict:
         if hf.hidden_act != "silu":

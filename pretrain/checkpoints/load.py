@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pretrain.checkpoints.errors import CheckpointError
+from pretrain.checkpoints.safetensors_io import LazyTensor
 
 
 def _partition_slice(p: nn.Parameter) -> tuple[int, int]:
@@ -19,8 +20,10 @@ def _partition_slice(p: nn.Parameter) -> tuple[int, int]:
     return start, min(start + size, p.ds_numel)
 
 
-def write_parameter(p: nn.Parameter, value: torch.Tensor) -> None:
-    """Set a parameter (partitioned or whole) to `value`, which has the parameter's full shape."""
+def write_parameter(p: nn.Parameter, value) -> None:
+    """Set a parameter (partitioned or whole) to `value`, a tensor of the parameter's full shape or an unread
+    `LazyTensor`, of which a partition reads only its own slice."""
+    lazy = isinstance(value, LazyTensor)
     with torch.no_grad():
         if hasattr(p, "ds_tensor"):
             if tuple(value.shape) != tuple(p.ds_shape):
@@ -29,11 +32,14 @@ def write_parameter(p: nn.Parameter, value: torch.Tensor) -> None:
             part = p.ds_tensor.data
             part.zero_()  # the padding past numel stays zero
             if stop > start:
-                part[: stop - start].copy_(value.reshape(-1)[start:stop])
+                if lazy:
+                    value.read_flat_into(part, start, stop)
+                else:
+                    part[: stop - start].copy_(value.reshape(-1)[start:stop])
         else:
-            if value.shape != p.shape:
+            if tuple(value.shape) != tuple(p.shape):
                 raise ValueError(f"shape {tuple(value.shape)} does not match the parameter's {tuple(p.shape)}")
-            p.data.copy_(value)
+            p.data.copy_(value.materialise() if lazy else value)
 
 
 def shape_of(p: nn.Parameter) -> tuple[int, ...]:
@@ -56,11 +62,11 @@ def load_weights(model: nn.Module, tensors, where: str = "load", skip: set[str] 
         target = params.get(name)
         if target is None:
             if name in buffers:
-                buffers[name].data.copy_(value)
+                buffers[name].data.copy_(value.materialise() if isinstance(value, LazyTensor) else value)
                 continue
             raise CheckpointError(f"{where}: tensor {name} is not a parameter of the model")
         try:
-            write_parameter(target, value.to(torch.float32))
+            write_parameter(target, value)
         except ValueError as e:
             raise CheckpointError(f"{where}: {name}: {e}") from None
         seen.add(name)

@@ -30,6 +30,13 @@ class Released:
     bos_token_id: int | None
     chat_template: str | None
     _tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]] = field(repr=False)
+    # (our name, LazyTensor) pairs, where every stored tensor maps to one of ours unchanged (Llama-family HF dirs)
+    _lazy: Callable[[], Iterator[tuple[str, Any]]] | None = field(default=None, repr=False)
+
+    def iter_lazy(self) -> Iterator[tuple[str, Any]]:
+        """Like `iter_tensors`, but yields unread `LazyTensor`s where the format allows (a rename only), so a
+        ZeRO-3 rank reads just its partition's slice; full tensors otherwise (GPT-2, GGUF, transforms)."""
+        return self._lazy() if self._lazy is not None else self._tensors()
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(our name, fp32 CPU tensor), file by file, one tensor in memory at a time as long as the caller

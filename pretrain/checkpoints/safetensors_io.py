@@ -98,6 +98,46 @@ def read_fp32(header: TensorHeader, name: str) -> torch.Tensor:
     return out
 
 
+@dataclass(frozen=True)
+class LazyTensor:
+    """A stored tensor not read yet: a ZeRO-3 rank copies only its partition's slice of the flattened tensor
+    (`read_flat_into`), in row blocks, so loading holds its partitions plus one block, never a whole tensor."""
+
+    header: TensorHeader
+    name: str
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.header.shape)
+
+    def materialise(self) -> torch.Tensor:
+        return read_fp32(self.header, self.name)
+
+    def read_flat_into(self, out: torch.Tensor, start: int, stop: int) -> None:
+        """out[: stop - start] = flatten(tensor)[start:stop], reading only the rows that cover the range."""
+        shape = self.header.shape
+        row = max(1, int(torch.Size(shape[1:]).numel())) if len(shape) > 1 else 1
+        if len(shape) == 0:
+            out[:1].copy_(self.materialise().reshape(-1)[start:stop])
+            return
+        step = max(1, _CHUNK_BYTES // (row * _ITEM_BYTES[self.header.dtype]))
+        first, last = start // row, -(-stop // row)
+        for r0 in range(first, last, step):
+            r1 = min(r0 + step, last)
+            with safe_open(str(self.header.file), framework="pt") as f:
+                block = f.get_slice(self.name)[r0:r1].reshape(-1)
+            lo, hi = max(start, r0 * row), min(stop, r1 * row)
+            out[lo - start:hi - start].copy_(block[lo - r0 * row:hi - r0 * row])  # copy_ widens bf16/fp16
+            del block
+
+
+def iter_lazy_tensors(headers: dict[str, TensorHeader], skip: frozenset[str] = frozenset()) -> Iterator[LazyTensor]:
+    """The tensors of `iter_file_tensors`, in its order, unread."""
+    for name, header in sorted(headers.items(), key=lambda item: str(item[1].file)):
+        if name not in skip:
+            yield LazyTensor(header, name)
+
+
 def iter_file_tensors(headers: dict[str, TensorHeader], skip: frozenset[str] = frozenset()
                       ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, fp32 tensor) file by file, in the files' order; one tensor in memory at a time."""

@@ -133,17 +133,21 @@ def measured_cpu_peak(threads: int, dtype: str = "fp32") -> float:
     return 2 * 1024**3 / best
 
 
-def peak_flops(device: torch.device, precision: str, threads: int = 1, tf32: bool = False) -> float | None:
-    """Per-worker peak FLOP/s: the table for GPUs (None, with a warning, for one it lacks), a measurement
-    for CPUs."""
-    if device.type != "cuda":
-        return measured_cpu_peak(threads, precision)
-    name = torch.cuda.get_device_name(device)
+def gpu_peak(name: str, precision: str, tf32: bool = False) -> float | None:
+    """`peak_for`, with one warning when the device is not in the table (its run then logs no MFU)."""
     peak = peak_for(name, precision, tf32)
     if peak is None:
-        warnings.warn(f"no peak FLOP/s known for {name!r}: MFU is not reported; set log.peak_flops to its dense "
-                      f"{'tf32' if tf32 and precision == 'fp32' else precision} peak per worker", stacklevel=2)
+        used = "tf32" if tf32 and precision == "fp32" else precision
+        warnings.warn(f"no peak FLOP/s known for GPU {name!r}: MFU is not reported; set log.peak_flops to its "
+                      f"dense {used} peak per worker", stacklevel=2)
     return peak
+
+
+def peak_flops(device: torch.device, precision: str, threads: int = 1, tf32: bool = False) -> float | None:
+    """Per-worker peak FLOP/s: the table for GPUs (None for one it lacks), a measurement for CPUs."""
+    if device.type == "cuda":
+        return gpu_peak(torch.cuda.get_device_name(device), precision, tf32)
+    return measured_cpu_peak(threads, precision)
 
 
 def mfu_field(model_flops_per_s: float, peak_per_worker: float | None, world: int) -> dict[str, float]:

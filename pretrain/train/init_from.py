@@ -28,7 +28,8 @@ class Source:
 
     path: str
     model_cfg: Section
-    iter_tensors: Callable[[], Iterator[tuple[str, Any]]]  # (our name, fp32 CPU tensor), a few at a time
+    # (our name, fp32 CPU tensor or an unread LazyTensor), one at a time, for `pretrain.checkpoints.load_weights`
+    iter_tensors: Callable[[], Iterator[tuple[str, Any]]]
     tokenizer_dir: Path | None = None
     eos_token_ids: tuple[int, ...] = ()
     released: Any = None  # the pretrain.checkpoints object, when the source is a released checkpoint
@@ -59,7 +60,7 @@ def open_source(path: str | Path, max_seq_len: int | None = None) -> Source:
         r = read_checkpoint(p, max_seq_len=max_seq_len)
     except CheckpointError as e:
         raise ConfigError(f"train.init_from: {e}") from None
-    return Source(str(p), r.model_cfg, r.iter_tensors, tokenizer_dir=r.tokenizer_dir,
+    return Source(str(p), r.model_cfg, r.iter_lazy, tokenizer_dir=r.tokenizer_dir,
                   eos_token_ids=tuple(r.eos_token_ids or ()), released=r)
 
 
