@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -75,3 +77,18 @@ def atomic_write(path: str | os.PathLike, data: str | bytes, *, fsync: bool = Tr
     """Write text or bytes to `path` atomically (see the module docstring)."""
     with atomic_open(path, "wb" if isinstance(data, bytes) else "w", fsync=fsync) as f:
         f.write(data)
+
+
+def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Rename the finished directory `tmp` to `out`, replacing (never merging into) what was there: stale files
+    of an earlier, bigger write (shards) must not survive. `tmp` must sit beside `out` (same file system)."""
+    tmp, out = Path(tmp), Path(out)
+    fsync_dir(tmp)
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old)

@@ -70,3 +70,25 @@ def make_chat_tokenizer(d: Path) -> Path:
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(d)
     return d
+
+
+def released_model(released):
+    """Our model of a `pretrain.checkpoints.Released`, on plain-PyTorch kernels, in eval mode."""
+    from pretrain.checkpoints import load_weights
+    from pretrain.models import get_family
+
+    cfg = released.model_cfg.model_copy(update={"kernels": "reference"})
+    model = get_family(cfg.type).build(cfg)
+    load_weights(model, released.iter_tensors())
+    return model.eval()
+
+
+def assert_same_logits(ref, got) -> None:
+    """Logit parity: max relative difference below 1e-4 and per-position KL below 1e-9 (in float64)."""
+    import torch
+
+    ref, got = ref.double(), got.double()
+    rel = ((ref - got).abs().max() / ref.abs().max()).item()
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1).max().item()
+    assert rel < 1e-4 and kl < 1e-9, (rel, kl)

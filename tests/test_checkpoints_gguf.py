@@ -18,8 +18,8 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from pretrain.checkpoints import CheckpointError, load_weights, read_checkpoint, write_hf
-from pretrain.models import get_family
+from pretrain.checkpoints import CheckpointError, read_checkpoint, write_hf
+from tests.helpers import assert_same_logits, released_model
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -31,21 +31,6 @@ def _one_thread_and_own_cache(tmp_path_factory, monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _ours(released) -> torch.nn.Module:
-    cfg = released.model_cfg.model_copy(update={"kernels": "reference"})
-    model = get_family(cfg.type).build(cfg)
-    load_weights(model, released.iter_tensors())
-    return model.eval()
-
-
-def _assert_same_logits(ref: torch.Tensor, got: torch.Tensor) -> None:
-    ref, got = ref.double(), got.double()
-    rel = ((ref - got).abs().max() / ref.abs().max()).item()
-    kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True,
-                                    reduction="none").sum(-1).max().item()
-    assert rel < 1e-4 and kl < 1e-9, (rel, kl)
 
 
 def test_smollm2_matches_transformers_gguf_loader(tmp_path):
@@ -62,12 +47,12 @@ def test_smollm2_matches_transformers_gguf_loader(tmp_path):
     ids = tok.apply_chat_template([{"role": "user", "content": "Capital of France?"}],
                                   add_generation_prompt=True, return_dict=False)
     ids = torch.tensor([ids])
-    ours = _ours(released)
+    ours = released_model(released)
     theirs = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=SMOLLM2, dtype=torch.float32)
     theirs.eval()
     with torch.no_grad():
         ref = theirs(ids).logits
-        _assert_same_logits(ref, ours(ids))
+        assert_same_logits(ref, ours(ids))
     del theirs
 
     # GGUF in, Hugging Face out: transformers loads the export, tokenizer and chat template included.
@@ -76,7 +61,7 @@ def test_smollm2_matches_transformers_gguf_loader(tmp_path):
     del ours
     exported = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     with torch.no_grad():
-        _assert_same_logits(ref, exported(ids).logits)
+        assert_same_logits(ref, exported(ids).logits)
     assert transformers.AutoTokenizer.from_pretrained(str(out)).chat_template == released.chat_template
 
 
@@ -172,7 +157,7 @@ def test_tiny_gguf_matches_transformers_gguf_loader(tmp_path, arch):
     theirs.eval()
     ids = torch.randint(0, 101, (2, 17), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        _assert_same_logits(theirs(ids).logits, _ours(released)(ids))
+        assert_same_logits(theirs(ids).logits, released_model(released)(ids))
 
 
 def test_unsupported_gguf_architecture_is_named(tmp_path):

@@ -28,8 +28,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from pretrain.checkpoints import CheckpointError, hf_name, load_weights, read_checkpoint, write_hf
+from pretrain.checkpoints import CheckpointError, hf_name, read_checkpoint, write_hf
 from pretrain.models import get_family
+from tests.helpers import assert_same_logits, released_model
 
 VOCAB = 97
 CHAT = "{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
@@ -93,21 +94,6 @@ def _hf_checkpoint(directory: Path, family: str, **save) -> torch.nn.Module:
     return model
 
 
-def _ours(released) -> torch.nn.Module:
-    cfg = released.model_cfg.model_copy(update={"kernels": "reference"})
-    model = get_family(cfg.type).build(cfg)
-    load_weights(model, released.iter_tensors())
-    return model.eval()
-
-
-def _assert_same_logits(ref: torch.Tensor, got: torch.Tensor) -> None:
-    ref, got = ref.double(), got.double()
-    rel = ((ref - got).abs().max() / ref.abs().max()).item()
-    kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True,
-                                    reduction="none").sum(-1).max().item()
-    assert rel < 1e-4 and kl < 1e-9, (rel, kl)
-
-
 def _tokens() -> torch.Tensor:
     return torch.randint(4, VOCAB, (2, 19), generator=torch.Generator().manual_seed(2))
 
@@ -120,7 +106,7 @@ def test_import_matches_transformers_and_export_round_trips(tmp_path, family):
     ids = _tokens()
     with torch.no_grad():
         ref = hf_model(ids).logits
-        _assert_same_logits(ref, _ours(released)(ids))
+        assert_same_logits(ref, released_model(released)(ids))
 
     out = write_hf(tmp_path / "out", released.model_cfg, released.iter_tensors(),
                    tokenizer_dir=released.tokenizer_dir, eos_token_ids=[2], bos_token_id=1)
@@ -147,7 +133,7 @@ def test_sharded_checkpoint_and_sharded_export(tmp_path):
     released = read_checkpoint(tmp_path / "hf")
     ids = _tokens()
     with torch.no_grad():
-        _assert_same_logits(hf_model(ids).logits, _ours(released)(ids))
+        assert_same_logits(hf_model(ids).logits, released_model(released)(ids))
 
     out = write_hf(tmp_path / "out", released.model_cfg, released.iter_tensors(), max_shard_bytes=30_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -194,7 +180,7 @@ def test_gpt2_without_transformer_prefix_and_with_mask_buffers(tmp_path):
     save_file(old, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
     ids = _tokens()
     with torch.no_grad():
-        _assert_same_logits(hf_model(ids).logits, _ours(read_checkpoint(tmp_path / "hf"))(ids))
+        assert_same_logits(hf_model(ids).logits, released_model(read_checkpoint(tmp_path / "hf"))(ids))
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen2-bias", "gpt2"])

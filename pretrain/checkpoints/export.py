@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from pretrain.atomic import fsync_dir
+from pretrain.atomic import replace_dir
 from pretrain.checkpoints.errors import CheckpointError
 from pretrain.checkpoints.families import adapter_for_ours, expected_shapes
 from pretrain.checkpoints.released import check_vocab
@@ -101,15 +101,7 @@ def write_hf(out_dir: str | os.PathLike, model_cfg: Any, tensors: Iterable[tuple
         for f in tmp.iterdir():
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
-        fsync_dir(tmp)
-        old = None
-        if out.exists():  # replaced, not merged: stale shards of a bigger export must not survive
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-        os.rename(tmp, out)
-        fsync_dir(out.parent)
-        if old is not None:
-            shutil.rmtree(old)
+        replace_dir(tmp, out)
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp)

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from pretrain.atomic import fsync_dir
+from pretrain.atomic import replace_dir
 from pretrain.checkpoints.errors import CheckpointError
 from pretrain.checkpoints.families import hf_name
 from pretrain.train.lora import ADAPTER_KEYS, LoraConfig
@@ -102,19 +102,6 @@ def _modules(adapters: dict[str, torch.Tensor], linears: dict[str, tuple[int, in
     return [n for n in linears if n in modules]  # model order
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename the finished `tmp` to `out`, replacing (not merging into) what was there."""
-    fsync_dir(tmp)
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-    os.rename(tmp, out)
-    fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def write_peft(out_dir: str | os.PathLike, model_cfg: Any, lora_cfg: LoraConfig, adapters: dict[str, torch.Tensor],
                base_model_name_or_path: str | None = None) -> Path:
     """Write `adapters` (our names, as `lora_state` gives them) as a PEFT LoRA adapter of the transformers
@@ -158,7 +145,7 @@ def write_peft(out_dir: str | os.PathLike, model_cfg: Any, lora_cfg: LoraConfig,
         for f in tmp.iterdir():
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp)

@@ -26,7 +26,7 @@ from pretrain.atomic import atomic_write
 from pretrain.data.errors import DataError
 from pretrain.data.manifest import FORMAT, MANIFEST, write_manifest
 from pretrain.data.shards import ShardWriter
-from pretrain.data.write_text import JOURNAL, _sha256, remove_stale_tmp
+from pretrain.data.write_text import JOURNAL, journaled_shards, remove_stale_tmp
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -130,17 +130,7 @@ def _write_split(out: Path, header: dict, items: Callable[[int], Iterator[Item]]
     (out / MANIFEST).unlink(missing_ok=True)
     shards: list[dict] = []
     j = out / JOURNAL
-    if j.is_file():
-        try:
-            state = json.loads(j.read_text())
-        except ValueError:
-            state = {}
-        if state.get("header") == header:
-            for s in state["shards"]:
-                p = out / s["name"]
-                if not p.is_file() or p.stat().st_size != s["bytes"] or _sha256(p) != s["sha256"]:
-                    break
-                shards.append(s)
+    shards.extend(journaled_shards(out, header)[1])
     start = sum(s["samples"] for s in shards)
     progress(start)
     writer, shapes = None, set()

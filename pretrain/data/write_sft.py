@@ -39,7 +39,7 @@ from pretrain.data.errors import DataError
 from pretrain.data.manifest import FORMAT, MANIFEST, write_manifest
 from pretrain.data.shards import ShardWriter
 from pretrain.data.tokenizer import tokenizer_hash
-from pretrain.data.write_text import JOURNAL, _sha256, list_inputs, remove_stale_tmp
+from pretrain.data.write_text import JOURNAL, journaled_shards, list_inputs, remove_stale_tmp
 
 IGNORE = -100
 FIELDS = ("input_ids", "targets", "segment_ids")  # members `<key>.<field>.i32` of every row
@@ -297,16 +297,7 @@ def _write_split(out: Path, header: dict, rows: dict[str, np.ndarray], stats: di
     sps, n = header["samples_per_shard"], len(rows["input_ids"])
     shards: list[dict] = []
     j = out / JOURNAL
-    try:
-        state = json.loads(j.read_text()) if j.is_file() else {}
-    except ValueError:
-        state = {}
-    if state.get("header") == header:
-        for s in state["shards"]:
-            p = out / s["name"]
-            if not p.is_file() or p.stat().st_size != s["bytes"] or _sha256(p) != s["sha256"]:
-                break
-            shards.append(s)
+    shards.extend(journaled_shards(out, header)[1])
     for start in range(sum(s["samples"] for s in shards), n, sps):
         writer = ShardWriter(out / f"shard-{len(shards):06d}.tar")
         for i in range(start, min(start + sps, n)):

@@ -166,22 +166,12 @@ class _SplitWriter:
 
     def _resume(self) -> None:
         """Keep the journal's shards that are intact, in order; drop the journal if settings changed."""
-        j = self.out / JOURNAL
-        if not j.is_file():
-            return
-        try:
-            state = json.loads(j.read_text())
-        except ValueError:
-            return
-        if state.get("header") != self.header:
-            return  # other inputs or settings: start over (finished shards are rewritten)
+        state, self.shards = journaled_shards(self.out, self.header)
+        if state is None:
+            return  # no journal, or other inputs or settings: start over (finished shards are rewritten)
         self.piece_tokens = state["piece_tokens"]
-        for s in state["shards"]:
-            p = self.out / s["name"]
-            if not p.is_file() or p.stat().st_size != s["bytes"] or _sha256(p) != s["sha256"]:
-                return
-            self.shards.append(s)
-        self.dropped = state.get("dropped")  # every shard intact: a finished split is done
+        if len(self.shards) == len(state["shards"]):
+            self.dropped = state.get("dropped")  # every shard intact: a finished split is done
 
     def _journal(self) -> None:
         atomic_write(self.out / JOURNAL, json.dumps({"header": self.header, "piece_tokens": self.piece_tokens,
@@ -256,6 +246,25 @@ def remove_stale_tmp(d: Path) -> None:
     for name in (JOURNAL, MANIFEST):
         for stale in [*d.glob(f".{name}.tmp-*"), d / f"{name}.tmp"]:
             stale.unlink(missing_ok=True)
+
+
+def journaled_shards(out: Path, header: dict) -> tuple[dict | None, list[dict]]:
+    """(the journal of a split being written, its leading shards that are still intact) when the journal was
+    written with the same `header` (inputs and settings); (None, []) otherwise, and the split starts over."""
+    j = out / JOURNAL
+    try:
+        state = json.loads(j.read_text()) if j.is_file() else None
+    except ValueError:
+        state = None
+    if state is None or state.get("header") != header:
+        return None, []
+    shards = []
+    for s in state["shards"]:
+        p = out / s["name"]
+        if not p.is_file() or p.stat().st_size != s["bytes"] or _sha256(p) != s["sha256"]:
+            break
+        shards.append(s)
+    return state, shards
 
 
 def _sha256(p: Path) -> str:
