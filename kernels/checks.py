@@ -237,12 +237,22 @@ def _run(case: Case, args: list, backend: str, grads_out: list | None, dtype: to
     return [o.detach() for o in outs], grads
 
 
-def check(case: Case, dtype: torch.dtype, seed: int = 0) -> list[Result]:
-    """Forward and every input gradient of one case in one dtype, each judged by the rule."""
+def _moved(a, device: torch.device):
+    """`a` on `device` with its strides and storage offset kept (`Tensor.to` would make a sliced view
+    contiguous, and the strided cases test exactly such views)."""
+    if not isinstance(a, torch.Tensor) or a.device == device:
+        return a
+    whole = a.as_strided((a.untyped_storage().nbytes() // a.element_size(),), (1,), 0)
+    return whole.to(device).as_strided(a.shape, a.stride(), a.storage_offset())
+
+
+def check(case: Case, dtype: torch.dtype, seed: int = 0, device: str | torch.device = "cpu") -> list[Result]:
+    """Forward and every input gradient of one case in one dtype, each judged by the rule. The inputs are
+    drawn on the CPU (the same numbers on every device) and moved to `device`."""
     gen = torch.Generator().manual_seed(seed)
-    args = case.make(dtype, gen)
+    args = [_moved(a, torch.device(device)) for a in case.make(dtype, gen)]
     out64, _ = _run(case, args, "reference", None, torch.float64)
-    dys = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in out64]
+    dys = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device) for o in out64]
     ref64, g64 = _run(case, args, "reference", dys, torch.float64)
     ref, gref = _run(case, args, "reference", dys, None)
     got, ggot = _run(case, args, "triton", dys, None)
@@ -259,5 +269,5 @@ def check(case: Case, dtype: torch.dtype, seed: int = 0) -> list[Result]:
     return results
 
 
-def sweep(ops=OPS, dtypes=tuple(DTYPES), small: bool = False) -> list[Result]:
-    return [r for op in ops for c in cases(op, small) for d in dtypes for r in check(c, DTYPES[d])]
+def sweep(ops=OPS, dtypes=tuple(DTYPES), small: bool = False, device: str | torch.device = "cpu") -> list[Result]:
+    return [r for op in ops for c in cases(op, small) for d in dtypes for r in check(c, DTYPES[d], device=device)]

@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from pretrain.config import ConfigError, dump_config, load_config, run_dir
+from pretrain.config import ConfigError, dump_config, load_config, run_dir, total_steps
 from pretrain.fail import fail
 
 app = typer.Typer(
@@ -49,23 +49,35 @@ def train(
     except (DataError, ObjectiveError) as e:
         raise fail(str(e)) from None
 
-    # Only now, with the config and the data known good, does the run directory appear.
+    # Only now, with the config and the data known good, does the run directory appear; one writer per
+    # run: its lock comes before anything in it is written or deleted, and is held to the end.
+    from pretrain.fail import RunError
+    from pretrain.launch.runlock import RunLock
+
     rdir = run_dir(cfg)
-    rdir.mkdir(parents=True, exist_ok=True)
-    (rdir / "config.yaml").write_text(dump_config(cfg))
-    typer.echo(f"run {cfg.run.name}: {rdir}  ({cfg.cluster.workers} workers, ZeRO-{cfg.zero.stage}, "
-               f"{cfg.train.precision}, {cfg.train.steps} steps)")
-
-    from pretrain.launch.local import launch
-
+    lock = RunLock(rdir)
     try:
+        lock.acquire()
+    except RunError as e:
+        raise fail(str(e)) from None
+    try:
+        (rdir / "config.yaml").write_text(dump_config(cfg))
+        typer.echo(f"run {cfg.run.name}: {rdir}  ({cfg.cluster.workers} workers, ZeRO-{cfg.zero.stage}, "
+                   f"{cfg.train.precision}, {total_steps(cfg, objective)} steps)")
+
+        from pretrain.launch.local import launch
+
         launch(cfg, started_at=started, quiet=quiet)
+    except RunError as e:  # a deterministic error a worker found (data, config, shapes): not retried
+        raise fail(str(e)) from None
     except Exception as e:  # Ray wraps worker failures; show the cause, keep the trace in a file
         import traceback
 
         (rdir / "error.log").write_text("".join(traceback.format_exception(e)))
         cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise fail(f"training failed: {cause} (full trace: {rdir / 'error.log'})", code=1) from None
+    finally:
+        lock.release()
 
     summary = json.loads((rdir / "summary.json").read_text())
     unit = objective.unit
@@ -190,6 +202,32 @@ def export(
     typer.echo(f"{out}: {info}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def plan(
+    config: Path = typer.Argument(..., help="run config YAML, e.g. configs/llama-7b.yaml"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="section.key=value overrides, e.g. zero.stage=2"),
+    gpu: str = typer.Option(..., "--gpu", help="GPU model from the peak table, e.g. h100-sxm, a100-sxm-40gb, mi300x"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="GPUs in the job (one per rank); default cluster.workers"),
+    mfu: float = typer.Option(0.4, "--mfu", help="model FLOPs utilisation the step time assumes"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=1, help="tokens per sample; default model.max_seq_len"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as one JSON object"),
+) -> None:
+    """Per-GPU memory (params, grads, optimizer, activations, buffers) for the config's ZeRO stage with a verdict,
+    the largest micro-batch that fits, and step time, tokens/s and GPU-hours to the configured budget at an MFU."""
+    from pretrain.plan import make_plan, render
+
+    try:
+        cfg = load_config(config, overrides or [])
+        if cfg.train.init_from:  # the model section comes from the released checkpoint
+            from pretrain.train.init_from import resolve
+
+            cfg = resolve(cfg)
+        p = make_plan(cfg, gpu, gpus, mfu, seq_len)
+    except ConfigError as e:
+        raise fail(str(e)) from None
+    typer.echo(json.dumps(p.as_dict(), indent=2) if as_json else render(p, cfg.train.activation_checkpointing))
+
+
 def _mount(argv: list[str]) -> None:
     """Sub-commands live beside the code they drive. Only the group a command line names is imported
     (all of them for the top-level help), so `pretrain status` does not pay for torch and Triton."""
@@ -202,7 +240,7 @@ def _mount(argv: list[str]) -> None:
     if everything or command == "scaling":
         from pretrain.scaling.cli import app as scaling_app
 
-        app.add_typer(scaling_app, name="scaling", help="Fit scaling laws to runs or published tables.")
+        app.add_typer(scaling_app, name="scaling", help="Scaling laws: run isoFLOP ladders, fit runs or published tables.")
     if everything or command == "bench":
         from pretrain.bench.kernels import app as kernels_bench
 

@@ -79,15 +79,29 @@ class DataConfig(Section):
         return v
 
 
+LENGTH_KEYS = ("steps", "tokens", "flops")  # train.*: the alternative ways to say how long a run is
+
+
 class TrainConfig(Section):
-    steps: int = Field(100, gt=0, description="optimizer steps in total (a resumed run continues to this)")
+    # Run length: one of steps, tokens, flops (none given: 100 steps). tokens and flops become steps in
+    # `total_steps` below; floats, so that YAML's 1e9 and 3.2e13 read as numbers.
+    steps: int | None = Field(None, gt=0, description="optimizer steps in total (a resumed run continues to this); "
+                              "default 100 unless train.tokens or train.flops is given")
+    tokens: float | None = Field(None, gt=0, description="run length in training tokens (units of the objective: "
+                                 "images for diffusion) instead of train.steps: ceil(tokens / (global batch x units per sample)) steps")
+    flops: float | None = Field(None, gt=0, description="run length in training FLOPs instead of train.steps: the steps "
+                                "whose tokens x the family's FLOPs per token reach it (rounded up)")
     seed: int = Field(1234, description="seed of model init, data order and dropout")
     micro_batch_size: int = Field(8, gt=0, description="sequences per rank per forward pass")
     global_batch_size: int = Field(16, gt=0, description="sequences per optimizer step over all ranks")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="compute precision (bf16 is for GPUs)")
     tf32: bool = Field(False, description="fp32 matrix products on TF32 tensor cores (NVIDIA GPUs); MFU then uses the TF32 peak")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="floor of the decay (cosine or wsd) as a fraction of lr")
+    schedule: Literal["cosine", "wsd"] = Field("cosine", description="learning-rate schedule after warm-up: cosine decay, "
+                                               "or warmup-stable-decay (constant, then a 1-sqrt cooldown; pretrain/train/schedule.py)")
+    decay_fraction: float = Field(0.2, ge=0, le=1, description="wsd: the cooldown's share of the run's steps (the rest "
+                                  "after warm-up is at the peak rate)")
     warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")
     decay_steps: int | None = Field(None, gt=0, description="cosine horizon; default train.steps (set it to extend a run without changing its schedule)")
     weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay (matrices only)")
@@ -96,12 +110,39 @@ class TrainConfig(Section):
     eval_every: int = Field(50, ge=0, description="validation every N steps (and at the end); 0: only at the end")
     eval_batches: int = Field(4, gt=0, description="validation micro-batches per configured worker (a fixed set for the whole run)")
     ckpt_every: int = Field(100, ge=0, description="checkpoint every N steps (and at the end); 0: only at the end")
+    ckpt_keep: int | None = Field(None, gt=0, description="keep the newest K complete checkpoints (an older one is deleted "
+                                  "once a newer one is complete); none: keep every one")
+    ckpt_keep_every: int | None = Field(None, gt=0, description="with ckpt_keep, also keep for good every checkpoint "
+                                        "whose step is a multiple of M")
+    branch_from: str | None = Field(None, description="PATH[@STEP]: a run without a checkpoint of its own starts from another "
+                                    "run's (PATH its run directory or checkpoint location, a path or URL; STEP default its "
+                                    "newest complete one): model, optimizer, data position and step, then this run's schedule")
     log_every: int = Field(1, gt=0, description="console progress line every N steps")
     activation_checkpointing: bool = Field(False, description="recompute block activations in backward")
+    compile: bool = Field(False, description="torch.compile the model inside the DeepSpeed engine (engine.compile, inductor), "
+                          "any ZeRO stage; compiled graphs are cached under ~/.cache/pretrain/inductor between runs")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an fp32 EMA of the weights with this decay (e.g. 0.9999); none: no EMA")
     ema_warmup: bool = Field(False, description="EMA decay min(ema_decay, (1+n)/(10+n)) after n updates, for short runs")
     init_from: str | None = Field(None, description="start from released weights: a Hugging Face model directory, a .gguf file, "
                                   "or another run's directory; the model section then comes from the checkpoint (keys set here override it)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_length(cls, v: Any) -> Any:
+        # 100 steps only when no length is given at all, so a dumped config (steps: null, tokens: X) reloads as it was.
+        if isinstance(v, dict) and all(v.get(k) is None for k in LENGTH_KEYS):
+            return {**v, "steps": 100}
+        return v
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainConfig:
+        given = [k for k in LENGTH_KEYS if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{given[0]} and {given[1]} are both set: give one run length (steps, tokens or flops)")
+        if self.schedule == "wsd" and self.decay_steps is not None:
+            raise ValueError("decay_steps is the cosine horizon: with schedule=wsd the cooldown is decay_fraction "
+                             "of the run")
+        return self
 
 
 class LoraConfig(Section):
@@ -131,8 +172,21 @@ class ClusterConfig(Section):
     worker_counts: list[Annotated[int, Field(gt=0)]] | None = Field(
         None, description="the only group sizes an elastic run may train at (must include min_workers and workers); "
         "none: every count from min_workers to workers, each of which must then divide the global batch")
-    storage: str | None = Field(None, description="shared path or object-store URL for checkpoints; default the run dir")
+    storage: str | None = Field(None, description="where checkpoints go: a shared path or an object-store URL (s3://, gs://; "
+                                "endpoint and credentials from the client's standard variables), as <storage>/<run.name>/"
+                                "checkpoints; default <run.dir>/<run.name>/checkpoints")
     collective_timeout_s: int = Field(1800, gt=0, description="a collective hung this long fails the step")
+
+
+class LadderConfig(Section):
+    """An isoFLOP ladder over this config's model family, read by `pretrain scaling ladder` only (`pretrain train`
+    ignores it): every size at every budget, each run as long as its budget buys (pretrain/scaling/ladder.py)."""
+
+    budgets: list[Annotated[float, Field(gt=0)]] = Field(min_length=1, description="training FLOPs per run, one isoFLOP curve each")
+    sizes: list[str] = Field(min_length=1, description="model shapes as D x L (model.d_model x model.n_layers), e.g. 128x4; "
+                             "or D x L x H to set model.n_heads too")
+    head_dim: int = Field(64, gt=0, description="heads = d_model / head_dim when a size does not give them")
+    out: str | None = Field(None, description="the ladder's directory (runs/, ladder.json, fit/); default <run.dir>/<run.name>")
 
 
 class LogConfig(Section):
@@ -165,6 +219,7 @@ class Config(Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     lora: LoraConfig | None = Field(None, description="train low-rank adapters instead of all weights (fine-tuning)")
+    ladder: LadderConfig | None = Field(None, description="a scaling ladder built from this config (`pretrain scaling ladder`)")
 
     @model_validator(mode="after")
     def _batch(self) -> Config:
@@ -208,6 +263,16 @@ def grad_accum_steps(cfg: Config, workers: int | None = None) -> int:
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * w)
 
 
+def total_steps(cfg: Config, objective: Any = None, counts: dict | None = None) -> int:
+    """The run's optimizer steps: train.steps, or those train.tokens / train.flops take (pretrain.train.length).
+    `objective` and `counts` (the built objective, the parameter counts) are found from the config when not given."""
+    if cfg.train.steps is not None:
+        return cfg.train.steps
+    from pretrain.train.length import derived_steps
+
+    return derived_steps(cfg, objective, counts)
+
+
 def worker_counts(cfg: Config) -> list[int]:
     """The group sizes the run may train at, ascending: cluster.worker_counts within min_workers..workers,
     else every count from cluster.min_workers (default cluster.workers) to cluster.workers."""
@@ -247,6 +312,9 @@ def _apply_override(tree: dict, item: str) -> None:
             raise ConfigError(f"{key}: '{p}' is not a section")
         node = nxt
     node[parts[-1]] = _parse_value(value)
+    if parts[0] == "train" and len(parts) == 2 and parts[1] in LENGTH_KEYS:  # train.tokens=X replaces the file's steps
+        for other in set(LENGTH_KEYS) - {parts[1]}:
+            node.pop(other, None)
 
 
 def _first_error(err: ValidationError) -> str:

@@ -97,7 +97,7 @@ def _refused(config: str, tmp_path: Path, *overrides: str) -> str:
 )
 def test_cli_errors_exit_2_with_one_line_and_no_run_dir(tmp_path, tiny_shards, override, expect):
     line = _refused("gpt-tiny.yaml", tmp_path, f"data.train={tiny_shards / 'train'}",
-                    f"data.val={tiny_shards / 'val'}", override)
+                    f"data.val={tiny_shards / 'val'}", "model.vocab_size=50304", override)
     assert expect in line
 
 

@@ -48,8 +48,14 @@ def _wait_for_step(run: Path, step: int, timeout: float = 300) -> None:
 def _train_worker_pids() -> list[int]:
     """Live Ray Train workers of the Ray this test process started (its descendants), so that no other
     run on the machine is touched."""
-    procs = psutil.Process().children(recursive=True)
-    return [p.pid for p in procs if p.is_running() and "RayTrainWorker" in " ".join(p.cmdline())]
+    pids = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.is_running() and "RayTrainWorker" in " ".join(p.cmdline()):
+                pids.append(p.pid)
+        except psutil.Error:  # gone (or a zombie) since the listing
+            continue
+    return pids
 
 
 def _run_in_thread(cfg) -> tuple[threading.Thread, list]:
@@ -86,15 +92,19 @@ def reference(tmp_path_factory, tiny_shards):
     return _losses(tmp / "runs" / "ref")
 
 
-def test_sigkilled_worker_process_restarts_and_resumes(tmp_path, tiny_shards, reference):
+@pytest.mark.parametrize("kill_at,ckpt_every", [(2, 12), (8, 4)], ids=["before-first-checkpoint", "after-checkpoint"])
+def test_sigkilled_worker_process_restarts_and_resumes(tmp_path, tiny_shards, reference, kill_at, ckpt_every):
+    """Before the first checkpoint the group starts over and metrics.jsonl is emptied; after one it resumes
+    and is cut back to it. Either way each step is logged once and the run ends as an uninterrupted one."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
-        cfg = _cfg(tmp_path, tiny_shards, "killed", "cluster.max_failures=2")
+        cfg = _cfg(tmp_path, tiny_shards, "killed", "cluster.max_failures=2", f"train.ckpt_every={ckpt_every}")
         thread, errors = _run_in_thread(cfg)
         run = tmp_path / "runs" / "killed"
-        _wait_for_step(run, 8)
+        _wait_for_step(run, kill_at)
+        assert (_losses(run)[-1][0] < ckpt_every) == (kill_at < ckpt_every), "killed on the intended side"
         pids = _train_worker_pids()
         assert len(pids) == 2
         os.kill(pids[-1], signal.SIGKILL)
@@ -133,3 +143,33 @@ def test_lost_node(tmp_path, tiny_shards, reference, replace):
     if not replace:  # the tail of the run was trained by one worker
         meta = json.loads((run / "checkpoints" / "step-20" / "meta.json").read_text())
         assert meta["world_size"] == 1
+
+
+def test_data_error_in_a_worker_ends_the_run_once(tmp_path, tiny_shards):
+    """A shard whose bytes no longer match its sha256 passes the driver's manifest checks and fails on the
+    rank that reads it: the run ends with that line after one attempt (max_failures=2 left unused)."""
+    import shutil
+
+    import ray
+
+    from pretrain.fail import RunError
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    shard = sorted((shards / "train").glob("*.tar"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[520] ^= 0xFF  # inside the first sample's tokens: still a valid tar
+    shard.write_bytes(bytes(raw))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        cfg = _cfg(tmp_path, shards, "bad", "cluster.max_failures=2")
+        thread, errors = _run_in_thread(cfg)
+        seen: set[int] = set()  # every Ray Train worker process of the run: a restart brings new ones
+        while thread.is_alive():
+            seen.update(_train_worker_pids())
+            time.sleep(0.1)
+    finally:
+        ray.shutdown()
+    assert len(errors) == 1 and isinstance(errors[0], RunError), errors
+    assert shard.name in str(errors[0]) and "sha256" in str(errors[0]) and "\n" not in str(errors[0])
+    assert len(seen) <= 2, f"restarted: {len(seen)} worker processes"

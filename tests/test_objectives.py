@@ -109,7 +109,7 @@ def _rank_main(rank: int, world: int, port: int, tree: dict) -> None:
 @pytest.mark.slow
 def test_loss_is_sum_over_global_batch_divided_by_global_units(tmp_path, tiny_shards):
     tiny = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.max_seq_len=32",
-            "model.kernels=reference", "train.micro_batch_size=4", "train.global_batch_size=16",
+            "model.vocab_size=50304", "model.kernels=reference", "train.micro_batch_size=4", "train.global_batch_size=16",
             "cluster.workers=2", "zero.stage=0", "train.steps=1", "train.eval_every=0", "train.ckpt_every=0",
             "log.wandb=false", "objective.type=test_half_targets", "objective.sample_tokens=0"]
     cfg = load_config(ROOT / "configs/gpt-tiny.yaml", [*tiny, f"run.dir={tmp_path}", "run.name=w",

@@ -1,13 +1,18 @@
-"""Benchmark: `pretrain train` (Ray Train worker + DeepSpeed) against a bare PyTorch loop.
+"""Benchmark: `pretrain train` (Ray Train worker + DeepSpeed) against a bare PyTorch loop, eager and compiled.
 
 Same model, global batch, objective (the loss of its `loss()`), optimizer (AdamW) and thread count;
 the bare loop has no Ray, no DeepSpeed, no data pipeline, no hooks (batches pre-loaded and prepared).
-Works for any registered family and objective: tokens/s for language models, images/s for DiT.
+Four runs per model, back to back: `pretrain train` eager and with `train.compile=true`, the bare loop
+eager and with `module.compile()` (inductor, the same compile DeepSpeed's `engine.compile` does).
+By default two models (issue 14): `gpt-tiny` (configs/gpt-tiny.yaml) and `small`, a 4-layer x 128 GPT-2
+on character-level plays (vocabulary 66, batch 12 x 64; shards from tools/make_char_shards.py, written
+when missing), where the per-step machinery is not hidden behind a large LM head.
+Works for any registered family and objective (--config): tokens/s for language models, images/s for DiT.
 Reports steady-state throughput (median over the steps after warm-up), MFU against this machine's
-measured matmul peak, the ratio, and the time to the first step of `pretrain train`. Prints a table
-and writes JSON.
+measured matmul peak, the ratios, and the time to the first step of `pretrain train`. Prints a table
+and writes JSON. On a loaded machine compare the ratios (each pair measured back to back), not the rates.
 
-    .venv/bin/python tools/bench_train.py [--config configs/gpt-tiny.yaml] [--steps 40] [--threads 2]
+    .venv/bin/python tools/bench_train.py [--models gpt-tiny,small] [--steps 40] [--threads 2]
     .venv/bin/python tools/bench_train.py --config configs/dit-fashion.yaml --steps 20
 """
 
@@ -15,7 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,14 +37,22 @@ from pretrain.metrics.flops import measured_cpu_peak
 from pretrain.models import get_family
 from pretrain.objectives import build_objective
 from pretrain.train.build import build_model
-from pretrain.train.engine import build_optimizer
+from pretrain.train.engine import INDUCTOR_CACHE, build_optimizer
 from pretrain.train.init_from import resolve
 
+SMALL = ["model.n_layers=4", "model.d_model=128", "model.n_heads=4", "model.vocab_size=66", "model.max_seq_len=64",
+         "data.train=data/chars/train", "data.val=data/chars/val", "train.micro_batch_size=12",
+         "train.global_batch_size=12", "cluster.workers=1"]
+MODELS = {"gpt-tiny": ("configs/gpt-tiny.yaml", []), "small": ("configs/gpt-tiny.yaml", SMALL)}
 
-def bare_loop(cfg, steps: int, warmup: int) -> list[float]:
+
+def bare_loop(cfg, steps: int, warmup: int, compiled: bool = False) -> list[float]:
     """units/s per step of a plain single-process loop (micro-batches accumulated like the trainer)."""
     torch.manual_seed(cfg.train.seed)
     model, _ = build_model(cfg, torch.device("cpu"))  # the trainer's initial (or released) weights, LoRA applied
+    if compiled:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(INDUCTOR_CACHE))  # the trainer's cache
+        model.compile()  # what engine.compile() does to the engine's module (default inductor backend)
     objective = build_objective(cfg, validate_data(cfg.data))
     opt = build_optimizer(cfg, model)
     accum = grad_accum_steps(cfg, 1)
@@ -58,62 +74,83 @@ def bare_loop(cfg, steps: int, warmup: int) -> list[float]:
     return rates[warmup:]
 
 
+def train_run(args, config: str, overrides: list[str], compiled: bool) -> tuple[list[float], dict, object]:
+    """`pretrain train` on one worker (ZeRO-0, fp32, no evaluation, checkpoints or W&B): its units/s per
+    measured step, its summary and the resolved config."""
+    # No artefacts, samples or quality numbers: they are evaluation, not training steps.
+    quiet = {"sample_tokens": 0, "eval_samples": 0, "grid_samples": 0}
+    fields = type(load_config(config, overrides).objective).model_fields
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(config, [
+            *overrides, f"train.steps={args.steps + args.warmup}", "cluster.workers=1", "zero.stage=0",
+            f"cluster.cpus_per_worker={args.threads}", f"run.dir={tmp}", "run.name=bench", "train.eval_every=0",
+            "train.ckpt_every=0", "log.wandb=false", "train.precision=fp32", f"train.compile={str(compiled).lower()}",
+            *(f"objective.{k}={v}" for k, v in quiet.items() if k in fields), *args.overrides,
+        ])
+        if args.full:
+            cfg.lora = None
+        cfg = resolve(cfg)
+        unit = build_objective(cfg, validate_data(cfg.data)).unit
+        launch(cfg, started_at=time.time(), quiet=True)
+        rows = [json.loads(ln) for ln in (Path(tmp) / "bench" / "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads((Path(tmp) / "bench" / "summary.json").read_text())
+    return [r[f"{unit}_per_s"] for r in rows if "loss" in r][args.warmup:], summary, cfg
+
+
+def bench_model(args, name: str, config: str, overrides: list[str]) -> dict:
+    """The four runs of one model, back to back, and their ratios."""
+    eager, summary, cfg = train_run(args, config, overrides, compiled=False)
+    comp, csummary, _ = train_run(args, config, overrides, compiled=True)
+    torch.set_num_threads(args.threads)
+    bare = bare_loop(cfg, args.steps, args.warmup)
+    bare_c = bare_loop(cfg, args.steps, args.warmup, compiled=True)
+    objective = build_objective(cfg, validate_data(cfg.data))
+    family = get_family(cfg.model.type)
+    with torch.device("meta"):
+        fpu = family.flops_per_unit(cfg.model, family.count_parameters(family.build(cfg.model)), objective.workload())
+    med = statistics.median
+    r = {"model": name, "config": config, "overrides": overrides, "lora": cfg.lora is not None, "unit": objective.unit,
+         "flops_per_unit": fpu, "pretrain_per_s": med(eager), "pretrain_compiled_per_s": med(comp),
+         "bare_per_s": med(bare), "bare_compiled_per_s": med(bare_c),
+         "time_to_first_step_s": summary["time_to_first_step_s"],
+         "time_to_first_step_compiled_s": csummary["time_to_first_step_s"]}
+    r["ratio"] = r["pretrain_per_s"] / r["bare_per_s"]
+    r["ratio_compiled"] = r["pretrain_compiled_per_s"] / r["bare_compiled_per_s"]
+    r["compile_speedup"] = r["pretrain_compiled_per_s"] / r["pretrain_per_s"]
+    r["bare_compile_speedup"] = r["bare_compiled_per_s"] / r["bare_per_s"]
+    return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/gpt-tiny.yaml")
+    ap.add_argument("--models", default="gpt-tiny,small", help=f"comma-separated, of {sorted(MODELS)}")
+    ap.add_argument("--config", help="benchmark this config instead of --models")
     ap.add_argument("--steps", type=int, default=40, help="measured steps (after --warmup)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for the worker and the bare loop")
     ap.add_argument("--out", default="bench-out/bench_train.json")
     ap.add_argument("--full", action="store_true", help="drop the config's lora section: train every weight")
-    ap.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    ap.add_argument("overrides", nargs="*", help="section.key=value config overrides (every model)")
     args = ap.parse_args()
 
-    total = args.steps + args.warmup
-    # No artefacts, samples or quality numbers: they are evaluation, not training steps.
-    quiet = {"sample_tokens": 0, "eval_samples": 0, "grid_samples": 0}
-    fields = type(load_config(args.config).objective).model_fields
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(args.config, [
-            f"train.steps={total}", "cluster.workers=1", "zero.stage=0", f"cluster.cpus_per_worker={args.threads}",
-            f"run.dir={tmp}", "run.name=bench", "train.eval_every=0", "train.ckpt_every=0",
-            "log.wandb=false", "train.precision=fp32", *(f"objective.{k}={v}" for k, v in quiet.items() if k in fields),
-            *args.overrides,
-        ])
-        if args.full:
-            cfg.lora = None
-        cfg = resolve(cfg)
-        objective = build_objective(cfg, validate_data(cfg.data))
-        t0 = time.time()
-        launch(cfg, started_at=t0, quiet=True)
-        rows = [json.loads(ln) for ln in (Path(tmp) / "bench" / "metrics.jsonl").read_text().splitlines()]
-        summary = json.loads((Path(tmp) / "bench" / "summary.json").read_text())
-    unit = objective.unit
-    ours = [r[f"{unit}_per_s"] for r in rows if "loss" in r][args.warmup:]
-
-    torch.set_num_threads(args.threads)
-    bare = bare_loop(cfg, args.steps, args.warmup)
-    family = get_family(cfg.model.type)
-    with torch.device("meta"):
-        fpu = family.flops_per_unit(cfg.model, family.count_parameters(family.build(cfg.model)), objective.workload())
+    models = {args.config: (args.config, [])} if args.config else {m: MODELS[m] for m in args.models.split(",")}
+    if "small" in models and not Path("data/chars/train/index.json").exists():
+        subprocess.run([sys.executable, str(Path(__file__).with_name("make_char_shards.py"))], check=True)
+    results = [bench_model(args, name, *spec) for name, spec in models.items()]
     peak = measured_cpu_peak(args.threads)
 
-    result = {
-        "config": args.config, "lora": cfg.lora is not None, "unit": unit, "threads": args.threads, "peak_flops": peak, "flops_per_unit": fpu,
-        "pretrain_per_s": statistics.median(ours), "bare_per_s": statistics.median(bare),
-        "time_to_first_step_s": summary["time_to_first_step_s"], "wall_time_s": summary["wall_time_s"],
-    }
-    result["ratio"] = result["pretrain_per_s"] / result["bare_per_s"]
-    result["pretrain_mfu"] = result["pretrain_per_s"] * fpu / peak
-    result["bare_mfu"] = result["bare_per_s"] * fpu / peak
-
-    print(f"\n{'':24}{unit + '/s':>12}{'MFU':>8}")
-    print(f"{'pretrain train (1 wkr)':24}{result['pretrain_per_s']:>12,.1f}{100 * result['pretrain_mfu']:>7.1f}%")
-    print(f"{'bare PyTorch loop':24}{result['bare_per_s']:>12,.1f}{100 * result['bare_mfu']:>7.1f}%")
-    print(f"ratio {result['ratio']:.3f}; time to first step {result['time_to_first_step_s']:.1f}s; "
-          f"peak {peak / 1e9:.0f} GFLOP/s with {args.threads} threads")
+    print(f"\n{'':16}{'':28}{'units/s':>12}{'MFU':>8}{'vs bare':>9}")
+    for r in results:
+        for label, key, bare_key in (("pretrain train", "pretrain_per_s", "bare_per_s"),
+                                     ("pretrain train compiled", "pretrain_compiled_per_s", "bare_compiled_per_s"),
+                                     ("bare loop", "bare_per_s", None), ("bare loop compiled", "bare_compiled_per_s", None)):
+            vs = f"{r[key] / r[bare_key]:>9.3f}" if bare_key else ""
+            print(f"{r['model']:16}{label:28}{r[key]:>12,.1f}{100 * r[key] * r['flops_per_unit'] / peak:>7.1f}%{vs}")
+        print(f"{'':16}compiled / eager: pretrain {r['compile_speedup']:.3f}, bare {r['bare_compile_speedup']:.3f}; "
+              f"time to first step {r['time_to_first_step_s']:.1f}s eager, {r['time_to_first_step_compiled_s']:.1f}s compiled")
+    print(f"peak {peak / 1e9:.0f} GFLOP/s with {args.threads} threads ({results[0]['unit']}/s)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps({"threads": args.threads, "peak_flops": peak, "models": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,238 +1,72 @@
-"""`pretrain bench kernels`: speed of the Triton kernels on a GPU, their correctness sweep on a CPU.
+"""`pretrain bench kernels`: are the Triton kernels right, and how fast and lean are they against PyTorch?
 
-On a GPU, per op over model-realistic shapes: the median time of `triton.testing.do_bench`, TFLOP/s or
-GB/s, the fraction of the device's peak (the table in `pretrain.metrics.flops`), and the speed-up over torch eager (the plain-PyTorch
-reference), `torch.compile` of that reference and, for attention, `scaled_dot_product_attention`.
-Writes `kernels.csv` and `kernels.png` under --out; logs both to W&B with --wandb. On a CPU there is
-nothing meaningful to time: it runs the correctness sweep under the Triton interpreter on small
-shapes, prints the error table, writes `correctness.csv`, and says that timings need a GPU.
+Two parts, both on the device at hand. The correctness sweep (pretrain.kernels.checks: forward and every
+input gradient against an fp64 reference, per shape and dtype, judged by FlashAttention's rule) runs on a
+GPU with the compiled kernels, or on a CPU under the Triton interpreter with tiny shapes. The speed and
+memory sweep (pretrain.bench.shapes) times every op over sequence length and width against PyTorch
+eager, `torch.compile` and, for attention, SDPA, in forward, backward and full (forward + backward) mode,
+and writes one long-format CSV in Liger-Kernel's columns (pretrain.bench.report), one plot per op and
+x-axis, and a W&B run (offline by default) with both as tables and the plots as images.
+
+On a CPU the sweep always uses `--quick`'s tiny shapes and the interpreter: it shows that everything
+runs, not how fast a GPU would be; `torch_compile` is left out unless named in --providers (each compile
+of a CPU graph takes seconds of C++ builds and its times say nothing about a GPU), and no memory rows are
+written (see pretrain.bench.timing).
 """
 
 from __future__ import annotations
 
-import csv
-import math
+import contextlib
 import os
-from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import typer
 
-from pretrain import kernels
+from pretrain.bench import report, shapes, timing
+from pretrain.fail import fail
 from pretrain.kernels import checks
 from pretrain.metrics.flops import device_spec, peak_for
 
-app = typer.Typer(help="Benchmark the Triton kernels (GPU) or check them under the interpreter (CPU).",
-                  add_completion=False)
-
-# ------------------------------------------------------------------------------------------ GPU timing
+app = typer.Typer(help="Check the Triton kernels against their references and benchmark them against "
+                       "PyTorch.", add_completion=False)
 
 
-def _attention_problems(dt):
-    out = []
-    for b, hq, hkv, s, d in ((4, 32, 8, 2048, 128), (8, 12, 12, 1024, 64), (1, 32, 8, 8192, 128)):
-        def make(b=b, hq=hq, hkv=hkv, s=s, d=d):
-            q = torch.randn(b, hq, s, d, device="cuda", dtype=dt, requires_grad=True)
-            k = torch.randn(b, hkv, s, d, device="cuda", dtype=dt, requires_grad=True)
-            v = torch.randn(b, hkv, s, d, device="cuda", dtype=dt, requires_grad=True)
-            return (q, k, v)
-        # 2 matmuls of 2*S*S*D flops per head, half of them masked when causal; backward = 2.5x forward.
-        flops = 4 * b * hq * s * s * d / 2
-        out.append((f"B{b} Hq{hq} Hkv{hkv} S{s} D{d} causal", make, flops, None))
-    return out
-
-
-def _rows_problems(dt, n_tensors_fwd: int, widths=(4096, 8192)):
-    out = []
-    for rows, d in ((8192, widths[0]), (16384, widths[1])):
-        def make(rows=rows, d=d):
-            return (torch.randn(rows, d, device="cuda", dtype=dt, requires_grad=True),)
-        out.append((f"N{rows} D{d}", make, None, n_tensors_fwd * rows * d * dt.itemsize))
-    return out
-
-
-def _problems(op: str, dt: torch.dtype):
-    """[(label, make_inputs, fwd FLOPs or None, fwd bytes or None)], and the op's triton/eager calls."""
-    if op == "attention":
-        return _attention_problems(dt)
-    if op in ("rms_norm", "layer_norm"):
-        return _rows_problems(dt, 2)  # read x, write y
-    if op == "swiglu":
-        return [(f"N{r} F{f}", lambda r=r, f=f: tuple(torch.randn(r, f, device="cuda", dtype=dt, requires_grad=True)
-                                                      for _ in range(2)), None, 3 * r * f * dt.itemsize)
-                for r, f in ((8192, 11008), (16384, 14336))]
-    if op == "rope":
-        return [(f"B{b} H{h} S{s} D{d}", lambda b=b, h=h, s=s, d=d: (torch.randn(b, h, s, d, device="cuda", dtype=dt,
-                                                                                  requires_grad=True),),
-                 None, 2 * b * h * s * d * dt.itemsize) for b, h, s, d in ((4, 32, 2048, 128), (8, 8, 4096, 128))]
-    if op == "cross_entropy":
-        return [(f"N{n} V{v}", lambda n=n, v=v: (torch.randn(n, v, device="cuda", dtype=dt, requires_grad=True),),
-                 None, n * v * dt.itemsize) for n, v in ((8192, 50304), (4096, 128256))]
-    if op == "linear_cross_entropy":
-        return [(f"N{n} H{h} V{v}", lambda n=n, h=h, v=v: (
-                    torch.randn(n, h, device="cuda", dtype=dt, requires_grad=True),
-                    (torch.randn(v, h, device="cuda", dtype=dt) * h ** -0.5).requires_grad_()),
-                 2 * n * h * v, None) for n, h, v in ((8192, 4096, 50304), (4096, 4096, 128256))]
-    raise ValueError(op)
-
-
-def _caller(op: str, inputs: tuple, backend: str) -> Callable:
-    x = inputs[0]
-    if op == "attention":
-        return lambda: kernels.attention(*inputs, causal=True, backend=backend)
-    if op == "rms_norm":
-        w = torch.ones(x.shape[-1], device=x.device, dtype=x.dtype, requires_grad=True)
-        return lambda: kernels.rms_norm(x, w, backend=backend)
-    if op == "layer_norm":
-        w = torch.ones(x.shape[-1], device=x.device, dtype=x.dtype, requires_grad=True)
-        b = torch.zeros_like(w, requires_grad=True)
-        return lambda: kernels.layer_norm(x, w, b, backend=backend)
-    if op == "swiglu":
-        return lambda: kernels.swiglu(*inputs, backend=backend)
-    if op == "rope":
-        pos = torch.arange(x.shape[2], device=x.device)
-        return lambda: kernels.rope(x, pos, backend=backend)
-    vocab = x.shape[1] if op == "cross_entropy" else inputs[1].shape[0]
-    t = torch.randint(0, vocab, (x.shape[0],), device=x.device)
-    if op == "cross_entropy":
-        return lambda: kernels.cross_entropy(x, t, backend=backend)
-    if backend == "reference":  # the eager baseline is the plain composition, full logits and all
-        return lambda: kernels.linear_cross_entropy_unfused(x, inputs[1], t)
-    return lambda: kernels.linear_cross_entropy(x, inputs[1], t, backend=backend)
-
-
-def _timed(fn: Callable, inputs: tuple, backward: bool) -> float:
-    import triton.testing
-
-    if not backward:
-        def run():
-            with torch.no_grad():
-                fn()
-    else:
-        def run():
-            out = fn()
-            out = out[0] if isinstance(out, tuple) else out
-            out.backward(torch.ones_like(out))
-            for t in inputs:
-                t.grad = None
-    return float(triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median"))
-
-
-def _bench_gpu(ops, dtypes) -> list[dict]:
-    name = torch.cuda.get_device_name()
-    spec = device_spec(name)
-    if spec is None:
-        typer.echo(f"{name}: not in the peak table (pretrain.metrics.flops), no % of peak")
-    rows = []
-    for op in ops:
-        for dname in dtypes:
-            dt = checks.DTYPES[dname]
-            for label, make, flops, nbytes in _problems(op, dt):
-                inputs = make()
-                impls = {"triton": _caller(op, inputs, "auto"), "eager": _caller(op, inputs, "reference")}
-                impls["compile"] = torch.compile(_caller(op, inputs, "reference"))
-                if op == "attention":
-                    group = inputs[0].shape[1] // inputs[1].shape[1]
-                    impls["sdpa"] = lambda inputs=inputs, group=group: F.scaled_dot_product_attention(
-                        *inputs, is_causal=True, enable_gqa=group > 1)
-                for backward in (False, True):
-                    ms = {}
-                    for impl, fn in impls.items():
-                        try:
-                            ms[impl] = _timed(fn, inputs, backward)
-                        except Exception as e:  # an out-of-memory eager baseline is a result, not a crash
-                            typer.echo(f"  {op} {label} {impl}: {type(e).__name__}: {str(e)[:80]}")
-                            ms[impl] = math.nan
-                    work_mult = 3.5 if backward else 1.0  # backward ~2.5x the forward's FLOPs or bytes
-                    row = {"device": name, "op": op, "shape": label, "dtype": dname,
-                           "pass": "fwd+bwd" if backward else "fwd", "triton_ms": ms["triton"]}
-                    if flops is not None:
-                        row["tflops"] = flops * work_mult / (ms["triton"] * 1e-3) / 1e12
-                        # fp32 attention runs IEEE tl.dot; the fused head's cuBLAS products follow allow_tf32.
-                        tf32 = op != "attention" and torch.backends.cuda.matmul.allow_tf32
-                        pk = peak_for(name, dname, tf32)
-                        row["pct_peak"] = 100 * row["tflops"] * 1e12 / pk if pk else math.nan
-                    else:
-                        row["gbps"] = nbytes * work_mult / (ms["triton"] * 1e-3) / 1e9
-                        row["pct_peak"] = 100 * row["gbps"] / (spec.tb_s * 1e3) if spec else math.nan
-                    for impl in ("eager", "compile", "sdpa"):
-                        if impl in ms:
-                            row[f"{impl}_ms"] = ms[impl]
-                            row[f"speedup_vs_{impl}"] = ms[impl] / ms["triton"]
-                    rows.append(row)
-                    typer.echo(_fmt_row(row))
-                del inputs, impls
-                torch.cuda.empty_cache()
-    return rows
-
-
-def _fmt_row(r: dict) -> str:
-    rate = f"{r['tflops']:.1f} TFLOP/s" if "tflops" in r else f"{r['gbps']:.0f} GB/s"
-    sp = " ".join(f"x{r[k]:.2f} vs {k[11:]}" for k in r if k.startswith("speedup_vs_"))
-    return (f"{r['op']:<22}{r['shape']:<30}{r['dtype']:<6}{r['pass']:<9}{r['triton_ms']:9.3f} ms  {rate:>16}"
-            f"  {r['pct_peak']:5.1f}% peak  {sp}")
-
-
-def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [f"{r['op']} {r['shape']} {r['dtype']} {r['pass']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(10, 0.3 * len(rows) + 1.5))
-    y = range(len(rows))
-    for i, base in enumerate(("eager", "compile", "sdpa")):
-        vals = [r.get(f"speedup_vs_{base}", math.nan) for r in rows]
-        ax.barh([v + 0.27 * (i - 1) for v in y], vals, height=0.27, label=f"vs {base}")
-    ax.axvline(1.0, color="k", lw=0.8)
-    ax.set_yticks(list(y), labels, fontsize=7)
-    ax.set_xlabel("speed-up of the Triton kernel (x)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _write_csv(rows: list[dict], path: Path) -> None:
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def _log_wandb(rows: list[dict], files: list[Path], out: Path) -> None:
-    import wandb
-
-    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    run = wandb.init(project="pretrain-bench", job_type="bench-kernels", dir=str(out), mode=mode,
-                     settings=wandb.Settings(console="off", silent=True))
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    data = {"kernels": wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])}
-    data.update({p.stem + "_plot": wandb.Image(str(p)) for p in files if p.suffix == ".png"})
-    run.log(data)
-    run.finish()
-
-
-# ------------------------------------------------------------------------------------------- CPU sweep
-
-
-def _check_cpu(ops, dtypes) -> list[dict]:
-    # The kernels read TRITON_INTERPRET at every launch, so turning it on around the sweep is enough.
+@contextlib.contextmanager
+def interpreter(on: bool):
+    """TRITON_INTERPRET=1 while the block runs (the kernels read it at every launch), restored after."""
     before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
+    if on:
+        os.environ["TRITON_INTERPRET"] = "1"
     try:
-        results = checks.sweep(ops, dtypes, small=True)
+        yield
     finally:
-        if before is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
+        if on and before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        elif on:
             os.environ["TRITON_INTERPRET"] = before
-    return [{"op": r.op, "case": r.case, "dtype": r.dtype, "tensor": r.tensor, "err": r.err, "ref_err": r.ref_err,
-             "bound": r.bound, "ok": r.ok} for r in results]
+
+
+def _names(value: str | None, allowed: tuple[str, ...], option: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise fail(f"{option}: unknown {option.strip('-').rstrip('s')} {bad[0] if bad else value!r}; "
+                   f"choose from {', '.join(allowed)}")
+    return names
+
+
+# --------------------------------------------------------------------------------------- correctness
+
+
+def correctness(ops, dtypes, small: bool, device: torch.device) -> list[dict]:
+    """The checks sweep as CSV-ready rows (the interpreter must be on for a CPU device)."""
+    return [{"op": r.op, "case": r.case, "dtype": r.dtype, "tensor": r.tensor, "err": r.err,
+             "ref_err": r.ref_err, "bound": r.bound, "ok": r.ok, "device": device.type}
+            for r in checks.sweep(ops, dtypes, small=small, device=device)]
 
 
 def _print_checks(rows: list[dict]) -> None:
@@ -248,34 +82,139 @@ def _print_checks(rows: list[dict]) -> None:
     Console(width=160).print(t)
 
 
+# -------------------------------------------------------------------------------------- speed, memory
+
+
+def sweep(ops, providers, dname: str, quick: bool, device: torch.device, reps: int = 5,
+          csv_path: Path | None = None) -> tuple[list, list]:
+    """Time (and on CUDA, measure the memory of) every op at every point for every provider and mode.
+    Returns (CSV rows, one-line failures). An out-of-memory baseline is skipped with a note, not a failure.
+    With `csv_path` the CSV is rewritten after each op, so a run cut short by a timeout keeps its rows."""
+    dt = checks.DTYPES[dname]
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
+    spec = device_spec(gpu) if device.type == "cuda" else None
+    # The device's datasheet peaks (the project's one table), so a reader of the CSV can put a time in scale.
+    peaks = {"device_model": spec.model, "peak_tflops": peak_for(gpu, dname) / 1e12, "peak_tb_s": spec.tb_s} \
+        if spec else {"device_model": None}
+    stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    rows, failures = [], []
+    for op in ops:
+        bench = shapes.op_bench(op, quick)
+        for axis in bench.axes:
+            for dims in axis.points():
+                x = dims[axis.name]
+                extra = {**{k: v for k, v in dims.items() if k != axis.name}, "dtype": dname, "quick": quick,
+                         **peaks}
+                inputs = bench.make(dims, dt, device)
+                for provider in (p for p in providers if p in bench.fns):
+                    fn = bench.fns[provider]
+                    for mode in timing.MODES:
+                        ys = _attempt(f"{op} {provider} {mode} {axis.name}={x}", failures,
+                                      timing.speed, fn, inputs, mode, reps=reps)
+                        if ys is not None:
+                            rows.append(report.row(op, provider, mode, "speed", axis, x, ys, extra, gpu,
+                                                   stamp))
+                    ys = _attempt(f"{op} {provider} memory {axis.name}={x}", failures,
+                                  timing.memory, fn, inputs)
+                    if ys is not None:
+                        rows.append(report.row(op, provider, "full", "memory", axis, x, ys, extra, gpu,
+                                               stamp))
+                del inputs
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if csv_path is not None:
+            report.write_csv(rows, csv_path)
+    return rows, failures
+
+
+def _attempt(what: str, failures: list[str], measure, *args, **kwargs):
+    try:
+        return measure(*args, **kwargs)
+    except torch.OutOfMemoryError:
+        typer.echo(f"  {what}: out of memory, skipped")
+    except Exception as e:  # one provider's error must not lose the sweep's other rows
+        line = f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        typer.echo(f"  {line}")
+        failures.append(line)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return None
+
+
+def _print_speed(rows: list[dict]) -> None:
+    """Full-mode medians per point, with ours' speed-up over each other provider."""
+    from rich.console import Console
+    from rich.table import Table
+
+    full = {}
+    for r in rows:
+        if (r["metric_name"], r["kernel_operation_mode"]) == ("speed", "full"):
+            point = (r["kernel_name"], r["x_name"], r["x_value"])
+            full.setdefault(point, {})[r["kernel_provider"]] = r["y_value_50"]
+    providers = [p for p in shapes.PROVIDERS if any(p in v for v in full.values())]
+    t = Table(title="forward + backward, median ms (x: triton's speed-up)")
+    for c in ("op", "x", *providers):
+        t.add_column(c, justify="left" if c == "op" else "right")
+    for (op, x_name, x), ms in full.items():
+        ours = ms.get("triton")
+        cells = [(f"{ms[p]:.3f}" + (f" (x{ms[p] / ours:.2f})" if ours and p != "triton" else ""))
+                 if p in ms else "-" for p in providers]
+        t.add_row(op, f"{x_name}={x}", *cells)
+    Console(width=160).print(t)
+
+
 @app.callback(invoke_without_command=True)
 def kernels_cmd(
-    op: str | None = typer.Option(None, "--op", help=f"one of {', '.join(checks.OPS)}; default all"),
-    dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16; default bf16 on GPU, all on CPU"),
-    out: Path = typer.Option(Path("bench-out/kernels"), "--out", help="directory for the CSV and the plot"),
-    wandb: bool = typer.Option(False, "--wandb/--no-wandb", help="log the table and plot to W&B (offline by default)"),
+    ops: str | None = typer.Option(
+        None, "--ops", "--op", help=f"comma-separated, of {', '.join(shapes.OPS)}; default all"),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="fp32, fp16 or bf16 for the timings (default bf16 on a GPU, fp32 on a CPU) and "
+        "for the correctness sweep (default all three)"),
+    providers: str | None = typer.Option(
+        None, "--providers", help=f"comma-separated, of {', '.join(shapes.PROVIDERS)}; default all (on a CPU "
+        "all but torch_compile)"),
+    out: Path = typer.Option(Path("bench-out/kernels"), "--out", help="directory for the CSVs and plots/"),
+    quick: bool = typer.Option(False, "--quick", help="tiny shapes: a smoke run (always so on a CPU)"),
+    check: bool = typer.Option(True, "--check/--no-check", help="run the correctness sweep first"),
+    wandb: bool = typer.Option(True, "--wandb/--no-wandb",
+                               help="log tables and plots to W&B (offline by default)"),
 ) -> None:
-    """Time the kernels (GPU), or check them under the Triton interpreter (CPU)."""
-    if op is not None and op not in checks.OPS:
-        raise typer.BadParameter(f"unknown op {op!r}; choose from {', '.join(checks.OPS)}", param_hint="--op")
+    """Check the kernels against their references, then time them against PyTorch; CSV, plots, W&B."""
+    op_list = _names(ops, shapes.OPS, "--ops") or shapes.OPS
+    prov = _names(providers, shapes.PROVIDERS, "--providers")
     if dtype is not None and dtype not in checks.DTYPES:
-        raise typer.BadParameter(f"unknown dtype {dtype!r}; choose from fp32, fp16, bf16", param_hint="--dtype")
-    ops = (op,) if op else checks.OPS
+        raise fail(f"--dtype: unknown dtype {dtype!r}; choose from {', '.join(checks.DTYPES)}")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        typer.echo("No GPU: the Triton kernels run under the interpreter on tiny shapes (--quick); timings "
+                   "need a GPU, and CPU runs write no memory rows.")
+        quick = True
+        if prov is None:
+            prov = tuple(p for p in shapes.PROVIDERS if p != "torch_compile")
+    prov = prov or shapes.PROVIDERS
     out.mkdir(parents=True, exist_ok=True)
-    if torch.cuda.is_available():
-        rows = _bench_gpu(ops, (dtype,) if dtype else ("bf16",))
-        files = [out / "kernels.csv", out / "kernels.png"]
-        _write_csv(rows, files[0])
-        _plot(rows, files[1])
-    else:
-        typer.echo("No GPU: running the correctness sweep under the Triton interpreter; timings need a GPU.")
-        rows = _check_cpu(ops, (dtype,) if dtype else tuple(checks.DTYPES))
-        _print_checks(rows)
-        files = [out / "correctness.csv"]
-        _write_csv(rows, files[0])
-    typer.echo(f"wrote {', '.join(str(f) for f in files)}")
+    check_rows = []
+    with interpreter(not cuda):
+        if check:
+            check_rows = correctness(op_list, (dtype,) if dtype else tuple(checks.DTYPES),
+                                     small=quick or not cuda, device=device)
+            _print_checks(check_rows)
+            report.write_csv(check_rows, out / "correctness.csv", columns=tuple(check_rows[0]))
+        rows, failures = sweep(op_list, prov, dtype or ("bf16" if cuda else "fp32"), quick, device,
+                               reps=3 if quick else 10, csv_path=out / "kernels.csv")
+    report.write_csv(rows, out / "kernels.csv")
+    plots = report.plot(rows, out / "plots")
+    _print_speed(rows)
+    typer.echo(f"wrote {len(rows)} rows to {out / 'kernels.csv'}, {len(plots)} plots under {out / 'plots'}")
     if wandb:
-        _log_wandb(rows, files, out)
-    if not torch.cuda.is_available() and not all(r["ok"] for r in rows):
-        typer.echo(f"{sum(not r['ok'] for r in rows)} checks failed")
-        raise typer.Exit(1)
+        typer.echo(f"W&B run in {report.log_wandb(rows, check_rows, plots, out)}")
+    bad = [r for r in check_rows if not r["ok"]]
+    if bad or failures:
+        raise fail(f"{len(bad)} correctness checks failed, {len(failures)} measurements errored (see above)",
+                   code=1)
+
+
+# `python -m pretrain.bench.kernels` (tools/gpu_check.sh) needs only torch, triton, typer, rich, matplotlib.
+if __name__ == "__main__":
+    app()

@@ -16,7 +16,7 @@ import torch
 from pretrain.config import DataConfig
 from pretrain.data.errors import DataError
 from pretrain.data.manifest import Source, resolve, shard_name
-from pretrain.data.stream import Layout, ShardReader, TrainStream, spec_of
+from pretrain.data.stream import Layout, ShardReader, TrainStream, common_spec, spec_of
 from pretrain.data.tokenizer import load_tokenizer, tokenizer_hash
 from pretrain.urls import ReadFailed, is_url, read_bytes
 
@@ -165,9 +165,9 @@ def build_train_stream(cfg: DataConfig, *, seed: int, rank: int, world_size: int
         raise DataError(f"rank {rank} outside world size {world_size}")
     sources = _train_sources(cfg)
     _check_names(sources)
-    first = _agree([(f"data.train[{i}]", s) for i, s in enumerate(sources)])
+    _agree([(f"data.train[{i}]", s) for i, s in enumerate(sources)])
     layout = Layout(seed, rank, world_size, micro_batch_size, grad_accum)
-    return TrainStream(sources, [s.weight for s in cfg.train], spec_of(first, "data.train"), layout,
+    return TrainStream(sources, [s.weight for s in cfg.train], common_spec(sources, "data.train"), layout,
                        cfg.num_workers, cfg.skip_corrupt)
 
 

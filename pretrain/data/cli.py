@@ -74,6 +74,30 @@ def text(
 
 
 @app.command()
+def tokenizer(
+    files: list[Path] = typer.Argument(..., help="text files (one document each), .jsonl files ({'text': ...} per "
+                                               "line) or directories, as for `pretrain data text`"),
+    vocab_size: int = typer.Option(..., "--vocab-size", help="tokens at most, <|endoftext|> included (>= 257)"),
+    out: Path = typer.Option(..., "--out", help="the tokenizer.json to write"),
+    min_frequency: int = typer.Option(2, "--min-frequency", help="merge only pairs seen at least this often"),
+) -> None:
+    """Train a byte-level BPE tokenizer (GPT-2's pre-tokenization, <|endoftext|> separator) on a corpus; use
+    it with `pretrain data text --tokenizer tokenizer.json`."""
+    from pretrain.data.train_tokenizer import train_tokenizer
+
+    try:
+        bar, update = _progress("training")
+        with bar:
+            tok = train_tokenizer([str(f) for f in files], vocab_size=vocab_size, out=out,
+                                  min_frequency=min_frequency, progress=update)
+    except DataError as e:
+        raise fail(str(e)) from None
+    except OSError as e:  # an unwritable --out, a full disk: still one line
+        raise fail(f"{e.filename or ''}: {e.strerror or e}") from None
+    typer.echo(f"{out}: byte-level BPE, {tok.get_vocab_size(with_added_tokens=True):,} tokens")
+
+
+@app.command()
 def sft(
     files: list[Path] = typer.Argument(..., help="chat records, one JSON object a line: {'messages': [{'role', "
                                                "'content'}, ...]} or {'prompt', 'response'}"),

@@ -20,6 +20,8 @@ def summarize(src: Source) -> dict:
     if m["kind"] == "tokens":
         out.update(tokens=m.get("tokens", 0), seq_len=m["seq_len"], dtype=m.get("dtype", ""),
                    tokenizer=m["tokenizer"], vocab_size=m["vocab_size"])
+        if "text_bytes" in m:  # UTF-8 bytes the samples' targets cover (bits per byte); older shards lack it
+            out["text_bytes"] = m["text_bytes"]
     elif m["kind"] == "sft":
         keys = ("examples", "supervised_tokens", "padding_tokens", "text_bytes", "truncated_examples",
                 "skipped_examples")

@@ -7,7 +7,8 @@ Rank r takes the contiguous slice [s*G + r*mb*A, s*G + (r+1)*mb*A) and its micro
 rows of it. Every rank reads the shards covering its positions and keeps only its rows, so the result is
 exact at any world size, and a state written at one (W, A) loads at another with the same G.
 
-What a sample holds comes from the manifest's kind (`SampleSpec`): token rows (`input_ids`), packed
+What a sample holds comes from the manifest's kind (`SampleSpec`): token rows (`input_ids`, and `bytes`,
+the UTF-8 bytes of text the row's targets cover, where the writer recorded them: bits per byte), packed
 supervised rows (`input_ids`, `targets`, `segment_ids`, and `token_positions` that restart at 0 at each
 document, derived from the segment ids), or images (`images` channels-first, uint8 pixels or float32 VAE
 latents, and `labels`). A batch's `positions` are always the rows' global sample positions. A shard decodes into one
@@ -21,6 +22,7 @@ shards no other worker of its rank reads. Errors come back as values so the mess
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from collections import OrderedDict
@@ -40,6 +42,7 @@ STATE_VERSION = 1
 TOKEN_DTYPES = {"tokens.u16": "<u2", "tokens.u32": "<u4"}
 IMAGE_MEMBERS = {"pixels": "image.npy", "latents": "latent.npy"}  # by the manifest's `encoding`
 SFT_MEMBERS = ("input_ids.i32", "segment_ids.i32", "targets.i32")  # little-endian int32 rows (write_sft)
+BYTES_MEMBER = "bytes.u32"  # token rows: UTF-8 bytes the targets cover (write_text; absent in older shards)
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class SampleSpec:
     stored: tuple[int, ...]  # payload shape in the shard (pixels: HxW or HxWxC)
     shape: tuple[int, ...]  # per-sample shape in a batch
     num_classes: int = 0
+    text_bytes: bool = False  # token rows carry their text's byte count (`bytes`)
 
     @property
     def seq_len(self) -> int | None:
@@ -62,7 +66,7 @@ class SampleSpec:
     def fields(self) -> dict[str, tuple[tuple[int, ...], type]]:
         """Batch fields: name -> (per-sample shape, numpy dtype); built once, read per batch."""
         if self.kind == "tokens":
-            return {"input_ids": (self.shape, np.int64)}
+            return {"input_ids": (self.shape, np.int64), **({"bytes": ((), np.int64)} if self.text_bytes else {})}
         if self.kind == "sft":
             return {name: (self.shape, np.int64) for name in ("input_ids", "targets", "segment_ids", "token_positions")}
         return {"images": (self.shape, np.float32 if self.member == "latent.npy" else np.uint8),
@@ -90,7 +94,7 @@ def spec_of(src: Source, setting: str) -> SampleSpec:
         if m.get("member") not in TOKEN_DTYPES:
             raise DataError(f"{setting}: {src.path} has unknown token member '{m.get('member')}'")
         n = int(m["seq_len"]) + 1
-        return SampleSpec("tokens", m["member"], (n,), (n,))
+        return SampleSpec("tokens", m["member"], (n,), (n,), text_bytes=m.get("bytes_member") == BYTES_MEMBER)
     if m["kind"] == "sft":
         if sorted(m.get("members", [])) != list(SFT_MEMBERS) or m.get("dtype") != "int32":
             raise DataError(f"{setting}: {src.path} has sft members {m.get('members')} of {m.get('dtype')}, "
@@ -216,17 +220,35 @@ def _decode(samples, spec: SampleSpec, expected: int, label: str) -> Decoded:
     return _decode_images(samples, spec, label)
 
 
+def common_spec(sources: list[Source], setting: str) -> SampleSpec:
+    """The SampleSpec of sources that agree on their kind (`pretrain.data._agree`): the first one's, with
+    byte counts only if every source has them (a mix with older shards streams tokens alone)."""
+    spec = spec_of(sources[0], setting)
+    if spec.text_bytes and not all(s.manifest.get("bytes_member") == BYTES_MEMBER for s in sources[1:]):
+        spec = dataclasses.replace(spec, text_bytes=False)
+    return spec
+
+
 def _decode_tokens(samples, spec: SampleSpec, label: str) -> Decoded:
-    """Token rows: one frombuffer over the joined payloads."""
+    """Token rows (and byte counts): one frombuffer over the joined payloads of each."""
     member, dtype, n = spec.member, TOKEN_DTYPES[spec.member], spec.shape[0]
-    keys, payloads = [], []
+    keys, payloads, counts = [], [], []
     for key, members in samples:
-        data = members.get(member)
-        if data is None or len(members) != 1 or len(data) != n * np.dtype(dtype).itemsize:
+        data, nbytes = members.get(member), members.get(BYTES_MEMBER)
+        extra = set(members) - {member, BYTES_MEMBER}
+        if data is None or extra or len(data) != n * np.dtype(dtype).itemsize:
             raise DataError(f"shard {label}: sample {key} is not one {member} of {n} tokens")
+        if spec.text_bytes:
+            if nbytes is None or len(nbytes) != 4:
+                raise DataError(f"shard {label}: sample {key} lacks its {BYTES_MEMBER} (4 bytes), which the "
+                                f"manifest promises")
+            counts.append(nbytes)
         keys.append(key)
         payloads.append(data)
-    return keys, {"input_ids": np.frombuffer(b"".join(payloads), dtype=dtype).reshape(len(keys), n)}
+    out = {"input_ids": np.frombuffer(b"".join(payloads), dtype=dtype).reshape(len(keys), n)}
+    if spec.text_bytes:
+        out["bytes"] = np.frombuffer(b"".join(counts), dtype="<u4")
+    return keys, out
 
 
 def _decode_sft(samples, spec: SampleSpec, label: str) -> Decoded:

@@ -5,6 +5,14 @@ token ids (a process pool, in order) -> one stream per split with `<|endoftext|>
 samples of seq_len + 1 tokens (stride seq_len, so consecutive samples share one token) -> tar shards of a
 fixed sample count -> `index.json`.
 
+Bytes per sample: beside its tokens each sample holds `bytes.u32`, the UTF-8 bytes of the text its targets
+(tokens 1..seq_len) cover, so validation can report bits per byte, a loss that compares across tokenizers.
+The count is taken while tokenizing, decode-free: each token gets the bytes of the text between the end of
+the tokens before it and its own end (the tokenizer's character offsets), so the tokens of a piece cover its
+text exactly once, whatever the tokenizer (a byte-level BPE token that holds part of a character gets the
+rest of it or nothing; separators and added specials get 0). Consecutive samples' targets tile the stream,
+so the manifest's `text_bytes` is the split's text less its first token's and the dropped tail's.
+
 Restartable: a journal (`progress.json`) records every finished shard and the tokens of every piece, so a
 second run with the same inputs and settings keeps the shards it finds intact and tokenizes only from the
 piece where the first unfinished shard starts (nothing, if the split was finished). Shards appear under
@@ -32,6 +40,7 @@ from pretrain.data.tokenizer import eos_id, load_tokenizer, tokenizer_hash
 
 PIECE_BYTES = 1 << 20
 JOURNAL = "progress.json"
+BYTES_MEMBER = "bytes.u32"  # per sample: UTF-8 bytes its targets cover, one little-endian uint32
 
 
 @dataclass(frozen=True)
@@ -113,34 +122,62 @@ def _init_worker(spec: str) -> None:
     _TOK = load_tokenizer(spec)
 
 
-def encode_piece(piece: Piece) -> np.ndarray:
-    """Token ids of one piece, a separator after each document it ends (uint32)."""
+def token_bytes(text: str, offsets: list[tuple[int, int]]) -> np.ndarray:
+    """UTF-8 bytes of `text` each token covers, from the tokens' character offsets: the bytes between the
+    furthest end so far and this token's end (text before the first token goes to it, text after the last
+    to the last), so the counts sum to the text's bytes exactly (uint32)."""
+    total = len(text.encode("utf-8"))
+    if not offsets:
+        return np.zeros(0, dtype=np.uint32)
+    cp = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+    widths = 1 + (cp >= 0x80).astype(np.int64) + (cp >= 0x800) + (cp >= 0x10000)
+    at = np.concatenate([[0], np.cumsum(widths)])  # byte offset of each character boundary
+    ends = np.maximum.accumulate(at[np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 1]])
+    out = np.diff(ends, prepend=0)
+    out[-1] += total - ends[-1]
+    return out.astype(np.uint32)
+
+
+def _encode(text: str) -> tuple[list[int], np.ndarray]:
+    enc = _TOK.encode(text)
+    return enc.ids, token_bytes(text, enc.offsets)
+
+
+def encode_piece(piece: Piece) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of one piece, a separator after each document it ends, and the UTF-8 bytes of the text
+    each token covers (`token_bytes`; 0 for a separator); both uint32."""
     with open(piece.path, "rb") as f:
         f.seek(piece.start)
         data = f.read(piece.end - piece.start)
     eos = eos_id(_TOK)
+    ids: list[int] = []
+    nbytes: list[np.ndarray] = []
     if piece.jsonl:
-        ids: list[int] = []
         for line in data.splitlines():
             if line.strip():
                 try:
                     text = json.loads(line)["text"]
                 except (ValueError, KeyError, TypeError):
                     raise DataError(f"input {piece.path}: a line near byte {piece.start} is not JSON with a 'text' field") from None
-                ids += _TOK.encode(text).ids + [eos]
-        return np.asarray(ids, dtype=np.uint32)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"input {piece.path}: not UTF-8 text (byte {piece.start + e.start})") from None
-    ids = _TOK.encode(text).ids
-    if piece.last:
-        ids.append(eos)
-    return np.asarray(ids, dtype=np.uint32)
+                doc, b = _encode(text)
+                ids += doc + [eos]
+                nbytes += [b, np.zeros(1, dtype=np.uint32)]
+    else:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"input {piece.path}: not UTF-8 text (byte {piece.start + e.start})") from None
+        ids, b = _encode(text)
+        nbytes.append(b)
+        if piece.last:
+            ids.append(eos)
+            nbytes.append(np.zeros(1, dtype=np.uint32))
+    counts = np.concatenate(nbytes) if nbytes else np.zeros(0, dtype=np.uint32)
+    return np.asarray(ids, dtype=np.uint32), counts
 
 
-def _encoded(pieces: list[Piece], spec: str, workers: int) -> Iterator[np.ndarray]:
-    """Token arrays of `pieces` in order, from a pool of `workers` processes (in-process for 1)."""
+def _encoded(pieces: list[Piece], spec: str, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(token ids, bytes per token) of `pieces` in order, from a pool of `workers` processes (in-process for 1)."""
     if workers <= 1 or len(pieces) <= 1:
         _init_worker(spec)
         yield from map(encode_piece, pieces)
@@ -161,6 +198,7 @@ class _SplitWriter:
         self.shards: list[dict] = []
         self.piece_tokens: list[int] = []
         self.dropped: int | None = None  # known once the whole split was written
+        self._text_bytes = 0  # UTF-8 bytes covered by the samples of the shard being written
         out.mkdir(parents=True, exist_ok=True)
         self._resume()
 
@@ -193,26 +231,32 @@ class _SplitWriter:
         for p in self.pieces[:first]:
             progress(p.end - p.start)
         buf = np.zeros(0, dtype=np.uint32)
+        bbuf = np.zeros(0, dtype=np.uint32)  # bytes of each token in buf
         drop = skip - cum
         index, writer = done_samples, None
-        for k, ids in enumerate(_encoded(self.pieces[first:], spec, workers), start=first):
+        for k, (ids, nbytes) in enumerate(_encoded(self.pieces[first:], spec, workers), start=first):
             self.piece_tokens.append(int(len(ids)))
             progress(self.pieces[k].end - self.pieces[k].start)
             if drop:
                 cut = min(drop, len(ids))
-                ids, drop = ids[cut:], drop - cut
+                ids, nbytes, drop = ids[cut:], nbytes[cut:], drop - cut
             buf = np.concatenate([buf, ids]) if len(buf) else ids
+            bbuf = np.concatenate([bbuf, nbytes]) if len(bbuf) else nbytes
             n = (len(buf) - 1) // L if len(buf) > L else 0
             for i in range(n):
                 if writer is None:
                     writer = ShardWriter(self.out / f"shard-{len(self.shards):06d}.tar")
+                    self._text_bytes = 0
                 sample = buf[i * L : i * L + L + 1].astype(self.dtype)
-                writer.add(f"{index:010d}", {self.ext: sample.tobytes()})
+                covered = int(bbuf[i * L + 1 : i * L + L + 1].sum())  # the targets' text
+                self._text_bytes += covered
+                writer.add(f"{index:010d}", {self.ext: sample.tobytes(),
+                                             BYTES_MEMBER: np.uint32(covered).astype("<u4").tobytes()})
                 index += 1
                 if writer.samples == self.sps:
                     self._finish(writer)
                     writer = None
-            buf = buf[n * L :]
+            buf, bbuf = buf[n * L :], bbuf[n * L :]
         self.dropped = max(len(buf) - 1, 0)
         if writer is not None:
             self._finish(writer)
@@ -221,7 +265,7 @@ class _SplitWriter:
 
     def _finish(self, writer: ShardWriter) -> None:
         entry = writer.close()
-        entry.update(samples=writer.samples, tokens=writer.samples * self.seq_len)
+        entry.update(samples=writer.samples, tokens=writer.samples * self.seq_len, text_bytes=self._text_bytes)
         self.shards.append(entry)
         self._journal()
 
@@ -230,6 +274,7 @@ class _SplitWriter:
         m.update(
             samples=sum(s["samples"] for s in self.shards),
             tokens=sum(s["tokens"] for s in self.shards),
+            text_bytes=sum(s["text_bytes"] for s in self.shards),
             dropped_tokens=self.dropped,
             shards=self.shards,
         )
@@ -276,10 +321,11 @@ def _sha256(p: Path) -> str:
 
 
 def samples_per_shard(shard_bytes: int, seq_len: int, vocab_size: int) -> int:
-    """Samples that fit a target shard size: each is one tar member (512-byte header, padded data)."""
+    """Samples that fit a target shard size: each is two tar members (512-byte header, padded data): its
+    tokens and its byte count."""
     _, dtype = token_ext(vocab_size)
     member = 512 + -(-(seq_len + 1) * np.dtype(dtype).itemsize // 512) * 512
-    return max(1, shard_bytes // member)
+    return max(1, shard_bytes // (member + 1024))
 
 
 def write_text(
@@ -324,7 +370,7 @@ def write_text(
             "format": FORMAT, "kind": "tokens", "split": split, "seq_len": seq_len, "member": ext,
             "dtype": np.dtype(dtype).name, "tokenizer": spec, "tokenizer_sha256": tokenizer_hash(tok),
             "vocab_size": vocab, "eos_id": eos_id(tok), "corpus_sha256": corpus_sha, "files": len(files),
-            "val_fraction": val_fraction,
+            "val_fraction": val_fraction, "bytes_member": BYTES_MEMBER,
         }
         sps = samples_per_shard(shard_bytes, seq_len, vocab)
         header["samples_per_shard"] = sps

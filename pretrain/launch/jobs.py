@@ -15,7 +15,7 @@ unreachable head, missing or wrong token, unknown job) is raised as JobCommandEr
 and printed at the command boundary by `pretrain.fail.fail`: one line `error: ...` on stderr and a
 non-zero exit. Importing this module loads typer only; status, logs, stop and jobs add Ray's job client,
 `submit` also `pretrain.config` (pydantic), inside the commands; none of them imports torch, triton or
-deepspeed.
+deepspeed, except `submit --gpu`, whose memory check (`pretrain.plan`) builds the model on the meta device.
 """
 
 from __future__ import annotations
@@ -219,10 +219,13 @@ def locality_warnings(cfg) -> list[str]:
                 f"data path '{src.path}' is relative: the job resolves it in its working directory on "
                 "the head, where data/ is not uploaded; use shared storage or an object-store URL"
             )
-    if not _is_remote_or_absolute(cfg.run.dir) and not cfg.cluster.storage:
+    if not _is_remote_or_absolute(cfg.run.dir):
+        # Checkpoints follow cluster.storage when it is set, but metrics, the summary and the final weights
+        # always live under run.dir: relative, they are lost with the head's temporary job directory.
+        kept = "metrics, summary and final weights" if cfg.cluster.storage else "the run, checkpoints included,"
         out.append(
-            f"run.dir '{cfg.run.dir}' is relative: the run directory lands in the job's temporary "
-            "working directory on the head; set run.dir or cluster.storage to shared storage"
+            f"run.dir '{cfg.run.dir}' is relative: {kept} land in the job's temporary working directory "
+            "on the head; set run.dir to shared storage"
         )
     return out
 
@@ -295,8 +298,16 @@ def submit(
                      "cluster token (repeatable); secrets belong in the cluster definition."),
     ] = None,
     job_id: Annotated[str | None, typer.Option("--job-id", help="Submission id; default: Ray picks one.")] = None,
+    gpu: Annotated[
+        str | None,
+        typer.Option("--gpu", envvar="PRETRAIN_GPU", show_envvar=True,
+                     help="The cluster's GPU model (e.g. h100-sxm): check first that the config fits it, as "
+                     "`pretrain plan` does, one GPU per cluster.workers."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Submit even if the config does not fit --gpu.")] = False,
 ) -> None:
-    """Submit `pretrain train CONFIG overrides...` to a Ray cluster; print the job id."""
+    """Submit `pretrain train CONFIG overrides...` to a Ray cluster; print the job id. With --gpu (or
+    PRETRAIN_GPU) a config whose per-GPU memory exceeds that GPU is refused before anything is sent."""
 
     def body() -> None:
         from pretrain.config import ConfigError
@@ -305,6 +316,7 @@ def submit(
             spec = build_job(config, list(overrides or []), working_dir, list(env or []))
         except ConfigError as e:
             _fail(str(e), EXIT_USAGE)
+        _check_fits(config, list(overrides or []), gpu, force)  # before any connection: nothing is sent
         client, addr = connect(address)
         for w in spec.pop("warnings"):
             typer.echo(f"warning: {w}", err=True)
@@ -316,6 +328,31 @@ def submit(
         typer.echo(jid)
 
     _run(body)
+
+
+def _check_fits(config: Path, overrides: list[str], gpu: str | None, force: bool) -> None:
+    """`pretrain plan`'s verdict for the job's GPUs: refuse (exit 2) a config that does not fit, unless forced.
+    Imports torch and deepspeed (the model is built on the meta device), so only when --gpu is given."""
+    if not gpu:  # nothing to check against; `pretrain plan` answers the same question on demand
+        return
+    from pretrain.config import ConfigError, load_config
+    from pretrain.plan import make_plan
+
+    try:
+        cfg = load_config(config, overrides)
+        if cfg.train.init_from:
+            from pretrain.train.init_from import resolve
+
+            cfg = resolve(cfg)
+        plan = make_plan(cfg, gpu)
+    except ConfigError as e:
+        _fail(str(e), EXIT_USAGE)
+    if plan.fits:
+        return
+    if not force:
+        _fail(f"{plan.verdict()} (`pretrain plan {config} --gpu {gpu}` for the terms; --force submits anyway)",
+              EXIT_USAGE)
+    typer.echo(f"warning: {plan.verdict()}; submitting anyway (--force)", err=True)
 
 
 def _state(client, job_id: str, addr: str) -> str:

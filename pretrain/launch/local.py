@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from pretrain.config import Config, config_from_dict, run_dir
@@ -30,14 +31,38 @@ def resolve_paths(cfg: Config) -> Config:
             src["path"] = str(Path(src["path"]).resolve())
     if tree["train"]["init_from"] and not is_url(tree["train"]["init_from"]):
         tree["train"]["init_from"] = str(Path(tree["train"]["init_from"]).expanduser().resolve())
+    if tree["cluster"]["storage"] and not is_url(tree["cluster"]["storage"]):  # checkpoints (train/checkpoint.py)
+        tree["cluster"]["storage"] = str(Path(tree["cluster"]["storage"]).expanduser().resolve())
+    if tree["train"]["branch_from"] and not is_url(tree["train"]["branch_from"]):  # PATH[@STEP]
+        tree["train"]["branch_from"] = str(Path(tree["train"]["branch_from"]).expanduser().absolute())
     return config_from_dict(tree)
 
 
 def _worker_main(config: dict) -> None:
     # Runs inside each Ray Train worker; the torch process group already exists.
+    spawned = time.time()
+    import torch.distributed as dist
+
+    from pretrain.fail import ERROR_FILE, is_deterministic, record_error
     from pretrain.train.loop import train
 
-    train(config_from_dict(config["cfg"]), started_at=config["started_at"])
+    marks = [*map(tuple, config.get("marks", [])), ("worker_spawned", spawned), ("imports", time.time())]
+    cfg = config_from_dict(config["cfg"])
+    try:
+        train(cfg, started_at=config["started_at"], marks=marks)
+    except Exception as e:
+        # A deterministic error would fail again on every restart: record its line for the driver and
+        # return normally, so Ray Train does not count a failure. Leaving the group breaks the
+        # collective any peer waits in (at once under gloo; NCCL at its timeout); that peer then finds
+        # the record and returns too. Anything else is a failure: raise it, and Ray Train retries.
+        if is_deterministic(e):
+            record_error(run_dir(cfg), e, dist.get_rank())
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            return
+        if (run_dir(cfg) / ERROR_FILE).is_file():
+            return
+        raise
 
 
 def _init_ray(cfg: Config) -> None:
@@ -55,7 +80,9 @@ def _init_ray(cfg: Config) -> None:
 
 
 def launch(cfg: Config, *, started_at: float, quiet: bool = False) -> None:
-    """Train with Ray Train workers; returns when the run has finished, raises if it failed."""
+    """Train with Ray Train workers; returns when the run has finished. A deterministic error found by a
+    worker (data, config, shapes) raises `pretrain.fail.RunError` with its line after one attempt;
+    anything else Ray Train retried `cluster.max_failures` times raises as Ray gives it."""
     import ray.train
     import torch
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -63,17 +90,19 @@ def launch(cfg: Config, *, started_at: float, quiet: bool = False) -> None:
     from pretrain.launch.preflight import preflight
 
     objective = preflight(cfg)  # bad data or a mismatched model fails here, before Ray starts
+    marks = [("command", started_at), ("preflight", time.time())]  # start-up phases (pretrain/train/startup.py)
     for line in objective.data.get("commands", []):  # a `pipe:` source the user wrote: say that it runs
         print(f"notice: {line}", file=sys.stderr, flush=True)
     objective.setup()
     unit = objective.unit
     cfg = resolve_paths(cfg)
     _init_ray(cfg)
+    marks.append(("ray_init", time.time()))
     use_gpu = cfg.cluster.use_gpu if cfg.cluster.use_gpu is not None else torch.cuda.is_available()
     rdir = run_dir(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker=_worker_main,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "started_at": started_at},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "started_at": started_at, "marks": marks},
         scaling_config=ray.train.ScalingConfig(
             # (min, max) makes the group elastic: after losing a node it continues with fewer workers.
             num_workers=(cfg.cluster.min_workers, cfg.cluster.workers) if cfg.cluster.min_workers else cfg.cluster.workers,
@@ -87,5 +116,15 @@ def launch(cfg: Config, *, started_at: float, quiet: bool = False) -> None:
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
         ),
     )
-    with follow_metrics(rdir / "metrics.jsonl", cfg, unit, enabled=not quiet):
-        trainer.fit()
+    from pretrain.fail import ERROR_FILE, recorded_error
+
+    (rdir / ERROR_FILE).unlink(missing_ok=True)  # an earlier run's: the workers' record starts empty
+    try:
+        with follow_metrics(rdir / "metrics.jsonl", cfg, unit, enabled=not quiet):
+            trainer.fit()
+    except Exception:
+        if (error := recorded_error(rdir)) is None:
+            raise
+        raise error from None  # a peer's deterministic error, not the collective failure it caused
+    if (error := recorded_error(rdir)) is not None:
+        raise error

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pretrain.config import Config
+from pretrain.config import Config, total_steps
 
 console = Console(highlight=False, soft_wrap=True)  # one line per row, even in a narrow or piped terminal
 
@@ -55,6 +55,7 @@ def follow_metrics(path: Path, cfg: Config, unit: str, enabled: bool = True, pol
         return
     stop = threading.Event()
     offset = path.stat().st_size if path.exists() else 0
+    total = total_steps(cfg)  # train.steps, or what train.tokens / train.flops come to
 
     def run() -> None:
         nonlocal offset
@@ -72,8 +73,8 @@ def follow_metrics(path: Path, cfg: Config, unit: str, enabled: bool = True, pol
                 for ln in lines:
                     row = json.loads(ln)
                     step = row["step"]
-                    if "loss" not in row or step % cfg.train.log_every == 0 or step in (1, cfg.train.steps):
-                        console.print(format_row(row, cfg.train.steps, unit))
+                    if "loss" not in row or step % cfg.train.log_every == 0 or step in (1, total):
+                        console.print(format_row(row, total, unit))
             if done:
                 return
             stop.wait(poll_s)

@@ -35,6 +35,7 @@ class DeviceSpec:
     bf16: float
     fp16: float
     tb_s: float  # memory bandwidth
+    memory_gb: float  # memory capacity as the sheet gives it (GB; `pretrain plan` fits a run into it)
 
 
 SPECS: tuple[DeviceSpec, ...] = (
@@ -42,44 +43,44 @@ SPECS: tuple[DeviceSpec, ...] = (
     # (SXM and NVL columns; the PCIe column is in its 2022 edition, nvidia-h100-datasheet-2287922).
     # torch names the SXM5 part "NVIDIA H100 80GB HBM3".
     DeviceSpec("H100 SXM", ("H100 80GB HBM3", "H100 SXM", "H100 SXM5"),
-               fp32=67 * T, tf32=989 / 2 * T, bf16=1979 / 2 * T, fp16=1979 / 2 * T, tb_s=3.35),
+               fp32=67 * T, tf32=989 / 2 * T, bf16=1979 / 2 * T, fp16=1979 / 2 * T, tb_s=3.35, memory_gb=80),
     DeviceSpec("H100 PCIe", ("H100 PCIe",),
-               fp32=51 * T, tf32=756 / 2 * T, bf16=1513 / 2 * T, fp16=1513 / 2 * T, tb_s=2.0),
+               fp32=51 * T, tf32=756 / 2 * T, bf16=1513 / 2 * T, fp16=1513 / 2 * T, tb_s=2.0, memory_gb=80),
     DeviceSpec("H100 NVL", ("H100 NVL",),
-               fp32=60 * T, tf32=835 / 2 * T, bf16=1671 / 2 * T, fp16=1671 / 2 * T, tb_s=3.9),
+               fp32=60 * T, tf32=835 / 2 * T, bf16=1671 / 2 * T, fp16=1671 / 2 * T, tb_s=3.9, memory_gb=94),
     # NVIDIA H200 Tensor Core GPU datasheet, https://resources.nvidia.com/en-us-data-center-overview-mc/en-us-data-center-overview/hpc-datasheet-sc23-h200
     # (H200 SXM and H200 NVL columns).
     DeviceSpec("H200 SXM", ("H200",),
-               fp32=67 * T, tf32=989 / 2 * T, bf16=1979 / 2 * T, fp16=1979 / 2 * T, tb_s=4.8),
+               fp32=67 * T, tf32=989 / 2 * T, bf16=1979 / 2 * T, fp16=1979 / 2 * T, tb_s=4.8, memory_gb=141),
     DeviceSpec("H200 NVL", ("H200 NVL",),
-               fp32=60 * T, tf32=835 / 2 * T, bf16=1671 / 2 * T, fp16=1671 / 2 * T, tb_s=4.8),
+               fp32=60 * T, tf32=835 / 2 * T, bf16=1671 / 2 * T, fp16=1671 / 2 * T, tb_s=4.8, memory_gb=141),
     # NVIDIA HGX B200 datasheet, https://resources.nvidia.com/en-us-dgx-systems/hgx-b200-datasheet
     # (per-GPU figures; TF32 2.2 PFLOPS*, FP16/BF16 4.5 PFLOPS*, FP32 75 TFLOPS, 180 GB at 7.7 TB/s).
     DeviceSpec("B200", ("B200",),
-               fp32=75 * T, tf32=2200 / 2 * T, bf16=4500 / 2 * T, fp16=4500 / 2 * T, tb_s=7.7),
+               fp32=75 * T, tf32=2200 / 2 * T, bf16=4500 / 2 * T, fp16=4500 / 2 * T, tb_s=7.7, memory_gb=180),
     # NVIDIA A100 Tensor Core GPU datasheet, https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf
     # Compute is the same for SXM and PCIe; bandwidth is not: 80GB SXM 2,039 GB/s, 80GB PCIe 1,935 GB/s,
     # 40GB (either) 1,555 GB/s. torch names them "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe", ...
     DeviceSpec("A100 SXM 80GB", ("A100 SXM4", "A100 SXM"),
-               fp32=19.5 * T, tf32=312 / 2 * T, bf16=624 / 2 * T, fp16=624 / 2 * T, tb_s=2.039),
+               fp32=19.5 * T, tf32=312 / 2 * T, bf16=624 / 2 * T, fp16=624 / 2 * T, tb_s=2.039, memory_gb=80),
     DeviceSpec("A100 SXM 40GB", ("A100 SXM4 40GB", "A100 SXM 40GB"),
-               fp32=19.5 * T, tf32=312 / 2 * T, bf16=624 / 2 * T, fp16=624 / 2 * T, tb_s=1.555),
+               fp32=19.5 * T, tf32=312 / 2 * T, bf16=624 / 2 * T, fp16=624 / 2 * T, tb_s=1.555, memory_gb=40),
     DeviceSpec("A100 PCIe 80GB", ("A100 PCIe",),
-               fp32=19.5 * T, tf32=312 / 2 * T, bf16=624 / 2 * T, fp16=624 / 2 * T, tb_s=1.935),
+               fp32=19.5 * T, tf32=312 / 2 * T, bf16=624 / 2 * T, fp16=624 / 2 * T, tb_s=1.935, memory_gb=80),
     DeviceSpec("A100 PCIe 40GB", ("A100 PCIe 40GB",),
-               fp32=19.5 * T, tf32=312 / 2 * T, bf16=624 / 2 * T, fp16=624 / 2 * T, tb_s=1.555),
+               fp32=19.5 * T, tf32=312 / 2 * T, bf16=624 / 2 * T, fp16=624 / 2 * T, tb_s=1.555, memory_gb=40),
     # NVIDIA L40S datasheet, https://resources.nvidia.com/en-us-l40s/l40s-datasheet-28413 (it lists dense and
     # sparse: TF32 183 | 366*, BF16/FP16 362.05 | 733*; 48 GB GDDR6 at 864 GB/s).
     DeviceSpec("L40S", ("L40S",),
-               fp32=91.6 * T, tf32=183 * T, bf16=362.05 * T, fp16=362.05 * T, tb_s=0.864),
+               fp32=91.6 * T, tf32=183 * T, bf16=362.05 * T, fp16=362.05 * T, tb_s=0.864, memory_gb=48),
     # NVIDIA L4 datasheet, https://resources.nvidia.com/en-us-data-center-overview/l4-gpu-datasheet
     # (TF32 120*, BF16/FP16 242*; 24 GB at 300 GB/s). "NVIDIA L4" only: the L40 is another chip.
     DeviceSpec("L4", ("L4",),
-               fp32=30.3 * T, tf32=120 / 2 * T, bf16=242 / 2 * T, fp16=242 / 2 * T, tb_s=0.3),
+               fp32=30.3 * T, tf32=120 / 2 * T, bf16=242 / 2 * T, fp16=242 / 2 * T, tb_s=0.3, memory_gb=24),
     # AMD Instinct MI300X datasheet, https://www.amd.com/content/dam/amd/en/documents/instinct-tech-docs/data-sheets/amd-instinct-mi300x-data-sheet.pdf
     # (dense figures listed as such; fp32 is the matrix rate, 163.4, equal to the vector one; 5.3 TB/s).
     DeviceSpec("MI300X", ("MI300X",),
-               fp32=163.4 * T, tf32=653.7 * T, bf16=1307.4 * T, fp16=1307.4 * T, tb_s=5.3),
+               fp32=163.4 * T, tf32=653.7 * T, bf16=1307.4 * T, fp16=1307.4 * T, tb_s=5.3, memory_gb=192),
 )
 
 PRECISIONS = ("fp32", "bf16", "fp16")

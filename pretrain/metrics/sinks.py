@@ -2,7 +2,8 @@
 
 Every sink takes one flat dict per event (`{"step": ..., "loss": ...}` or `{"step": ..., "val_loss": ...}`).
 The JSONL file is the source of truth for resume: `truncate_after(step)` drops lines past a checkpoint
-so a resumed run writes each step exactly once.
+(all of them without one) so a restarted run writes each step exactly once; the W&B sink skips the
+steps an earlier attempt already sent (`last_step`).
 """
 
 from __future__ import annotations
@@ -34,20 +35,45 @@ class JsonlSink(Sink):
         self._f.close()
 
 
+def _rows(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) of each whole line; a line a crash cut short (only ever the last) is left out."""
+    out = []
+    for ln in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append((ln, json.loads(ln)))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 def truncate_after(path: Path, step: int) -> None:
-    """Keep the lines of steps <= `step` (rewritten atomically)."""
+    """Keep the lines of steps <= `step` (rewritten atomically); -1 empties the file (a run that restarts
+    without a checkpoint logs everything again, step 0's validation included)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    keep = [ln for ln, row in _rows(path) if row.get("step", 0) <= step]
     atomic_write(path, "".join(ln + "\n" for ln in keep))
+
+
+def last_step(path: Path) -> int:
+    """The highest step the file records (-1 for none): what an earlier attempt of the run has logged."""
+    return max((row.get("step", 0) for _, row in _rows(path)), default=-1)
 
 
 class WandbSink(Sink):
     """One W&B run per run directory; its id is kept there so a resumed run continues the same run.
-    Offline unless an API key is configured (no account needed; `wandb sync` uploads later)."""
+    Offline unless an API key is configured (no account needed; `wandb sync` uploads later).
 
-    def __init__(self, run_dir: Path, project: str, name: str, config: dict, unit: str = "tokens"):
+    W&B keeps what it was sent: metrics.jsonl can be cut back to the checkpoint, a W&B run cannot (and
+    an offline one does not even know its earlier steps). So after a restart the steps up to
+    `logged_through` (the last one an earlier attempt logged) are not sent again; a resumed run
+    reproduces them exactly, so nothing is lost, and each step appears once, in step order."""
+
+    def __init__(self, run_dir: Path, project: str, name: str, config: dict, unit: str = "tokens",
+                 logged_through: int = -1):
         import wandb
+
+        self.logged_through = logged_through
 
         id_file = run_dir / "wandb_id"
         if not id_file.exists():
@@ -64,6 +90,8 @@ class WandbSink(Sink):
             self._run.define_metric(x)
 
     def log(self, row: dict) -> None:
+        if row["step"] <= self.logged_through:
+            return
         data = {k: v for k, v in row.items() if k != "step"}
         if "loss" in row:
             data["loss_vs_flops/loss"] = data[f"loss_vs_{self.unit}/loss"] = row["loss"]
@@ -72,7 +100,8 @@ class WandbSink(Sink):
     def image(self, step: int, name: str, path: Path) -> None:
         import wandb
 
-        self._run.log({name: wandb.Image(str(path))}, step=step)
+        if step > self.logged_through:
+            self._run.log({name: wandb.Image(str(path))}, step=step)
 
     def summary(self, values: dict) -> None:
         self._run.summary.update(values)

@@ -2,10 +2,17 @@
 
 A shard row holds seq_len + 1 tokens; inputs are the first seq_len, targets the last seq_len. The
 end-of-run artefact is a sampled continuation of `objective.sample_prompt`.
+
+Bits per byte: where the shards record the UTF-8 bytes each row's targets cover (`write_text`), the loss
+comes with a metric `bpb` = (summed NLL in nats / ln 2, bytes), so training logs `bpb` and validation
+`val_bpb`, the loss per byte of text whatever the tokenizer (and the summary `final_val_bpb`). Rows from
+older shards have no byte counts: no metric, no error. The separator after each document is a target with
+no bytes of its own, so its NLL counts: bpb is the code length of the text with its document boundaries.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -47,13 +54,19 @@ class CausalLM(TokenObjective):
 
     def prepare(self, batch: dict, device: torch.device) -> dict:
         ids = batch["input_ids"].to(device, non_blocking=True)
-        return {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}
+        out = {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}
+        # Every target counts, so a row's bytes are its targets' (a subclass that masks targets drops them).
+        if "bytes" in batch:
+            out["bytes"] = batch["bytes"].to(device, non_blocking=True)
+        return out
 
     def count(self, batch: dict) -> torch.Tensor:
         return (batch["targets"] != IGNORE).sum()
 
     def loss(self, model, batch: dict):
-        return model(batch["input_ids"], targets=batch["targets"]), self.count(batch), {}
+        total = model(batch["input_ids"], targets=batch["targets"])
+        metrics = {"bpb": (total / math.log(2), batch["bytes"].sum())} if "bytes" in batch else {}
+        return total, self.count(batch), metrics
 
     def artefact(self, model, ctx) -> str | None:
         o = self.cfg.objective

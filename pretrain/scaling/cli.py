@@ -13,16 +13,21 @@ is in pretrain.scaling.table (reading), .fit (fitting) and .plots (drawing).
 
 and the plots isoflops.png, frontier.png, optimal.png and residuals.png. Bad input ends with one line on
 stderr (`error: ...`) and exit code 2.
+
+`pretrain scaling ladder CONFIG [--budgets ...] [--sizes ...] [--out DIR]` plans an isoFLOP ladder, runs it
+(resuming an interrupted one) and fits it into DIR/fit/ (pretrain/scaling/ladder.py).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from pretrain.config import ConfigError
 from pretrain.fail import fail
 from pretrain.scaling import ScalingError
 
@@ -33,7 +38,6 @@ app = typer.Typer(help="Fit scaling laws (Chinchilla approaches 2 and 3) to runs
 @app.callback()
 def _group() -> None:
     """Fit scaling laws (Chinchilla approaches 2 and 3) to runs or published tables."""
-    # A callback keeps `fit` a sub-command while it is the only one (the ladder command comes later).
 
 
 def _read(sources: list[Path], metric: str, params: str, force: bool):
@@ -103,36 +107,153 @@ def fit(
     seed: int = typer.Option(0, "--seed", help="seed of the bootstrap resamples"),
 ) -> None:
     """Fit L(N, D) = E + A/N^alpha + B/D^beta (approach 3) and isoFLOP parabolas (approach 2)."""
+    if target_flops is not None and not target_flops > 0:
+        raise fail(f"--target-flops must be positive (got {target_flops})")
+    try:
+        points, kind = _read(sources, metric, params, force)
+        doc = fit_and_write(points, kind, [str(p) for p in sources], out, target_flops=target_flops,
+                            bootstrap=bootstrap, starts=starts, seed=seed, params=params)
+    except ScalingError as e:
+        raise fail(str(e)) from None
+    _report(doc, out)
+
+
+def fit_and_write(points, kind: str, paths: list[str], out: Path, *, target_flops: float | None = None,
+                  bootstrap: int = 300, starts: int | None = None, seed: int = 0, params: str = "total",
+                  plots: bool = True) -> dict:
+    """Fit `points` (a table.Points) with a progress bar; write out/fit.json and the plots; return fit.json's
+    document. The one path from points to fit.json: `scaling fit` and `scaling ladder` both take it."""
     from rich.progress import Progress
 
     from pretrain.atomic import atomic_write
     from pretrain.scaling.fit import fit_scaling
     from pretrain.scaling.plots import write_plots
 
-    if target_flops is not None and not target_flops > 0:
-        raise fail(f"--target-flops must be positive (got {target_flops})")
-    try:
-        points, kind = _read(sources, metric, params, force)
-        with Progress(transient=True) as bar:
-            tasks: dict[str, int] = {}
+    with Progress(transient=True) as bar:
+        tasks: dict[str, int] = {}
 
-            def progress(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:
-                    tasks[stage] = bar.add_task(stage, total=total)
-                bar.update(tasks[stage], completed=done)
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done)
 
-            result = fit_scaling(points.params, points.tokens, points.flops, points.loss,
-                                 budget=points.budget, target_flops=target_flops, resamples=bootstrap,
-                                 starts=starts, seed=seed, progress=progress)
-    except ScalingError as e:
-        raise fail(str(e)) from None
+        result = fit_scaling(points.params, points.tokens, points.flops, points.loss,
+                             budget=points.budget, target_flops=target_flops, resamples=bootstrap,
+                             starts=starts, seed=seed, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     doc = {
-        "source": {"kind": kind, "paths": [str(p) for p in sources], "points": len(points),
+        "source": {"kind": kind, "paths": paths, "points": len(points),
                    "metric": points.metric, "params": params, **points.identity},
         **result.to_json(),
         "runs": points.rows(),
     }
-    write_plots(result, out)
+    if plots:
+        write_plots(result, out)
     atomic_write(out / "fit.json", json.dumps(doc, indent=2) + "\n")
-    _report(doc, out)
+    return doc
+
+
+def _floats(text: str | None, what: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise fail(f"{what} must be comma-separated numbers, e.g. 1e13,3e13,1e14 (got {text!r})") from None
+
+
+def _plan_table(ladder) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"ladder: {len(ladder.rungs)} runs in {ladder.out}")
+    for col in ("size", "budget", "params", "non-emb", "FLOPs/token", "steps", "tokens"):
+        table.add_column(col, justify="left" if col == "size" else "right")
+    for r in ladder.rungs:  # the run's name is <run.name>-<budget>-<size>
+        table.add_row(r.size, f"{r.budget:.3g}", f"{r.params:,}", f"{r.params_non_embedding:,}",
+                      f"{r.flops_per_token:.3g}", f"{r.steps:,}", f"{r.tokens:,}")
+    Console().print(table)
+    for s in ladder.skipped:
+        typer.echo(f"skipped {s['size']} at {s['budget']:.3g} FLOPs: {s['reason']}", err=True)
+
+
+def _submit(config: Path, overrides: list[str], address: str, argv: list[str]) -> None:
+    """The ladder as one Ray job: this command again (without --address) as the job's entrypoint."""
+    import shlex
+
+    from pretrain.launch.jobs import JobCommandError, build_job, connect
+
+    try:
+        spec = build_job(config, overrides)
+        spec["entrypoint"] = shlex.join(["pretrain", "scaling", "ladder", *argv])
+        spec["metadata"]["kind"] = "scaling-ladder"
+        client, addr = connect(address)
+        for w in spec.pop("warnings"):
+            typer.echo(f"warning: {w}", err=True)
+        jid = client.submit_job(**spec)
+    except JobCommandError as e:
+        raise fail(str(e), e.code) from None
+    except Exception as e:  # noqa: BLE001 - Ray's client errors: one line
+        raise fail(f"submitting the ladder to {address}: {str(e).strip().splitlines()[0] if str(e).strip() else e}",
+                   1) from None
+    typer.echo(f"submitted to {addr}: {spec['entrypoint']}", err=True)
+    typer.echo(jid)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ladder(
+    config: Path = typer.Argument(..., help="run config YAML (its ladder: block gives budgets and sizes), e.g. configs/ladder-tiny.yaml"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="section.key=value overrides of the runs' config"),
+    budgets: Optional[str] = typer.Option(None, "--budgets", help="training FLOPs per run, comma-separated, e.g. 1e13,3e13,1e14"),
+    sizes: Optional[str] = typer.Option(None, "--sizes", help="shapes DxL (d_model x n_layers) or DxLxH, comma-separated, e.g. 64x2,128x4"),
+    head_dim: Optional[int] = typer.Option(None, "--head-dim", min=1, help="heads = d_model / head_dim (default ladder.head_dim, 64)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="the ladder's directory (default ladder.out, else <run.dir>/<run.name>)"),
+    address: Optional[str] = typer.Option(None, "--address", help="submit the ladder as one Ray job to this job API, e.g. http://HEAD:8265"),
+    plan_only: bool = typer.Option(False, "--plan", help="write ladder.json and the runs' configs, print the plan, run nothing"),
+    bootstrap: int = typer.Option(300, "--bootstrap", min=0, help="bootstrap resamples of the fit's intervals"),
+    seed: int = typer.Option(0, "--seed", help="seed of the bootstrap resamples"),
+) -> None:
+    """Plan an isoFLOP ladder (every size at every budget, tokens = budget / FLOPs per token), run it on Ray
+    (resuming an interrupted one), fit it into DIR/fit/ and log a W&B summary run."""
+    from pretrain.config import load_config
+    from pretrain.data import DataError
+    from pretrain.objectives import ObjectiveError
+    from pretrain.scaling.ladder import fit_ladder, log_wandb, plan_ladder, run_ladder
+
+    overrides = list(overrides or [])
+    if address:  # the same command as a Ray job, where RAY_ADDRESS makes it run the runs as concurrent tasks
+        given = {"--budgets": budgets, "--sizes": sizes, "--head-dim": head_dim, "--out": out,
+                 "--bootstrap": bootstrap, "--seed": seed}
+        argv = [str(config), *overrides, *[str(x) for k, v in given.items() if v is not None for x in (k, v)]]
+        return _submit(config, overrides, address, argv)
+    try:
+        cfg = load_config(config, overrides)
+        plan = plan_ladder(cfg, budgets=_floats(budgets, "--budgets"), sizes=sizes.split(",") if sizes else None,
+                           head_dim=head_dim, out=out)
+    except (ConfigError, ScalingError, DataError, ObjectiveError) as e:
+        raise fail(str(e)) from None
+    _plan_table(plan)
+    try:
+        if plan_only:
+            from pretrain.scaling.ladder import prepare
+
+            done, todo = prepare(plan)
+            typer.echo(f"planned {plan.out / 'ladder.json'}: {len(done)} runs done, {len(todo)} to run")
+            return
+        started = time.time()
+        tracker = run_ladder(plan)
+    except ScalingError as e:
+        raise fail(str(e)) from None
+    typer.echo(f"ladder: {tracker.line()} in {time.time() - started:.0f}s")
+    for name, line in tracker.failed.items():
+        typer.echo(f"failed {name}: {line}", err=True)
+    try:
+        doc = fit_ladder(plan, bootstrap=bootstrap, seed=seed)
+    except ScalingError as e:
+        raise fail(str(e), 1) from None
+    _report(doc, plan.out / "fit")
+    if cfg.log.wandb:
+        path = log_wandb(plan, doc, cfg.log.project, f"{cfg.run.name}-ladder")
+        typer.echo(f"W&B summary run: {path}")
+    if tracker.failed:
+        raise typer.Exit(1)

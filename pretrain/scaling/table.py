@@ -131,11 +131,18 @@ def run_dirs(paths: list[Path]) -> list[Path]:
 
 
 def _identity_from_config(rdir: Path) -> dict[str, str | None]:
-    """The identity of a run whose summary lacks it: its config's objective and train sources, their manifests."""
+    """The identity of a run whose summary lacks it (one written before summaries carried it): from its config."""
     try:
         cfg = yaml.safe_load((rdir / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
         return {}
+    return identity(cfg)
+
+
+def identity(cfg: dict) -> dict[str, str | None]:
+    """data, tokenizer and objective of a run from its config tree (as in config.yaml): the train sources'
+    corpus hashes and weights, their manifests' tokenizer name and hash, objective.type. The trainer puts
+    it in summary.json (pretrain/train/loop.py); None where nothing says."""
     sources = (cfg.get("data") or {}).get("train") or []
     parts, tokenizers = [], set()
     for src in sources if isinstance(sources, list) else [sources]:

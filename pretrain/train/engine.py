@@ -7,14 +7,15 @@ which offload requires.
 
 from __future__ import annotations
 
-import functools
+import os
+from pathlib import Path
 
 import deepspeed
 import torch
 from torch import nn
 
-from pretrain.config import Config, grad_accum_steps
-from pretrain.train.schedule import warmup_cosine
+from pretrain.config import Config, grad_accum_steps, total_steps
+from pretrain.train.schedule import lr_lambda
 
 
 def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
@@ -63,24 +64,64 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=1e-8)
 
 
-def build_schedule(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-    t = cfg.train
-    fn = functools.partial(warmup_cosine, warmup=t.warmup_steps, total=t.decay_steps or t.steps, floor=t.min_lr_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+def build_schedule(cfg: Config, optimizer: torch.optim.Optimizer, steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """train.schedule over the run's `steps` (default: derived from the config, train.tokens / train.flops included)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train, steps or total_steps(cfg)))
 
 
-def build_engine(cfg: Config, model: nn.Module, world_size: int, load_universal: bool = False):
+def build_engine(cfg: Config, model: nn.Module, world_size: int, load_universal: bool = False, steps: int | None = None):
     """Wrap `model` in a DeepSpeed engine; returns the engine (optimizer and scheduler inside it)."""
     # With bf16 enabled DeepSpeed casts the module itself and keeps fp32 master weights in the optimizer.
     optimizer = build_optimizer(cfg, model)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
-        lr_scheduler=build_schedule(cfg, optimizer),
+        lr_scheduler=build_schedule(cfg, optimizer, steps),
         config=deepspeed_config(cfg, world_size, load_universal),
         dist_init_required=False,
     )
+    if world_size == 1 and cfg.zero.stage == 0:
+        # Averaging gradients over one rank is a flatten, a copy and a division by 1 every step (~5% of a small
+        # model's step, py-spy): skipped, with bit-identical gradients. ZeRO 1-2 reduce inside their optimizer.
+        engine.enable_backward_allreduce = False
+    if cfg.train.compile:
+        compile_engine(engine)
     return engine
+
+
+# Where inductor keeps compiled graphs (FX graph and AOTAutograd caches): outside the run directory, so a
+# second run of the same shapes loads its kernels instead of compiling them (seconds instead of a minute on CPU).
+INDUCTOR_CACHE = Path.home() / ".cache" / "pretrain" / "inductor"
+# Distinct graphs one function may compile before dynamo stops and runs it eagerly (train / eval mode and
+# the sampler's growing lengths need a few; more means shapes change every step, a bug to see, not pay for).
+RECOMPILE_LIMIT = 8
+
+
+def compile_engine(engine) -> None:
+    """torch.compile the engine's module in place (DeepSpeed's `engine.compile`, so its ZeRO hooks keep working:
+    stages 0-2 give whole-model graphs, stage 3 breaks the graph where parameters are gathered). The state-dict
+    keys stay those of the eager module, so checkpoints of compiled and eager runs are interchangeable.
+    DeepCompile is not used: it serves ZeRO-3 on GPUs and needs a native op this set-up does not build."""
+    import torch._dynamo
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # Inductor writes its default (/tmp/torchinductor_<user>) into the environment the first time anything asks
+    # for it, imports included: only a directory the user chose is kept.
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(INDUCTOR_CACHE)
+
+    torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+    torch._logging.set_logs(recompiles=True)  # each recompile, with the guard that failed, in the worker log
+    engine.compile()
+
+
+def compile_stats() -> dict:
+    """What dynamo compiled in this process (for summary.json): frames compiled (each recompile is one more),
+    graphs, and graph breaks."""
+    from torch._dynamo.utils import counters
+
+    return {"compiled_frames": int(counters["frames"]["ok"]), "compiled_graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}
 
 
 def backward_and_step(engine, loss: torch.Tensor) -> float | None:

@@ -70,8 +70,8 @@ def test_job_spec_runs_pretrain_train_in_the_project(monkeypatch):
     assert spec["metadata"] == {"run": "a b", "config": "configs/gpt-tiny.yaml"}
     with pytest.raises(jobs.JobCommandError, match="NOT_SET_ANYWHERE"):
         jobs.build_job(TINY, [], env=["NOT_SET_ANYWHERE"])
-    # gpt-tiny reads data/shakespeare, which is not uploaded: submit says so.
-    assert any("data/shakespeare/train" in w for w in spec["warnings"])
+    # gpt-tiny reads data/shakespeare-bpe, which is not uploaded: submit says so.
+    assert any("data/shakespeare-bpe/train" in w for w in spec["warnings"])
 
 
 def test_job_spec_rejects_a_config_outside_the_working_dir(tmp_path):
@@ -199,7 +199,7 @@ def test_submit_gpt_tiny_follow_status_and_stop(ray_head, tiny_shards, tmp_path)
     addr = ["--address", ray_head.address]
     env = ray_head.env(WANDB_MODE="offline")  # a setting: passed through to the job
     common = [
-        f"data.train={tiny_shards}/train", f"data.val={tiny_shards}/val", f"run.dir={tmp_path}",
+        f"data.train={tiny_shards}/train", f"data.val={tiny_shards}/val", f"run.dir={tmp_path}", "model.vocab_size=50304",
         "cluster.workers=1", "train.log_every=1", "train.eval_every=0", "objective.sample_tokens=0",
     ]
     r = cli("submit", "configs/gpt-tiny.yaml", "train.steps=10", "run.name=tiny10", *common, *addr, env=env)

@@ -10,7 +10,7 @@ from pretrain.data.write_text import write_text
 from tests.helpers import write_corpus
 
 
-def write_source(root: Path, name: str, seed: int, seq_len: int = 16, shard_bytes: int = 12 << 10,
+def write_source(root: Path, name: str, seed: int, seq_len: int = 16, shard_bytes: int = 24 << 10,
                  val_fraction: float = 0.0, n_docs: int = 4, words: int = 600) -> Path:
     """A corpus of `n_docs` generated documents tokenized with GPT-2 BPE into shards of ~12 samples."""
     files = write_corpus(root / f"{name}-corpus", n_docs=n_docs, words_per_doc=words, seed=seed)

@@ -77,7 +77,7 @@ def test_pieces_cut_where_the_tokenizer_cuts(tmp_path, monkeypatch):
     pieces, _, _ = wt.plan_pieces([f], 0.0)
     assert len(pieces) > 10
     wt._init_worker("gpt2")
-    got = np.concatenate([wt.encode_piece(p) for p in pieces]).tolist()
+    got = np.concatenate([wt.encode_piece(p)[0] for p in pieces]).tolist()
     assert got == load_tokenizer("gpt2").encode(f.read_text()).ids + [50256]
 
 
@@ -88,7 +88,7 @@ def test_jsonl_documents(tmp_path):
     wt._init_worker("gpt2")
     tok = load_tokenizer("gpt2")
     want = [i for t in ["Hello world", "To be", "or not"] for i in tok.encode(t).ids + [50256]]
-    assert np.concatenate([wt.encode_piece(p) for p in pieces]).tolist() == want
+    assert np.concatenate([wt.encode_piece(p)[0] for p in pieces]).tolist() == want
 
 
 def _files(d):

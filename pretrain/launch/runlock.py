@@ -1,0 +1,175 @@
+"""One writer per run: a lock file in the run directory that a second live run with the same name is
+refused by, with one line naming the holder (host, pid, start time, Ray job).
+
+The driver takes it (`pretrain train`, which is also the entrypoint of a `pretrain submit` job) before it
+writes or deletes anything in the run directory, and holds it until the run ends. The file is created
+with O_CREAT | O_EXCL, atomic on POSIX filesystems and on NFSv3 and later, so of two starting runs
+exactly one wins. A heartbeat thread touches it every `heartbeat_s`.
+
+A lock left by a run that died is taken over: at once when its holder was on this host and its pid is
+gone; otherwise once its heartbeat is older than `stale_s` (which must exceed the clock skew between
+hosts; a pid can be reused, a heartbeat cannot). Taking over is itself exclusive: a taker first creates
+`run.lock.takeover` with O_EXCL, looks at the lock again (another taker may have replaced it
+meanwhile), and only then removes and recreates it, so two takers never both believe they hold the run.
+
+When checkpoints live in `cluster.storage` (an object-store prefix) the same holder record belongs there
+too, created with the store's conditional put (fsspec's exclusive create): a second `RunLock`-like
+holder over that prefix, taken beside this one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+from pretrain.atomic import fsync_dir
+from pretrain.fail import RunLockedError
+
+LOCK_FILE = "run.lock"
+HEARTBEAT_S = 10.0
+STALE_S = 60.0
+
+
+def _ray_job() -> str | None:
+    """The submission id of the Ray job this process is the entrypoint of, if it is one (Ray passes the
+    job's metadata, which holds it, to the entrypoint's environment)."""
+    try:
+        meta = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata") or {}
+    except json.JSONDecodeError:
+        return None
+    return meta.get("job_submission_id")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def describe(holder: dict) -> str:
+    """`host pid N since 2026-01-02 03:04:05 (Ray job raysubmit_x)`."""
+    since = datetime.fromtimestamp(holder.get("started", 0)).isoformat(sep=" ", timespec="seconds")
+    job = f" (Ray job {holder['ray_job']})" if holder.get("ray_job") else ""
+    return f"{holder.get('host', '?')} pid {holder.get('pid', '?')} since {since}{job}"
+
+
+class RunLock:
+    """The lock of one run directory. `with RunLock(rdir):` or `acquire()` / `release()`."""
+
+    def __init__(self, rdir: Path, *, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S):
+        self.path = Path(rdir) / LOCK_FILE
+        self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+                       "ray_job": _ray_job(), "token": uuid.uuid4().hex}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ reading a lock
+
+    def _read(self) -> tuple[dict | None, float] | None:
+        """(holder or None when unreadable, age of its heartbeat in s); None when there is no lock."""
+        try:
+            age = time.time() - self.path.stat().st_mtime
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            return json.loads(text), age
+        except json.JSONDecodeError:  # being written right now (or torn by a crash): judged by its age
+            return None, age
+
+    def _live(self, holder: dict | None, age: float) -> bool:
+        if age > self.stale_s:
+            return False
+        if holder and holder.get("host") == self.holder["host"]:
+            return _pid_alive(int(holder.get("pid", -1)))
+        return True
+
+    # ------------------------------------------------------------------ taking and giving back
+
+    def acquire(self) -> RunLock:
+        """Take the lock, or raise RunLockedError naming the live holder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            if self._create():
+                self._thread = threading.Thread(target=self._beat, daemon=True, name="run-lock-heartbeat")
+                self._thread.start()
+                return self
+            seen = self._read()
+            if seen is None:
+                continue  # released meanwhile: try again
+            holder, age = seen
+            if self._live(holder, age):
+                raise RunLockedError(f"run.name {self.path.parent.name}: the run directory {self.path.parent} is in "
+                                     f"use by a live run, {describe(holder or {})}; wait for it, stop it, or choose "
+                                     f"another run.name (lock: {self.path})")
+            self._take_over()
+        raise RunLockedError(f"{self.path}: could not take the lock (others keep taking it)")
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(self.holder) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(self.path.parent)
+        return True
+
+    def _take_over(self) -> None:
+        """Remove a stale lock, exclusively: only the taker that holds the takeover file may, and only
+        after it has seen that the lock is still stale."""
+        guard = self.path.with_name(LOCK_FILE + ".takeover")
+        try:
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:  # a taker that died mid-takeover leaves it behind
+                if time.time() - guard.stat().st_mtime > self.stale_s:
+                    guard.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+            time.sleep(0.1)
+            return
+        os.close(fd)
+        try:
+            seen = self._read()
+            if seen is not None and not self._live(*seen):
+                self.path.unlink(missing_ok=True)
+        finally:
+            guard.unlink(missing_ok=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:  # removed by hand: nothing left to keep fresh
+                return
+
+    def release(self) -> None:
+        """Give the lock back (only if it is still this holder's)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        seen = self._read()
+        if seen is not None and seen[0] and seen[0].get("token") == self.holder["token"]:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+

@@ -1,0 +1,63 @@
+"""Each step once after a restart: metrics.jsonl is cut back to the checkpoint, and the W&B run is not sent
+the steps an earlier attempt sent."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from pretrain.metrics.sinks import WandbSink, last_step
+
+
+def _history_steps(wandb_file: Path) -> list[int]:
+    """Steps of the history records in an offline run's transaction log. wandb >= 0.20 writes it from its
+    Go core and ships no Python reader: a 7-byte header, then LevelDB log records (32 KiB blocks; each
+    chunk a 7-byte header of crc32, length, type: 1 full, 2 first, 3 middle, 4 last) of `Record` protos."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, steps, pending = wandb_file.read_bytes(), 7, [], b""
+    while pos + 7 <= len(data):
+        if (room := 32768 - pos % 32768) < 7:  # a block's tail too short for a header is padding
+            pos += room
+            continue
+        _, length, kind = struct.unpack_from("<IHB", data, pos)
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(pending)
+            if rec.WhichOneof("record_type") == "history":
+                steps.append(rec.history.step.num)
+    return steps
+
+
+def test_restarted_run_sends_each_step_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    rows = [{"step": s, "loss": 1.0 / s, "tokens": 8 * s, "flops": 1e6 * s} for s in range(1, 9)]
+    first = WandbSink(tmp_path, "p", "r", {}, unit="tokens")
+    for r in rows[:5]:  # killed after step 5
+        first.log(r)
+    first.close()
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(f'{{"step": {r["step"]}}}\n' for r in rows[:5]) + '{"step": 6, "lo')  # torn tail
+    again = WandbSink(tmp_path, "p", "r", {}, unit="tokens", logged_through=last_step(metrics))
+    for r in rows:  # no checkpoint: the restart trains from step 1 again
+        again.log(r)
+    again.close()
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({p.name.rsplit("-", 1)[1] for p in runs}) == 1, "the same run id"
+    steps = [s for d in runs for s in _history_steps(next(d.glob("*.wandb")))]
+    assert steps == list(range(1, 9))
+
+
+def test_truncate_keeps_the_checkpoints_steps_or_nothing(tmp_path):
+    from pretrain.metrics.sinks import truncate_after
+
+    f = tmp_path / "metrics.jsonl"
+    body = '{"step": 0, "val_loss": 3}\n{"step": 1, "loss": 2}\n{"step": 2, "loss": 1}\n{"step": 3, "lo'
+    f.write_text(body)
+    assert last_step(f) == 2  # the torn tail of a killed writer is not a step
+    truncate_after(f, 1)
+    assert f.read_text() == '{"step": 0, "val_loss": 3}\n{"step": 1, "loss": 2}\n'
+    truncate_after(f, -1)  # restarted without a checkpoint: step 0's validation is logged again too
+    assert f.read_text() == "" and last_step(f) == -1
