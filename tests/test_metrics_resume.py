@@ -3,6 +3,7 @@ the steps an earlier attempt sent."""
 
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 
@@ -45,7 +46,9 @@ def test_restarted_run_sends_each_step_once(tmp_path, monkeypatch):
         again.log(r)
     again.close()
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and len({p.name.rsplit("-", 1)[1] for p in runs}) == 1, "the same run id"
+    # offline-run-<date>_<time>-<id>, with "-1" added when both attempts start within the same second
+    ids = {re.match(r"offline-run-\d{8}_\d{6}-([0-9a-z]+)", p.name)[1] for p in runs}
+    assert len(runs) == 2 and len(ids) == 1, f"the same run id: {[p.name for p in runs]}"
     steps = [s for d in runs for s in _history_steps(next(d.glob("*.wandb")))]
     assert steps == list(range(1, 9))
 

@@ -50,6 +50,9 @@ from pretrain.train.storage import Storage
 from pretrain.urls import first_line
 
 LATEST, COMPLETE, META = "latest", "COMPLETE", "meta.json"
+# The loop's own state (step, units, the data streams' positions, the resolved config) is JSON beside
+# DeepSpeed's files, not DeepSpeed's pickled client state: resuming never unpickles it.
+STATE = "state.json"
 FORMAT = 2  # of meta.json and COMPLETE; a meta.json without "format" is an earlier version's (complete when present)
 POLL_S = 0.2  # how often rank 0 looks for the other ranks' markers, and they for the universal conversion's
 
@@ -297,12 +300,13 @@ class Checkpointer:
         dist.barrier()
         # A run with frozen weights (LoRA) saves only what trains: the frozen base is rebuilt from train.init_from.
         with _without_frozen(engine) as frozen:
-            engine.save_checkpoint(str(self.staging), tag=tag, client_state=client_state, save_latest=False,
+            engine.save_checkpoint(str(self.staging), tag=tag, client_state={}, save_latest=False,
                                    exclude_frozen_parameters=frozen)
         save_rng(local, self.rank)
         if extra is not None:
             extra(local)
         if self.rank == 0:
+            (local / STATE).write_text(json.dumps(client_state))
             meta = {"format": FORMAT, "step": step, "world_size": self.world,
                     "zero_stage": engine.zero_optimization_stage()}
             (local / META).write_text(json.dumps(meta))
@@ -530,13 +534,17 @@ def opened(plan: Plan, staging: Path, rank: int) -> Iterator[tuple[Path, Path | 
 
 
 def load(engine, step_dir: Path, rank: int, universal_dir: Path | None = None, *, own_schedule: bool = False) -> dict:
-    """Collective: restore engine (model, optimizer, scheduler) and this rank's RNG; return the client state.
+    """Collective: restore engine (model, optimizer, scheduler) and this rank's RNG; return the loop's state
+    (`state.json`: step, units, data, config; JSON, never unpickled).
     `own_schedule` (a branched run): the learning-rate schedule is this run's, continued at the step."""
     d = universal_dir or step_dir
-    _, client_state = engine.load_checkpoint(str(d.parent), tag=d.name, load_module_strict=not _has_frozen(engine),
-                                             load_lr_scheduler_states=not own_schedule)
-    if client_state is None:
+    _, pickled = engine.load_checkpoint(str(d.parent), tag=d.name, load_module_strict=not _has_frozen(engine),
+                                        load_lr_scheduler_states=not own_schedule)
+    if pickled is None:
         raise ResumeError(f"checkpoint {d} could not be loaded")
+    state = step_dir / STATE
+    # Earlier versions kept the loop's state in DeepSpeed's client state; theirs is read from there.
+    client_state = json.loads(state.read_text()) if state.exists() else pickled
     load_rng(step_dir, rank)
     sched = engine.lr_scheduler
     if own_schedule and sched is not None:

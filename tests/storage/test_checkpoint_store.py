@@ -49,6 +49,9 @@ def _save(saver, engine, step: int) -> dict[str, torch.Tensor]:
     weights = _train_step(engine)
     saver.save(engine, step, {"step": step, "units": 10 * step, "data": {"position": step}})
     saver.wait()
+    # The loop's state (data positions included) is JSON beside DeepSpeed's pickles, never inside them.
+    state = json.loads(saver.store.read_text(f"step-{step}/state.json"))
+    assert state == {"step": step, "units": 10 * step, "data": {"position": step}}
     return weights
 
 
