@@ -260,3 +260,11 @@ def test_mounted_on_the_pretrain_command():
     cli._mount(["pretrain", "scaling", "fit", "--help"])
     r = CliRunner().invoke(cli.app, ["scaling", "fit", "--help"])
     assert r.exit_code == 0 and "--target-flops" in r.output
+
+
+def test_a_law_whose_E_underflowed_still_starts_a_refit():
+    """A fit can drive E to 0 (exp underflows); the bootstrap restarts from the law's theta, which must stay finite."""
+    from pretrain.scaling.fit import Law
+
+    law = Law.from_theta(np.array([5.0, 6.0, -800.0, 0.3, 0.3]))
+    assert law.E == 0.0 and np.all(np.isfinite(law.theta))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -85,7 +86,12 @@ class Law:
 
     @property
     def theta(self) -> np.ndarray:
-        return np.array([math.log(self.A), math.log(self.B), math.log(self.E), self.alpha, self.beta])
+        # A coefficient that underflowed to 0 in from_theta (a fit driving E to 0) maps back to the floor of
+        # a double's logarithm, a finite start, instead of a domain error.
+        def log(x: float) -> float:
+            return math.log(max(x, sys.float_info.min))
+
+        return np.array([log(self.A), log(self.B), log(self.E), self.alpha, self.beta])
 
     def loss(self, n: np.ndarray | float, d: np.ndarray | float) -> np.ndarray:
         return self.E + self.A / np.power(n, self.alpha) + self.B / np.power(d, self.beta)
