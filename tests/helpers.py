@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -92,3 +99,49 @@ def assert_same_logits(ref, got) -> None:
     kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True,
                                     reduction="none").sum(-1).max().item()
     assert rel < 1e-4 and kl < 1e-9, (rel, kl)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_server(aws_dir: Path) -> Iterator[str]:
+    """moto's standalone S3 server on a free loopback port, the standard AWS_* variables pointing every client
+    at it while the block runs (no user's ~/.aws config or profile leaks in; `aws_dir` holds the empty
+    stand-ins), and s3fs's cached clients dropped on both sides; yields the endpoint URL."""
+    import pytest
+    from s3fs import S3FileSystem
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    none = aws_dir / "none"
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                            "AWS_CONFIG_FILE": str(none), "AWS_SHARED_CREDENTIALS_FILE": str(none)}.items():
+            mp.setenv(name, value)
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(name, raising=False)
+        try:
+            deadline = time.time() + 30
+            while True:
+                try:
+                    urllib.request.urlopen(endpoint, timeout=1).close()
+                    break
+                except OSError:
+                    if time.time() > deadline or proc.poll() is not None:
+                        raise RuntimeError("moto server did not start") from None
+                    time.sleep(0.2)
+            # fsspec caches clients by their arguments, not by the environment: one made for another
+            # endpoint must not be reused.
+            S3FileSystem.clear_instance_cache()
+            yield endpoint
+        finally:
+            S3FileSystem.clear_instance_cache()
+            proc.terminate()
+            proc.wait(timeout=10)

@@ -12,12 +12,8 @@ from __future__ import annotations
 import http.server
 import json
 import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -28,15 +24,9 @@ from typer.testing import CliRunner
 from pretrain.config import DataConfig
 from pretrain.data import DataError, build_train_stream, build_val_batches, validate_data
 from pretrain.data.cli import app
-from tests.helpers import make_tiny_shards
+from tests.helpers import make_tiny_shards, moto_server
 
 BUCKET = "shards"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -49,42 +39,15 @@ def tiny(tmp_path_factory) -> Path:
 def s3(tiny, tmp_path_factory):
     """moto's S3 server on a free loopback port, the AWS_* variables set for it while this module runs,
     and `tiny` uploaded to s3://shards/tiny/{train,val}/ with boto3."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    with pytest.MonkeyPatch.context() as mp:
-        none = tmp_path_factory.mktemp("aws") / "none"  # no user's ~/.aws config or profile leaks in
-        for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                            "AWS_CONFIG_FILE": str(none), "AWS_SHARED_CREDENTIALS_FILE": str(none)}.items():
-            mp.setenv(name, value)
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(name, raising=False)
-        try:
-            deadline = time.time() + 30
-            while True:
-                try:
-                    urllib.request.urlopen(endpoint, timeout=1).close()
-                    break
-                except OSError:
-                    if time.time() > deadline or proc.poll() is not None:
-                        raise RuntimeError("moto server did not start") from None
-                    time.sleep(0.2)
-            import boto3
+    with moto_server(tmp_path_factory.mktemp("aws")):
+        import boto3
 
-            client = boto3.client("s3")
-            client.create_bucket(Bucket=BUCKET)
-            for f in sorted(tiny.rglob("*")):
-                if f.is_file():
-                    client.upload_file(str(f), BUCKET, f"tiny/{f.relative_to(tiny)}")
-            yield client
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
-            import s3fs
-
-            s3fs.S3FileSystem.clear_instance_cache()  # its clients point at this server
+        client = boto3.client("s3")
+        client.create_bucket(Bucket=BUCKET)
+        for f in sorted(tiny.rglob("*")):
+            if f.is_file():
+                client.upload_file(str(f), BUCKET, f"tiny/{f.relative_to(tiny)}")
+        yield client
 
 
 def _named(path: str, name: str) -> dict:

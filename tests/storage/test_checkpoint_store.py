@@ -166,7 +166,7 @@ def test_two_ranks_save_to_s3_and_one_resumes_through_the_universal_conversion(e
     import torch.multiprocessing as mp
 
     from pretrain.train.engine import build_engine
-    from tests.storage.conftest import free_port
+    from tests.helpers import free_port
 
     store = Storage(f"{s3_bucket}/{uuid.uuid4().hex[:8]}/two/checkpoints")
     ctx, port = mp.get_context("spawn"), free_port()
