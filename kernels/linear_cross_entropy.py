@@ -77,7 +77,7 @@ def _fused_forward(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index
                 gw.addmm_(dlogits.t(), hc)
             else:
                 gw += dlogits.t() @ hc
-    return loss / (targets != ignore_index).sum(), gh, gw
+    return loss / (targets != ignore_index).sum().clamp(min=1), gh, gw  # no target: loss 0, gradients 0
 
 
 @torch.library.custom_op("pretrain_kernels::linear_cross_entropy_fwd", mutates_args=())
@@ -113,7 +113,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss, _dgh, _dgw):
         targets, gh, gw = ctx.saved_tensors
-        scale = dloss.float() / (targets != ctx.ignore_index).sum()
+        scale = dloss.float() / (targets != ctx.ignore_index).sum().clamp(min=1)
         dh = (gh * scale.to(gh.dtype)).to(ctx.dtypes[0])
         dw = (gw * scale).to(ctx.dtypes[1])
         return dh, dw, None, None, None, None, None

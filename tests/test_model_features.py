@@ -53,6 +53,7 @@ def _grads(model: Transformer) -> dict[str, torch.Tensor]:
 def test_packing_is_invisible(family, kernels, monkeypatch):
     if kernels == "triton":
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton kernels on CPU tensors
+    torch.manual_seed(0)  # the same documents whatever ran before
     model = _model(family, kernels=kernels, n_kv_heads=2 if family == "llama" else None)
     docs, row = _packed([5, 9, 7], pad=3)
     separate = sum(model(d[None], targets=t[None]) for d, t in docs)
@@ -62,7 +63,7 @@ def test_packing_is_invisible(family, kernels, monkeypatch):
                    segment_ids=row["segment_ids"])
     packed.backward()
     got = _grads(model)
-    torch.testing.assert_close(packed, separate, rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed, separate, rtol=1e-6, atol=1e-5)  # a sum of ~80: fp32 rounding is ~1e-5
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)
     # Without the segment ids the documents would see each other: the test can tell the difference.

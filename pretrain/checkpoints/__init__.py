@@ -13,18 +13,24 @@ line naming the file and the field or tensor; nothing read is executed or unpick
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
-from pretrain.checkpoints import gpt2_adapter as _gpt2  # noqa: F401  (registers gpt2)
-from pretrain.checkpoints import llama_adapter as _llama  # noqa: F401  (registers llama, mistral, qwen2)
+# Light at import: a from-scratch run reaches load_weights (train/build.py) and must not pay for
+# transformers (about a second). The readers, writers and adapters load on first use.
 from pretrain.checkpoints.errors import CheckpointError
-from pretrain.checkpoints.export import write_hf
-from pretrain.checkpoints.families import hf_name
-from pretrain.checkpoints.gguf_io import read_gguf
-from pretrain.checkpoints.hf_dir import read_hf_dir
 from pretrain.checkpoints.load import load_weights
 from pretrain.checkpoints.released import Released
+
+_LAZY = {"write_hf": "pretrain.checkpoints.export", "hf_name": "pretrain.checkpoints.families"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["CheckpointError", "Released", "hf_name", "load_weights", "read_checkpoint", "write_hf"]
 
@@ -35,8 +41,12 @@ def read_checkpoint(path: str | os.PathLike, *, max_seq_len: int | None = None) 
     only), e.g. to train at 4096 a model whose sliding window is 4096."""
     p = Path(path)
     if p.is_file() and p.suffix == ".gguf":
+        from pretrain.checkpoints.gguf_io import read_gguf
+
         return read_gguf(p, max_seq_len)
     if p.is_dir():
+        from pretrain.checkpoints.hf_dir import read_hf_dir
+
         return read_hf_dir(p, max_seq_len)
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint")

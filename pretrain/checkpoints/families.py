@@ -72,7 +72,15 @@ def register(adapter: Adapter) -> Adapter:
     return adapter
 
 
+def _adapters() -> Registry[Adapter]:
+    """The registry, with the built-in adapters loaded (on first use: they import transformers)."""
+    from pretrain.checkpoints import gpt2_adapter, llama_adapter  # noqa: F401  (register gpt2; llama, mistral, qwen2)
+
+    return _ADAPTERS
+
+
 def adapter_for(model_type: str, where: str) -> Adapter:
+    _adapters()
     try:
         return _ADAPTERS.get(model_type)
     except KeyError:
@@ -82,7 +90,7 @@ def adapter_for(model_type: str, where: str) -> Adapter:
 
 def adapter_for_ours(cfg: Any) -> Adapter:
     """The adapter that exports our model config (first registered that accepts it)."""
-    for name in _ADAPTERS.names():
+    for name in _adapters().names():
         adapter = _ADAPTERS.get(name)
         if adapter.exports(cfg):
             return adapter

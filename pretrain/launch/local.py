@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -65,6 +66,11 @@ def _worker_main(config: dict) -> None:
         raise
 
 
+def _import_ray_train() -> None:
+    import ray.train  # noqa: F401  (with pandas and pyarrow: most of a second)
+    from ray.train.torch import TorchTrainer  # noqa: F401
+
+
 def _init_ray(cfg: Config) -> None:
     import ray
 
@@ -76,16 +82,19 @@ def _init_ray(cfg: Config) -> None:
         ray.init(address=address, **quiet)
     else:
         need = cfg.cluster.workers * cfg.cluster.cpus_per_worker
-        ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False, **quiet)
+        ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False, **quiet,
+                 _system_config={"prestart_worker_first_driver": False})
 
 
 def launch(cfg: Config, *, started_at: float, quiet: bool = False) -> None:
     """Train with Ray Train workers; returns when the run has finished. A deterministic error found by a
     worker (data, config, shapes) raises `pretrain.fail.RunError` with its line after one attempt;
     anything else Ray Train retried `cluster.max_failures` times raises as Ray gives it."""
-    import ray.train
+    # Ray Train's imports load in a thread while this one starts Ray. Ray's own processes must be started
+    # from the main thread: their parent-death signal follows the thread that started them.
+    importing = threading.Thread(target=_import_ray_train, name="import-ray-train", daemon=True)
+    importing.start()
     import torch
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from pretrain.launch.preflight import preflight
 
@@ -97,6 +106,10 @@ def launch(cfg: Config, *, started_at: float, quiet: bool = False) -> None:
     unit = objective.unit
     cfg = resolve_paths(cfg)
     _init_ray(cfg)
+    importing.join()
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     marks.append(("ray_init", time.time()))
     use_gpu = cfg.cluster.use_gpu if cfg.cluster.use_gpu is not None else torch.cuda.is_available()
     rdir = run_dir(cfg)

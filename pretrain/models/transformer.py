@@ -200,6 +200,9 @@ class LMHead(nn.Module):
             return (hidden if rows is None else hidden[rows]) @ self.weight.t()
         hidden, targets = hidden.flatten(0, -2), targets.flatten()
         keep = targets != IGNORE
+        if torch.compiler.is_compiling():  # no data-dependent branch in the graph: the loss skips IGNORE rows itself
+            mean = kernels.linear_cross_entropy(hidden, self.weight, targets, backend=self.backend)
+            return mean * keep.sum()
         if not bool(keep.all()):  # only supervised rows reach the head (masked LM: ~15% of them)
             hidden, targets = hidden[keep], targets[keep]
         if targets.numel() == 0:

@@ -15,6 +15,7 @@ import os
 import random
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,12 +101,26 @@ class State:
     checkpointer: Any = None  # this rank's side of saving checkpoints (train/checkpoint.py)
 
 
-def _sinks(cfg: Config, rdir: Path, rank: int, unit: str, logged: int = -1) -> Sink:
+def _start_wandb(cfg: Config, rdir: Path, rank: int, unit: str) -> Future | None:
+    """Rank 0's W&B run, started in a thread: wandb.init waits a second or more on its service process,
+    which then overlaps the model and engine build. `logged` (the last step earlier attempts sent) is read
+    before this attempt touches metrics.jsonl."""
+    if rank != 0 or not cfg.log.wandb:
+        return None
+    logged = last_step(rdir / "metrics.jsonl")
+    config = cfg.model_dump(mode="json")
+    pool = ThreadPoolExecutor(1, thread_name_prefix="wandb-init")
+    future = pool.submit(WandbSink, rdir, cfg.log.project, cfg.run.name, config, unit, logged)
+    pool.shutdown(wait=False)
+    return future
+
+
+def _sinks(rdir: Path, rank: int, wandb: Future | None) -> Sink:
     if rank != 0:
         return Sink()
     sinks: list[Sink] = [JsonlSink(rdir / "metrics.jsonl")]
-    if cfg.log.wandb:
-        sinks.append(WandbSink(rdir, cfg.log.project, cfg.run.name, cfg.model_dump(mode="json"), unit, logged))
+    if wandb is not None:
+        sinks.append(wandb.result())
     return Fanout(sinks)
 
 
@@ -223,6 +238,7 @@ def train(cfg: Config, *, started_at: float | None = None, marks: list | None = 
     family = get_family(cfg.model.type)
     objective = build_objective(cfg, validate_data(cfg.data))
     objective.check()
+    wandb = _start_wandb(cfg, rdir, rank, objective.unit)
     startup.mark("objective_and_data_check")
     model, counts = build_model(cfg, device)  # in partitions already under ZeRO-3; released weights loaded
     startup.mark("model")
@@ -254,9 +270,7 @@ def train(cfg: Config, *, started_at: float | None = None, marks: list | None = 
                 ema.load(step_dir, rank, world)
         stream.load_state_dict(state["data"])
         start, units = state["step"], state.get("units", state.get("tokens", 0))
-    logged = -1
     if rank == 0:  # each step once: cut metrics.jsonl back to the checkpoint's step, or empty it without one
-        logged = last_step(rdir / "metrics.jsonl")  # what earlier attempts sent to W&B
         truncate_after(rdir / "metrics.jsonl", start or -1)
 
     unit, per_sample = objective.unit, objective.units_per_sample()
@@ -267,7 +281,7 @@ def train(cfg: Config, *, started_at: float | None = None, marks: list | None = 
     # Read back, not assumed: ROCm honours the flag only with HIPBLASLT_ALLOW_TF32=1; MFU needs the peak in use.
     tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
     peak = cfg.log.peak_flops or peak_flops(device, t.precision, cfg.cluster.cpus_per_worker, tf32=tf32)
-    sink = _sinks(cfg, rdir, rank, unit, logged)
+    sink = _sinks(rdir, rank, wandb)
     if rank == 0:
         sink.summary({**counts, f"flops_per_{unit.rstrip('s')}": fpu, "peak_flops_per_worker": peak,
                       "world_size": world})
