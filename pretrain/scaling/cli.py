@@ -244,6 +244,12 @@ def ladder(
         tracker = run_ladder(plan)
     except ScalingError as e:
         raise fail(str(e)) from None
+    except KeyboardInterrupt:
+        from pretrain.scaling.ladder import prepare
+
+        done, _ = prepare(plan)
+        raise fail(f"interrupted: {len(done)} of {len(plan.rungs)} runs done; the same command resumes the rest "
+                   "(a run in flight from its last checkpoint)", 130) from None
     typer.echo(f"ladder: {tracker.line()} in {time.time() - started:.0f}s")
     for name, line in tracker.failed.items():
         typer.echo(f"failed {name}: {line}", err=True)

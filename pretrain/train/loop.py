@@ -35,7 +35,7 @@ from pretrain.objectives import Metrics, Objective, add_metrics, build_objective
 from pretrain.train import checkpoint as ckpt
 from pretrain.train.build import build_model
 from pretrain.train.ema import EMA
-from pretrain.train.engine import backward_and_step, build_engine, compile_stats
+from pretrain.train.engine import backward_and_step, build_engine, clips_itself, compile_stats
 from pretrain.train.final import save_final_weights
 from pretrain.train.hooks import Hooks
 from pretrain.train.startup import Marks
@@ -303,6 +303,7 @@ def train(cfg: Config, *, started_at: float | None = None, marks: list | None = 
         hooks.start(s)
     startup.mark("start_hooks")  # the step-0 validation
     first_step_at = None
+    clip = t.grad_clip if clips_itself(cfg) else None  # else DeepSpeed clips
     for step in range(start + 1, steps + 1):
         t0 = time.perf_counter()
         try:
@@ -324,7 +325,7 @@ def train(cfg: Config, *, started_at: float | None = None, marks: list | None = 
         grad_norm = None
         for b in micro:
             total, n, metrics = objective.loss(engine, b)
-            grad_norm = backward_and_step(engine, total * scale)
+            grad_norm = backward_and_step(engine, total * scale, clip)
             add_metrics(local, {"loss": (total, n), **metrics})
         values = reduce_metrics(local, device)  # also synchronises: the step's time is complete
         dt = time.perf_counter() - t0
@@ -336,7 +337,7 @@ def train(cfg: Config, *, started_at: float | None = None, marks: list | None = 
                 startup.write(rdir / "start.json")
         s.step, s.units = step, units
         s.row = {
-            "step": step, **values, "lr": engine.get_lr()[0], "grad_norm": grad_norm,
+            "step": step, **values, "lr": float(engine.get_lr()[0]), "grad_norm": grad_norm,
             unit: units, f"{unit}_per_s": step_units / dt, "flops": fpu * units,
             **mfu_field(fpu * step_units / dt, peak, world), "step_time_s": dt, **stream.stats(),
         }
