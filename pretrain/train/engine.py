@@ -124,10 +124,12 @@ def compile_engine(engine) -> None:
     torch._logging.set_logs(recompiles=True)  # each recompile, with the guard that failed, in the worker log
     engine.compile()
     # The optimizer step too: AdamW's per-tensor loops become a few fused kernels (on a small model the step is
-    # ~12% of the time, and compiled it takes about half as long). ZeRO 1-3 step the same torch optimizer over
-    # their flat partitions; DeepSpeed's CPU Adam (offload) is native code already and stays as it is.
+    # ~12% of the time, and compiled it takes about half as long). ZeRO 1-2 step the same torch optimizer over
+    # their flat partitions. ZeRO-3's sub-group stepping trips AdamW's capturable check on CPU tensors under
+    # dynamo, so it stays eager there, as does DeepSpeed's CPU Adam (offload), native code already.
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    if isinstance(inner, torch.optim.AdamW) and isinstance(inner.param_groups[0]["lr"], torch.Tensor):
+    if (engine.zero_optimization_stage() < 3 and isinstance(inner, torch.optim.AdamW)
+            and isinstance(inner.param_groups[0]["lr"], torch.Tensor)):
         inner.step = torch.compile(inner.step)
 
 
