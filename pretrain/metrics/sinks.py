@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import threading
 import uuid
 from pathlib import Path
 
@@ -90,34 +88,6 @@ class WandbSink(Sink):
         for x in ("flops", unit):
             self._run.define_metric(f"loss_vs_{x}/*", step_metric=x)
             self._run.define_metric(x)
-        self._start_sender()
-
-    # Everything the run sends goes through one queue to one sender thread, in order: wandb.log's own Python
-    # work (about 1 ms a call) then overlaps the next step's tensor work instead of adding to it, which on a
-    # small model is ~10% of the step. The queue is bounded, so a stalled W&B slows the run rather than filling
-    # memory; close() sends what is queued, then finishes the run.
-    _QUEUE = 1024
-
-    def _start_sender(self) -> None:
-        self._queue: queue.Queue = queue.Queue(self._QUEUE)
-        self._error: BaseException | None = None
-        self._sender = threading.Thread(target=self._send, name="wandb-log", daemon=True)
-        self._sender.start()
-
-    def _send(self) -> None:
-        while (item := self._queue.get()) is not None:
-            fn, args, kwargs = item
-            if self._error is None:
-                try:
-                    fn(*args, **kwargs)
-                except BaseException as e:  # noqa: BLE001 - raised again in the training thread, at its next call
-                    self._error = e
-
-    def _put(self, fn, *args, **kwargs) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        self._queue.put((fn, args, kwargs))
 
     def log(self, row: dict) -> None:
         if row["step"] <= self.logged_through:
@@ -125,23 +95,19 @@ class WandbSink(Sink):
         data = {k: v for k, v in row.items() if k != "step"}
         if "loss" in row:
             data["loss_vs_flops/loss"] = data[f"loss_vs_{self.unit}/loss"] = row["loss"]
-        self._put(self._run.log, data, step=row["step"])
+        self._run.log(data, step=row["step"])
 
     def image(self, step: int, name: str, path: Path) -> None:
         import wandb
 
         if step > self.logged_through:
-            self._put(lambda: self._run.log({name: wandb.Image(str(path))}, step=step))
+            self._run.log({name: wandb.Image(str(path))}, step=step)
 
     def summary(self, values: dict) -> None:
-        self._put(self._run.summary.update, dict(values))
+        self._run.summary.update(values)
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._sender.join()
         self._run.finish()
-        if self._error is not None:
-            raise self._error
 
 
 class Fanout(Sink):
