@@ -13,22 +13,22 @@ line naming the file and the field or tensor; nothing read is executed or unpick
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 
 # Light at import: a from-scratch run reaches load_weights (train/build.py) and must not pay for
 # transformers (about a second). The readers, writers and adapters load on first use.
 from pretrain.checkpoints.errors import CheckpointError
+from pretrain.checkpoints.families import hf_name
 from pretrain.checkpoints.load import load_weights
 from pretrain.checkpoints.released import Released
 
-_LAZY = {"write_hf": "pretrain.checkpoints.export", "hf_name": "pretrain.checkpoints.families"}
-
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name == "write_hf":  # the writer imports transformers
+        from pretrain.checkpoints.export import write_hf
+
+        return write_hf
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
