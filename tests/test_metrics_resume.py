@@ -72,3 +72,52 @@ def test_truncate_keeps_the_checkpoints_steps_or_nothing(tmp_path):
     assert f.read_text() == '{"step": 0, "val_loss": 3}\n{"step": 1, "loss": 2}\n'
     truncate_after(f, -1)  # restarted without a checkpoint: step 0's validation is logged again too
     assert f.read_text() == "" and last_step(f) == -1
+
+
+def test_deferred_wandb_sink_replays_in_order_what_came_before_it_existed(tmp_path, monkeypatch):
+    """The loop does not wait for wandb.init: rows sent while the run is still being made reach it, in order."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pretrain.metrics.sinks import Deferred
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    go = threading.Event()
+
+    def slow_init():
+        go.wait(30)
+        return WandbSink(tmp_path, "p", "r", {}, unit="tokens")
+
+    pool = ThreadPoolExecutor(1)
+    sink = Deferred(pool.submit(slow_init))
+    row = {"step": 1, "loss": 1.0, "tokens": 8, "flops": 1e6}
+    sink.log(row)
+    row["step"] = 99  # the caller reuses its dict: what was sent is kept as it was
+    sink.summary({"params": 3})
+    for s in (2, 3):
+        sink.log({"step": s, "loss": 1.0 / s, "tokens": 8 * s, "flops": 1e6 * s})
+    assert sink._sink is None  # all of that without waiting: the run does not exist yet
+    go.set()
+    for s in (4, 5):
+        sink.log({"step": s, "loss": 1.0 / s, "tokens": 8 * s, "flops": 1e6 * s})
+    sink.close()
+    run = next((tmp_path / "wandb").glob("offline-run-*"))
+    deadline = time.monotonic() + 20
+    while (steps := _history_steps(next(run.glob("*.wandb")))) != [1, 2, 3, 4, 5] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_deferred_sink_raises_what_its_construction_raised(tmp_path):
+    from concurrent.futures import Future
+
+    import pytest
+
+    from pretrain.metrics.sinks import Deferred
+
+    failed: Future = Future()
+    sink = Deferred(failed)
+    sink.log({"step": 1})  # not done yet: kept
+    failed.set_exception(RuntimeError("wandb: no service"))
+    with pytest.raises(RuntimeError, match="no service"):
+        sink.log({"step": 2})

