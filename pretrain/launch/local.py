@@ -42,9 +42,9 @@ def resolve_paths(cfg: Config) -> Config:
 def _worker_main(config: dict) -> None:
     # Runs inside each Ray Train worker; the torch process group already exists.
     spawned = time.time()
-    from pretrain.launch import warm
+    from pretrain.launch import trainer
 
-    warm.wait()  # the imports begun when the worker actor started (launch/warm.py)
+    trainer.wait()  # the imports begun when the worker actor started (launch/trainer.py)
     import torch.distributed as dist
 
     from pretrain.fail import ERROR_FILE, is_deterministic, record_error
@@ -76,9 +76,14 @@ def _prepare(cfg: Config):
     from ray.train.torch import TorchTrainer  # noqa: F401
 
     from pretrain.launch.preflight import preflight
-    from pretrain.launch.warm import WarmUp  # noqa: F401
+    from pretrain.launch.trainer import WarmUp, trainer_class  # noqa: F401
 
     return preflight(cfg)
+
+
+def _embedded(cfg: Config) -> bool:
+    """Whether the run starts its own one-machine Ray (no `cluster.address`, no RAY_ADDRESS)."""
+    return not (cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
 
 
 def _init_ray(cfg: Config) -> None:
@@ -86,10 +91,9 @@ def _init_ray(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     quiet = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
-    if address:
-        ray.init(address=address, **quiet)
+    if not _embedded(cfg):
+        ray.init(address=cfg.cluster.address or os.environ["RAY_ADDRESS"], **quiet)
     else:
         # Ray Train's preemption watcher polls the GCS for a cloud autoscaler's node-drain notices; one machine's
         # embedded Ray gets none, and the watcher's actor (a Python process, ~1 CPU-second) starts just as the
@@ -121,13 +125,13 @@ def launch(cfg: Config, *, started_at: float, quiet: bool = False) -> None:
     unit = objective.unit
     import ray.train
     import torch
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
-    from pretrain.launch.warm import WarmUp
+    from pretrain.launch.trainer import WarmUp, trainer_class
 
     use_gpu = cfg.cluster.use_gpu if cfg.cluster.use_gpu is not None else torch.cuda.is_available()
     rdir = run_dir(cfg)
-    trainer = TorchTrainer(
+    trainer = trainer_class(embedded=_embedded(cfg))(
         train_loop_per_worker=_worker_main,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "started_at": started_at, "marks": marks},
         scaling_config=ray.train.ScalingConfig(

@@ -1,0 +1,40 @@
+"""The Ray Train trainer a run starts (pretrain/launch/trainer.py): the embedded Ray's trainer leaves out the two
+cluster-only helper actors and keeps everything else, and the workers' warm-up imports what it is given.
+(`tests/test_train.py::test_cli_trains_and_samples` runs the whole embedded start.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import ray.train
+
+from pretrain.launch.trainer import trainer_class
+
+
+def _callbacks(embedded: bool) -> list[str]:
+    trainer = trainer_class(embedded)(train_loop_per_worker=lambda: None,
+                                      scaling_config=ray.train.ScalingConfig(num_workers=1))
+    return [type(c).__name__ for c in trainer._create_default_callbacks()]
+
+
+def test_embedded_trainer_drops_only_the_cluster_helpers():
+    cluster, embedded = _callbacks(False), _callbacks(True)
+    helpers = {"DatasetsCallback", "PlacementGroupCleanerCallback"}
+    assert helpers <= set(cluster)  # a remote cluster keeps Ray Train's defaults
+    assert not helpers & set(embedded)
+    assert embedded == [c for c in cluster if c not in helpers]  # the rest, in Ray Train's order
+    assert "BackendSetupCallback" in embedded  # the process group is still Ray Train's
+
+
+def test_warm_up_imports_on_a_thread_and_wait_returns_when_done():
+    code = (
+        "import sys, threading; from pretrain.launch import trainer\n"
+        "assert 'pretrain.scaling.fit' not in sys.modules\n"
+        "trainer.start(('pretrain.scaling.fit',)); trainer.wait()\n"
+        "assert 'pretrain.scaling.fit' in sys.modules\n"
+        "assert not any(t.name == 'pretrain-warm-up' for t in threading.enumerate())\n"
+        "import deepspeed.ops; assert deepspeed.ops.__compatible_ops__['deepspeed_shm_comm'] is False\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
