@@ -139,6 +139,9 @@ def one_rank_group(tmp_path, monkeypatch):
     without_cpu_shm_op()  # as a run does: DeepSpeed's comm layer builds no CPU op
     yield
     dist.destroy_process_group()
+    from deepspeed.utils import groups
+
+    groups._WORLD_GROUP = None  # the destroyed group: a later test's engine makes its own
 
 
 def _dir_bytes(path) -> int:
