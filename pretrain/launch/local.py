@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pretrain.config import Config, config_from_dict, run_dir
@@ -69,16 +69,11 @@ def _worker_main(config: dict) -> None:
         raise
 
 
-def _prepare(cfg: Config):
-    """The driver's imports (torch, Ray Train with pandas and pyarrow: ~1.5 s) and the run's checks
-    (`preflight`); returns the checked objective."""
-    import ray.train  # noqa: F401
+def _import_ray_train() -> None:
+    import ray.train  # noqa: F401  (with pandas and pyarrow: most of a second)
     from ray.train.torch import TorchTrainer  # noqa: F401
 
-    from pretrain.launch.preflight import preflight
     from pretrain.launch.trainer import WarmUp, trainer_class  # noqa: F401
-
-    return preflight(cfg)
 
 
 def _embedded(cfg: Config) -> bool:
@@ -108,21 +103,23 @@ def launch(cfg: Config, *, started_at: float, quiet: bool = False) -> None:
     """Train with Ray Train workers; returns when the run has finished. A deterministic error found by a
     worker (data, config, shapes) raises `pretrain.fail.RunError` with its line after one attempt;
     anything else Ray Train retried `cluster.max_failures` times raises as Ray gives it."""
-    # The imports and the checks run on a thread while this one starts Ray, which mostly waits on its own
-    # processes; Ray's processes must be started from the main thread (their parent-death signal follows the
-    # thread that started them). Bad data or a mismatched model then fails before any worker starts.
-    pool = ThreadPoolExecutor(1, thread_name_prefix="preflight")
-    checked = pool.submit(_prepare, cfg)
-    pool.shutdown(wait=False)
-    resolved = resolve_paths(cfg)
-    _init_ray(resolved)
-    objective = checked.result()
-    cfg = resolved
-    marks = [("command", started_at), ("ray_init_and_preflight", time.time())]  # pretrain/train/startup.py
+    # Ray Train's imports load in a thread while this one checks the run and starts Ray. Ray's own processes must
+    # be started from the main thread: their parent-death signal follows the thread that started them. (Checking
+    # beside Ray's start instead was measured no faster: both want the same two cores.)
+    importing = threading.Thread(target=_import_ray_train, name="import-ray-train", daemon=True)
+    importing.start()
+    from pretrain.launch.preflight import preflight
+
+    objective = preflight(cfg)  # bad data or a mismatched model fails here, before Ray starts
+    marks = [("command", started_at), ("preflight", time.time())]  # start-up phases (pretrain/train/startup.py)
     for line in objective.data.get("commands", []):  # a `pipe:` source the user wrote: say that it runs
         print(f"notice: {line}", file=sys.stderr, flush=True)
     objective.setup()
     unit = objective.unit
+    cfg = resolve_paths(cfg)
+    _init_ray(cfg)
+    importing.join()
+    marks.append(("ray_init", time.time()))
     import ray.train
     import torch
     from ray.train.torch import TorchConfig
