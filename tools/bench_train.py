@@ -2,8 +2,9 @@
 
 Same model, global batch, objective (the loss of its `loss()`), optimizer (AdamW) and thread count;
 the bare loop has no Ray, no DeepSpeed, no data pipeline, no hooks (batches pre-loaded and prepared).
-Four runs per model, back to back: `pretrain train` eager and with `train.compile=true`, the bare loop
-eager and with `module.compile()` plus a compiled optimizer step (inductor, as `train.compile` does).
+Four runs per model, each pair back to back: `pretrain train` eager then the bare loop eager, then
+`pretrain train` with `train.compile=true` then the bare loop with `module.compile()` plus a compiled
+optimizer step (inductor, as `train.compile` does).
 By default three models (issue 14): `gpt-tiny` (configs/gpt-tiny.yaml, the demo), `gpt-tiny-50k` (its
 shape as the issue measured it: 4 layers on GPT-2's 50k BPE, data/shakespeare) and `small`, a 4-layer x 128 GPT-2
 on character-level plays (vocabulary 66, batch 12 x 64; shards from tools/make_char_shards.py, written
@@ -105,11 +106,12 @@ def train_run(args, config: str, overrides: list[str], compiled: bool) -> tuple[
 
 
 def bench_model(args, name: str, config: str, overrides: list[str]) -> dict:
-    """The four runs of one model, back to back, and their ratios."""
+    """The four runs of one model and their ratios; each `pretrain train` run right before the bare loop it is
+    compared with, so a machine whose speed drifts over minutes biases the pair as little as it can."""
     eager, summary, cfg = train_run(args, config, overrides, compiled=False)
-    comp, csummary, _ = train_run(args, config, overrides, compiled=True)
     torch.set_num_threads(args.threads)
     bare = bare_loop(cfg, args.steps, args.warmup)
+    comp, csummary, _ = train_run(args, config, overrides, compiled=True)
     bare_c = bare_loop(cfg, args.steps, args.warmup, compiled=True)
     objective = build_objective(cfg, validate_data(cfg.data))
     family = get_family(cfg.model.type)
