@@ -20,7 +20,7 @@ from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 
 log = logging.getLogger(__name__)
 
-# What every rank imports before its first step, heaviest last-needed included (see the module docstring).
+# What every rank imports before its first step (the loop's own imports, then what its optimizers load).
 MODULES = (
     "pretrain.fail",
     "pretrain.train.loop",
@@ -67,7 +67,6 @@ class WarmUp(WorkerGroupCallback):
         for w in workers:
             w.execute_async(start, self.modules)  # not awaited: the controller goes on with its own start-up
         return {}
-
 
 
 def trainer_class(embedded: bool) -> type:

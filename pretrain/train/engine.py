@@ -84,9 +84,10 @@ def without_cpu_shm_op() -> None:
 
     On the CPU accelerator DeepSpeed JIT-compiles that op when its comm layer starts: ~25 s whenever
     ~/.cache/torch_extensions lacks it or holds a build made with other paths or flags (measured here: the first
-    demo of a session spent 29 s of its 46 s start on it), a ninja check and a library load otherwise. Only DeepSpeed's inference all-reduce calls it; training's collectives
-    are torch.distributed's either way. DeepSpeed keeps its op-compatibility table in one module dict whose
-    edits persist: marked incompatible there, the op is skipped."""
+    demo of a session spent 29 s of its 46 s start on it), a ninja check and a library load otherwise. Only
+    DeepSpeed's inference all-reduce calls it; training's collectives are torch.distributed's either way.
+    DeepSpeed keeps its op-compatibility table in one module dict whose edits persist: marked incompatible
+    there, the op is skipped."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 

@@ -103,8 +103,8 @@ class State:
 
 def _start_wandb(cfg: Config, rdir: Path, rank: int, unit: str) -> Future | None:
     """Rank 0's W&B run, started in a thread: wandb.init waits a second or more on its service process,
-    which then overlaps the model and engine build and, if need be, the first steps (`Deferred`). `logged` (the last step earlier attempts sent) is read
-    before this attempt touches metrics.jsonl."""
+    which then overlaps the model and engine build and, if need be, the first steps (`Deferred`). `logged` (the
+    last step earlier attempts sent) is read before this attempt touches metrics.jsonl."""
     if rank != 0 or not cfg.log.wandb:
         return None
     logged = last_step(rdir / "metrics.jsonl")
