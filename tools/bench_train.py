@@ -10,6 +10,8 @@ shape as the issue measured it: 4 layers on GPT-2's 50k BPE, data/shakespeare) a
 on character-level plays (vocabulary 66, batch 12 x 64; shards from tools/make_char_shards.py, written
 when missing), where the per-step machinery is not hidden behind a large LM head.
 Works for any registered family and objective (--config): tokens/s for language models, images/s for DiT.
+With --in-process the loop runs in the benchmark's own process (a gloo group of one) instead of a Ray Train
+worker: the same code per step, without the worker process around it.
 Reports steady-state throughput (median over the steps after warm-up), MFU against this machine's
 measured matmul peak, the ratios, and the time to the first step of `pretrain train`. Prints a table
 and writes JSON. On a loaded machine compare the ratios (each pair measured back to back), not the rates.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +44,7 @@ from pretrain.objectives import build_objective
 from pretrain.train.build import build_model
 from pretrain.train.engine import INDUCTOR_CACHE, build_optimizer
 from pretrain.train.init_from import resolve
+from pretrain.train.loop import train
 
 SMALL = ["model.n_layers=4", "model.d_model=128", "model.n_heads=4", "model.vocab_size=66", "model.max_seq_len=64",
          "data.train=data/chars/train", "data.val=data/chars/val", "train.micro_batch_size=12",
@@ -82,6 +86,19 @@ def bare_loop(cfg, steps: int, warmup: int, compiled: bool = False) -> list[floa
     return rates[warmup:]
 
 
+def _one_rank_group() -> None:
+    """A gloo process group of this process alone, for --in-process."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():  # DeepSpeed reads these
+            os.environ.setdefault(k, v)
+        with socket.socket() as sock:  # a free loopback port
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
 def train_run(args, config: str, overrides: list[str], compiled: bool) -> tuple[list[float], dict, object]:
     """`pretrain train` on one worker (ZeRO-0, fp32, no evaluation, checkpoints or W&B): its units/s per
     measured step, its summary and the resolved config."""
@@ -99,7 +116,11 @@ def train_run(args, config: str, overrides: list[str], compiled: bool) -> tuple[
             cfg.lora = None
         cfg = resolve(cfg)
         unit = build_objective(cfg, validate_data(cfg.data)).unit
-        launch(cfg, started_at=time.time(), quiet=True)
+        if args.in_process:  # the same loop in this process (a gloo group of one): no Ray worker around it
+            _one_rank_group()
+            train(cfg, started_at=time.time())
+        else:
+            launch(cfg, started_at=time.time(), quiet=True)
         rows = [json.loads(ln) for ln in (Path(tmp) / "bench" / "metrics.jsonl").read_text().splitlines()]
         summary = json.loads((Path(tmp) / "bench" / "summary.json").read_text())
     return [r[f"{unit}_per_s"] for r in rows if "loss" in r][args.warmup:], summary, cfg
@@ -138,6 +159,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for the worker and the bare loop")
     ap.add_argument("--out", default="bench-out/bench_train.json")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run the training loop in this process, not in a Ray Train worker: separates the loop's own "
+                         "per-step cost from the worker process around it")
     ap.add_argument("--full", action="store_true", help="drop the config's lora section: train every weight")
     ap.add_argument("overrides", nargs="*", help="section.key=value config overrides (every model)")
     args = ap.parse_args()
@@ -159,7 +183,8 @@ def main() -> None:
               f"time to first step {r['time_to_first_step_s']:.1f}s eager, {r['time_to_first_step_compiled_s']:.1f}s compiled")
     print(f"peak {peak / 1e9:.0f} GFLOP/s with {args.threads} threads ({results[0]['unit']}/s)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"threads": args.threads, "peak_flops": peak, "models": results}, indent=2) + "\n")
+    out = {"threads": args.threads, "in_process": args.in_process, "peak_flops": peak, "models": results}
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
