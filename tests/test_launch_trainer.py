@@ -1,12 +1,14 @@
-"""The Ray Train trainer a run starts (pretrain/launch/trainer.py): the embedded Ray's trainer leaves out the two
+"""The Ray Train trainer a run starts (pretrain/launch/trainer.py): the embedded Ray's trainer leaves out the three
 cluster-only helper actors and keeps everything else, and the workers' warm-up imports what it is given.
 (`tests/test_train.py::test_cli_trains_and_samples` runs the whole embedded start.)"""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import pytest
 import ray.train
 
 from pretrain.launch.trainer import trainer_class
@@ -38,3 +40,29 @@ def test_warm_up_imports_on_a_thread_and_wait_returns_when_done():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+
+
+def _sees_coordinator(config: dict) -> None:
+    """Training function: records whether Ray Train's autoscaling coordinator actor is alive during training."""
+    import ray
+
+    try:
+        ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+        seen = True
+    except ValueError:
+        seen = False
+    with open(config["out"], "w") as f:
+        json.dump({"coordinator": seen, "rank": ray.train.get_context().get_world_rank()}, f)
+
+
+@pytest.mark.parametrize("embedded", [True, False])  # in this order: the coordinator outlives the run that started it
+def test_embedded_run_starts_no_autoscaling_coordinator(tmp_path, ray_local, embedded):
+    """A fixed-size run on the embedded Ray trains without the coordinator actor; on a cluster (the control,
+    which shows the check sees the actor) Ray Train starts it."""
+    out = tmp_path / "seen.json"
+    trainer = trainer_class(embedded)(
+        train_loop_per_worker=_sees_coordinator, train_loop_config={"out": str(out)},
+        scaling_config=ray.train.ScalingConfig(num_workers=1),
+        run_config=ray.train.RunConfig(name=f"embedded-{embedded}", storage_path=str(tmp_path / "ray")))
+    trainer.fit()
+    assert json.loads(out.read_text()) == {"coordinator": not embedded, "rank": 0}

@@ -123,3 +123,24 @@ def test_generate_and_length_check():
     assert out.shape == (1, 8) and out[0, :3].tolist() == [1, 2, 3]
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 41, dtype=torch.long))
+
+
+def test_gelu_under_compile_is_atens_gelu_written_with_a_sigmoid():
+    """`gelu_tanh` compiled (the sigmoid form inductor codes faster) equals ATen's tanh GELU, values and grads,
+    over the range where either form could overflow or cancel; and the compiled graph holds no tanh."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    from pretrain.models.layers import gelu_tanh
+
+    x = torch.cat([torch.linspace(-30, 30, 6001), torch.randn(4096) * 3]).requires_grad_()
+    want = torch.nn.functional.gelu(x, approximate="tanh")
+    (gx,) = torch.autograd.grad(want.square().sum(), x)
+    backend = AotEagerAndRecordGraphs()
+    got = torch.compile(gelu_tanh, backend=backend, fullgraph=True)(x)
+    (gx_got,) = torch.autograd.grad(got.square().sum(), x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx_got, gx, rtol=1e-5, atol=1e-5)
+    (graph,) = backend.fw_graphs
+    ops = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
+    assert "aten.sigmoid.default" in ops and not any("tanh" in op or "gelu" in op for op in ops), ops
+    assert torch.equal(gelu_tanh(x.detach()), want.detach())  # eager: ATen's own op

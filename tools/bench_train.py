@@ -16,7 +16,7 @@ Reports steady-state throughput (median over the steps after warm-up), MFU again
 measured matmul peak, the ratios, and the time to the first step of `pretrain train`. Prints a table
 and writes JSON. On a loaded machine compare the ratios (each pair measured back to back), not the rates.
 
-    .venv/bin/python tools/bench_train.py [--models gpt-tiny,gpt-tiny-50k,small] [--steps 40] [--threads 2]
+    .venv/bin/python tools/bench_train.py [--models gpt-tiny,gpt-tiny-50k,small] [--steps 40] [--threads 2] [--repeat 3]
     .venv/bin/python tools/bench_train.py --config configs/dit-fashion.yaml --steps 20
 """
 
@@ -127,27 +127,38 @@ def train_run(args, config: str, overrides: list[str], compiled: bool) -> tuple[
 
 
 def bench_model(args, name: str, config: str, overrides: list[str]) -> dict:
-    """The four runs of one model and their ratios; each `pretrain train` run right before the bare loop it is
-    compared with, so a machine whose speed drifts over minutes biases the pair as little as it can."""
-    eager, summary, cfg = train_run(args, config, overrides, compiled=False)
-    torch.set_num_threads(args.threads)
-    bare = bare_loop(cfg, args.steps, args.warmup)
-    comp, csummary, _ = train_run(args, config, overrides, compiled=True)
-    bare_c = bare_loop(cfg, args.steps, args.warmup, compiled=True)
+    """The four runs of one model, `--repeat` times, and their ratios. Each `pretrain train` run comes right
+    before the bare loop it is compared with, and each ratio is taken within its pair: a machine whose speed
+    drifts over minutes biases a pair as little as it can, and the median over the pairs drops an outlier."""
+    pairs = []
+    for _ in range(args.repeat):
+        eager, summary, cfg = train_run(args, config, overrides, compiled=False)
+        torch.set_num_threads(args.threads)
+        bare = bare_loop(cfg, args.steps, args.warmup)
+        comp, csummary, _ = train_run(args, config, overrides, compiled=True)
+        bare_c = bare_loop(cfg, args.steps, args.warmup, compiled=True)
+        med = statistics.median
+        pairs.append({"pretrain_per_s": med(eager), "bare_per_s": med(bare), "pretrain_compiled_per_s": med(comp),
+                      "bare_compiled_per_s": med(bare_c), "time_to_first_step_s": summary["time_to_first_step_s"],
+                      "time_to_first_step_compiled_s": csummary["time_to_first_step_s"],
+                      "compile_stats": {k: csummary.get(k) for k in ("compiled_frames", "compiled_graphs", "graph_breaks")}})
+        p = pairs[-1]
+        p["ratio"] = p["pretrain_per_s"] / p["bare_per_s"]
+        p["ratio_compiled"] = p["pretrain_compiled_per_s"] / p["bare_compiled_per_s"]
+        p["compile_speedup"] = p["pretrain_compiled_per_s"] / p["pretrain_per_s"]
+        p["bare_compile_speedup"] = p["bare_compiled_per_s"] / p["bare_per_s"]
+        print(f"{name} pair {len(pairs)}/{args.repeat}: eager {p['ratio']:.3f}, compiled {p['ratio_compiled']:.3f}, "
+              f"compiled/eager {p['compile_speedup']:.3f} (bare {p['bare_compile_speedup']:.3f})", flush=True)
     objective = build_objective(cfg, validate_data(cfg.data))
     family = get_family(cfg.model.type)
     with torch.device("meta"):
         fpu = family.flops_per_unit(cfg.model, family.count_parameters(family.build(cfg.model)), objective.workload())
-    med = statistics.median
     r = {"model": name, "config": config, "overrides": overrides, "lora": cfg.lora is not None, "unit": objective.unit,
-         "flops_per_unit": fpu, "pretrain_per_s": med(eager), "pretrain_compiled_per_s": med(comp),
-         "bare_per_s": med(bare), "bare_compiled_per_s": med(bare_c),
-         "time_to_first_step_s": summary["time_to_first_step_s"],
-         "time_to_first_step_compiled_s": csummary["time_to_first_step_s"]}
-    r["ratio"] = r["pretrain_per_s"] / r["bare_per_s"]
-    r["ratio_compiled"] = r["pretrain_compiled_per_s"] / r["bare_compiled_per_s"]
-    r["compile_speedup"] = r["pretrain_compiled_per_s"] / r["pretrain_per_s"]
-    r["bare_compile_speedup"] = r["bare_compiled_per_s"] / r["bare_per_s"]
+         "flops_per_unit": fpu, "repeat": args.repeat, "pairs": pairs}
+    for key in pairs[0]:
+        if key != "compile_stats":  # rates, times and ratios: the median over the pairs
+            r[key] = statistics.median(p[key] for p in pairs)
+    r["compile_stats"] = pairs[-1]["compile_stats"]
     return r
 
 
@@ -158,6 +169,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="measured steps (after --warmup)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for the worker and the bare loop")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="measure each model's four runs this many times; rates and ratios are medians over them")
     ap.add_argument("--out", default="bench-out/bench_train.json")
     ap.add_argument("--in-process", action="store_true",
                     help="run the training loop in this process, not in a Ray Train worker: separates the loop's own "
@@ -172,12 +185,13 @@ def main() -> None:
     results = [bench_model(args, name, *spec) for name, spec in models.items()]
     peak = measured_cpu_peak(args.threads)
 
-    print(f"\n{'':16}{'':28}{'units/s':>12}{'MFU':>8}{'vs bare':>9}")
+    print(f"\n{'':16}{'':28}{'units/s':>12}{'MFU':>8}{'vs bare':>9}"
+          + (f"   (medians of {args.repeat} pairs)" if args.repeat > 1 else ""))
     for r in results:
-        for label, key, bare_key in (("pretrain train", "pretrain_per_s", "bare_per_s"),
-                                     ("pretrain train compiled", "pretrain_compiled_per_s", "bare_compiled_per_s"),
-                                     ("bare loop", "bare_per_s", None), ("bare loop compiled", "bare_compiled_per_s", None)):
-            vs = f"{r[key] / r[bare_key]:>9.3f}" if bare_key else ""
+        for label, key, ratio in (("pretrain train", "pretrain_per_s", "ratio"),
+                                  ("pretrain train compiled", "pretrain_compiled_per_s", "ratio_compiled"),
+                                  ("bare loop", "bare_per_s", None), ("bare loop compiled", "bare_compiled_per_s", None)):
+            vs = f"{r[ratio]:>9.3f}" if ratio else ""
             print(f"{r['model']:16}{label:28}{r[key]:>12,.1f}{100 * r[key] * r['flops_per_unit'] / peak:>7.1f}%{vs}")
         print(f"{'':16}compiled / eager: pretrain {r['compile_speedup']:.3f}, bare {r['bare_compile_speedup']:.3f}; "
               f"time to first step {r['time_to_first_step_s']:.1f}s eager, {r['time_to_first_step_compiled_s']:.1f}s compiled")

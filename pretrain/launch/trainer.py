@@ -7,7 +7,9 @@ Ray Train actor is a Python process, and each worker imports ~4 CPU-seconds of m
   check through its Muon module), DeepSpeed's engine and the project's loop. `WarmUp`, a worker-group callback
   (the DeveloperAPI `RunConfig.callbacks` takes), starts those imports on a thread in every worker as soon as the
   workers exist; the training function waits for that thread (`wait()`) before it imports anything.
-- The embedded Ray runs none of the helper actors that only a shared cluster needs (`trainer_class`).
+- The embedded Ray runs none of the helper actors that only a shared cluster needs (`trainer_class`). Each would
+  also cost the whole run: an idle Ray actor wakes every 10 ms, and on 2 cores three of them slowed a compiled
+  gpt-tiny step by 4.7% (tools/bench_train.py's note in the README).
 """
 
 from __future__ import annotations
@@ -69,26 +71,55 @@ class WarmUp(WorkerGroupCallback):
         return {}
 
 
+def _fixed_policy_without_autoscaler() -> type:
+    """Ray Train's fixed-size scaling policy without its autoscaling coordinator (see `trainer_class`)."""
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+
+    class OneMachineScalingPolicy(FixedScalingPolicy):
+        def after_controller_start(self, train_run_context) -> None:
+            pass  # no coordinator to register with
+
+        def _maybe_send_resource_request(self) -> None:
+            pass
+
+        def _cancel_resource_request(self) -> None:
+            pass
+
+    return OneMachineScalingPolicy
+
+
 def trainer_class(embedded: bool) -> type:
-    """Ray Train's TorchTrainer; for the embedded one-machine Ray, without two helper actors that serve only a
+    """Ray Train's TorchTrainer; for the embedded one-machine Ray, without three helper actors that serve only a
     shared cluster. Each is a Python process of its own (~1.2-1.4 CPU-seconds to start) starting just as the
     workers import and build, which on 2 cores delays the first step by about a second:
 
     - the dataset manager, which hands out Ray Data shards: runs read their own webdataset shards, never Ray Data;
     - the placement-group cleaner, which frees a crashed controller's reservation on a cluster that outlives it:
-      the embedded Ray ends with the command that started it.
+      the embedded Ray ends with the command that started it;
+    - the autoscaling coordinator, through which a fixed-size run asks a cluster autoscaler for its workers'
+      resources every 20 s: one machine has no autoscaler. (An elastic run, `cluster.min_workers`, keeps it:
+      its resizing reads the coordinator's reservations.)
 
-    Ray Train 2.60 has no option for either, so the trainer filters them out of its default callbacks."""
+    Ray Train 2.60 has no option for any of them, so the trainer filters the first two out of its default
+    callbacks and gives the controller a fixed-size policy that sends no resource requests."""
     from ray.train.torch import TorchTrainer
 
     if not embedded:
         return TorchTrainer
     from ray.train.v2._internal.callbacks import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+
+    policy = _fixed_policy_without_autoscaler()
 
     class EmbeddedTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
             return [c for c in super()._create_default_callbacks()
                     if not isinstance(c, DatasetsCallback | PlacementGroupCleanerCallback)]
+
+        def _initialize_and_run_controller(self, **kwargs):
+            if type(kwargs.get("scaling_policy")) is FixedScalingPolicy:
+                kwargs["scaling_policy"] = policy(scaling_config=kwargs["scaling_policy"].scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)
 
     return EmbeddedTorchTrainer
