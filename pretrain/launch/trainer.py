@@ -8,8 +8,8 @@ Ray Train actor is a Python process, and each worker imports ~4 CPU-seconds of m
   (the DeveloperAPI `RunConfig.callbacks` takes), starts those imports on a thread in every worker as soon as the
   workers exist; the training function waits for that thread (`wait()`) before it imports anything.
 - The embedded Ray runs none of the helper actors that only a shared cluster needs (`trainer_class`). Each would
-  also cost the whole run: an idle Ray actor wakes every 10 ms, and on 2 cores three of them slowed a compiled
-  gpt-tiny step by 4.7% (tools/bench_train.py's note in the README).
+  also cost the whole run: an idle Ray actor wakes every 10 ms, and on 2 cores three of them slowed a gpt-tiny
+  step by 0-6%, 3% in the median of four measurements (tools/bench_background.py).
 """
 
 from __future__ import annotations
