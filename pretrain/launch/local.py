@@ -95,12 +95,12 @@ def _init_ray(cfg: Config) -> None:
         # workers build their models. The variable reaches the controller through the raylet started here.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # Ray's own periodic work takes CPU from the workers' compute threads, and on a few cores a thread
-        # descheduled for a moment stalls its peers at the next barrier: the 1-2% of a core it takes costs
-        # the training step 2-4% (measured with a synthetic background load). An embedded Ray has no
-        # dashboard to feed and no logs to stream to the driver, so its metrics, debug-state dumps and the
-        # log monitor's 10 Hz rescans of the log folder are left out; together they halve Ray's idle CPU
-        # (0.93 to 0.48 CPU-seconds per 20 s with two idle actors). The log monitor reads the variable from the
-        # environment it inherits from this process.
+        # descheduled for a moment stalls its peers at the next barrier: background work costs the step about
+        # twice its share (a load of 10% of one core: 10-12%, tools/bench_background.py). An embedded Ray has no
+        # dashboard to feed and no logs to stream to the driver, so its metrics and debug-state dumps are left
+        # out, and the log monitor rescans the log folder every 0.5 s instead of every 0.1 s; together they take
+        # Ray's idle CPU with two idle actors from 0.93 to 0.48-0.56 CPU-seconds per 20 s. The log monitor reads
+        # the variable from the environment it inherits from this process.
         os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
         need = cfg.cluster.workers * cfg.cluster.cpus_per_worker
         ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False, **quiet,

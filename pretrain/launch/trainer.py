@@ -80,10 +80,7 @@ def _fixed_policy_without_autoscaler() -> type:
             pass  # no coordinator to register with
 
         def _maybe_send_resource_request(self) -> None:
-            pass
-
-        def _cancel_resource_request(self) -> None:
-            pass
+            pass  # (cancelling is a no-op already while no coordinator client exists)
 
     return OneMachineScalingPolicy
 
