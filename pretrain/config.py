@@ -1,7 +1,9 @@
 """The typed configuration tree: YAML loading, dotted command-line overrides, validation.
 
-One pydantic model per component, every field documented. `load_config(path, overrides)` is the only
-way in; any mistake raises `ConfigError` with one line that names the key. Values derived from the
+One pydantic model per component, every field documented. The schema imports nothing of the project but
+`pretrain.errors`, and reads nothing but the YAML it is given: the model and objective sections are
+registered by their registries, and values that need data or a model (the run length in steps) come from
+`pretrain.length`. `pretrain.load.load_config(path, overrides)` is the way in; any mistake raises `ConfigError` with one line that names the key. Values derived from the
 config (gradient accumulation, head size) are functions below, never written back into the tree.
 """
 
@@ -21,9 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-
-class ConfigError(ValueError):
-    """A bad config file, key or value. The message is one line naming the key."""
+from pretrain.errors import ConfigError
 
 
 class Section(BaseModel):
@@ -195,24 +195,33 @@ class LogConfig(Section):
     peak_flops: float | None = Field(None, gt=0, description="per-worker peak FLOP/s for MFU; default: looked up or measured")
 
 
-def _registered(kind: str, name: str) -> type[Section]:
-    """The config class registered for `<kind>.type = name` (model families, objectives)."""
-    if kind == "model":
-        from pretrain.models import get_family
+# The sections behind `model.type` and `objective.type`: each family and objective registers its own
+# (pretrain/models/family.py, pretrain/objectives/base.py), so this schema imports neither registry.
+# `pretrain.load` imports both before it reads a config.
+_SECTIONS: dict[str, dict[str, type[Section]]] = {"model": {}, "objective": {}}
+DEFAULT_TYPE = {"model": "gpt2", "objective": "causal_lm"}
 
-        return get_family(name).config
-    from pretrain.objectives import get_objective
 
-    return get_objective(name).Config
+def register_section(kind: str, name: str, cls: type[Section]) -> None:
+    """Make `<kind>.type: name` read `cls` (called by the model and objective registries)."""
+    _SECTIONS[kind][name] = cls
+
+
+def section_class(kind: str, name: str) -> type[Section]:
+    """The config class registered for `<kind>.type = name`; ConfigError naming the registered ones."""
+    known = _SECTIONS[kind]
+    if name not in known:
+        raise ConfigError(f"{kind}.type {name!r} is not registered (registered: {', '.join(sorted(known))})")
+    return known[name]
 
 
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     # `model` and `objective` are unions discriminated by their `type`, over whatever is registered
-    # (pretrain.models, pretrain.objectives): `config_from_dict` picks the class; SerializeAsAny keeps
+    # (pretrain.models, pretrain.objectives): `typed_section` picks the class; SerializeAsAny keeps
     # the subclass's fields when the tree is dumped.
-    model: SerializeAsAny[Section] = Field(default_factory=lambda: _registered("model", "gpt2")())
-    objective: SerializeAsAny[Section] = Field(default_factory=lambda: _registered("objective", "causal_lm")())
+    model: SerializeAsAny[Section] = Field(default_factory=lambda: section_class("model", DEFAULT_TYPE["model"])())
+    objective: SerializeAsAny[Section] = Field(default_factory=lambda: section_class("objective", DEFAULT_TYPE["objective"])())
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     zero: ZeroConfig = Field(default_factory=ZeroConfig)
@@ -261,16 +270,6 @@ def grad_accum_steps(cfg: Config, workers: int | None = None) -> int:
     """Micro-batches per rank per optimizer step: global / (micro x workers)."""
     w = workers or cfg.cluster.workers
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * w)
-
-
-def total_steps(cfg: Config, objective: Any = None, counts: dict | None = None) -> int:
-    """The run's optimizer steps: train.steps, or those train.tokens / train.flops take (pretrain.train.length).
-    `objective` and `counts` (the built objective, the parameter counts) are found from the config when not given."""
-    if cfg.train.steps is not None:
-        return cfg.train.steps
-    from pretrain.train.length import derived_steps
-
-    return derived_steps(cfg, objective, counts)
 
 
 def worker_counts(cfg: Config) -> list[int]:
@@ -336,19 +335,13 @@ RENAMED = {
     "train.sample_tokens": "objective.sample_tokens",
     "train.sample_prompt": "objective.sample_prompt",
 }
-DEFAULT_TYPE = {"model": "gpt2", "objective": "causal_lm"}
-
-
 def typed_section(kind: str, value: Any) -> Section:
     if isinstance(value, Section):
         return value
     if not isinstance(value, dict):
         raise ConfigError(f"{kind}: must be a mapping (got {value!r})")
     name = value.get("type", DEFAULT_TYPE[kind])
-    try:
-        cls = _registered(kind, str(name))
-    except KeyError as e:
-        raise ConfigError(e.args[0]) from None
+    cls = section_class(kind, str(name))
     try:
         return cls.model_validate({**value, "type": name})
     except ValidationError as err:
@@ -356,7 +349,7 @@ def typed_section(kind: str, value: Any) -> Section:
         raise ConfigError(msg if msg.startswith(f"{kind}.") else f"{kind}.{msg}") from None
 
 
-def config_from_dict(tree: dict) -> Config:
+def parse_config(tree: dict) -> Config:
     for old, new in RENAMED.items():
         section, key = old.split(".")
         if isinstance(tree.get(section), dict) and key in tree[section]:
@@ -371,7 +364,7 @@ def config_from_dict(tree: dict) -> Config:
         raise ConfigError(_first_error(err)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def read_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read YAML, apply `section.key=value` overrides, validate. Raises ConfigError (one line)."""
     p = Path(path)
     if not p.is_file():
@@ -384,7 +377,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{p}: top level must be a mapping of sections")
     for item in overrides:
         _apply_override(tree, item)
-    return config_from_dict(tree)
+    return parse_config(tree)
 
 
 def dump_config(cfg: Config) -> str:

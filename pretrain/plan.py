@@ -41,7 +41,8 @@ import bisect
 import math
 from dataclasses import asdict, dataclass, field
 
-from pretrain.config import Config, ConfigError
+from pretrain.config import Config
+from pretrain.errors import PlanError
 
 GiB = 2**30
 # CUDA context, NCCL communicators and allocator fragmentation: what a run never gets of the sheet's memory.
@@ -50,9 +51,6 @@ RESERVE_BYTES = 2 * GiB
 ALIGN = 2
 ALLREDUCE_BUCKET = 500_000_000  # deepspeed.runtime.engine.MEMORY_OPT_ALLREDUCE_SIZE: ZeRO-0's flat all-reduce
 
-
-class PlanError(ConfigError):
-    """A plan that cannot be made (unknown GPU, a family without a memory model); one line."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +100,7 @@ def model_shape(cfg: Config) -> ModelShape:
         model = family.build(cfg.model)
         counts = family.count_parameters(model)
         if cfg.lora is not None:
-            from pretrain.train.lora import apply_lora
+            from pretrain.models.lora import apply_lora
 
             apply_lora(model, cfg.lora)
     params = list(model.parameters())
@@ -260,11 +258,11 @@ class Plan:
 
 def _total_steps(cfg: Config, step_tokens: int, flops_per_token: float) -> int:
     """The configured run length in optimizer steps: train.steps, or what train.tokens / train.flops take at
-    this plan's tokens per step (pretrain.train.length's rounding; no data manifests needed)."""
+    this plan's tokens per step (pretrain.length's rounding; no data manifests needed)."""
     t = cfg.train
     if getattr(t, "steps", None) is not None:
         return t.steps
-    from pretrain.train.length import LengthError, steps_for
+    from pretrain.length import LengthError, steps_for
 
     try:
         return steps_for(units_per_step=step_tokens, tokens=getattr(t, "tokens", None), flops=getattr(t, "flops", None),

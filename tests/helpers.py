@@ -38,7 +38,7 @@ def write_corpus(dirpath: Path, n_docs: int = 6, words_per_doc: int = 2500, seed
 
 def make_tiny_shards(tmp_path: Path, seq_len: int = 32) -> Path:
     """Write train/ and val/ shards of a small corpus under tmp_path/shards; returns that directory."""
-    from pretrain.data.cli import app
+    from pretrain.cli.data import app
 
     files = write_corpus(tmp_path / "corpus")
     out = tmp_path / "shards"
@@ -80,8 +80,8 @@ def make_chat_tokenizer(d: Path) -> Path:
 
 
 def released_model(released):
-    """Our model of a `pretrain.checkpoints.Released`, on plain-PyTorch kernels, in eval mode."""
-    from pretrain.checkpoints import load_weights
+    """Our model of a `pretrain.hub.Released`, on plain-PyTorch kernels, in eval mode."""
+    from pretrain.hub import load_weights
     from pretrain.models import get_family
 
     cfg = released.model_cfg.model_copy(update={"kernels": "reference"})

@@ -1,4 +1,4 @@
-"""GGUF import (pretrain.checkpoints), checked against transformers' own GGUF loader.
+"""GGUF import (pretrain.hub), checked against transformers' own GGUF loader.
 
 The released SmolLM2-135M-Instruct (Q4_1, installed as package data) must give transformers' logits on the
 same chat-formatted tokens; tiny files written with gguf.GGUFWriter the way llama.cpp's converter writes
@@ -18,7 +18,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from pretrain.checkpoints import CheckpointError, read_checkpoint, write_hf
+from pretrain.hub import CheckpointError, read_checkpoint, write_hf
 from tests.helpers import assert_same_logits, released_model
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"

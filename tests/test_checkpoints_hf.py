@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out (pretrain.checkpoints), checked against transformers itself.
+"""Hugging Face checkpoints in and out (pretrain.hub), checked against transformers itself.
 
 Tiny random checkpoints with odd sizes are made by transformers' own config classes and save_pretrained;
 our model (reference kernels, fp32) must give transformers' logits on the same tokens (1e-4 relative,
@@ -28,7 +28,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from pretrain.checkpoints import CheckpointError, hf_name, read_checkpoint, write_hf
+from pretrain.hub import CheckpointError, hf_name, read_checkpoint, write_hf
 from pretrain.models import get_family
 from tests.helpers import assert_same_logits, released_model
 
@@ -305,7 +305,7 @@ def test_lazy_tensors_read_any_flat_range(tmp_path, monkeypatch):
     the whole tensor, for ranges that start and end inside rows and blocks."""
     from safetensors.torch import save_file
 
-    from pretrain.checkpoints import safetensors_io as io
+    from pretrain.hub import safetensors_io as io
 
     t = torch.randn(37, 11, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     save_file({"w": t}, str(tmp_path / "m.safetensors"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch.multiprocessing as mp
 
-from pretrain.config import load_config
+from pretrain.load import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP = 0.05  # below every step's norm: each step is clipped

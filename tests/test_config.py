@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import ConfigError, grad_accum_steps, load_config, worker_counts
+from pretrain.config import ConfigError, grad_accum_steps, worker_counts
+from pretrain.load import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

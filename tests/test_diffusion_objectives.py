@@ -19,7 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from pretrain.config import ConfigError, config_from_dict
+from pretrain.config import ConfigError
+from pretrain.load import config_from_dict
 from pretrain.objectives import ObjectiveError, build_objective
 from pretrain.objectives.ddpm import Diffusion, cosine_betas, linear_betas, spaced_timesteps
 

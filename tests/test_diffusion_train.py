@@ -18,9 +18,9 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from pretrain.config import load_config
 from pretrain.data.write_images import FASHION_MNIST, read_idx, write_images
 from pretrain.launch.local import launch
+from pretrain.load import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/dit-fashion.yaml"

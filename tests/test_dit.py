@@ -12,6 +12,7 @@ from diffusers import DiTTransformer2DModel
 from diffusers.models.embeddings import Timesteps, get_2d_sincos_pos_embed
 
 from pretrain.config import ConfigError, typed_section
+from pretrain.hub.dit_diffusers import from_diffusers, to_diffusers
 from pretrain.models import get_family
 from pretrain.models.dit import (
     DiT,
@@ -22,7 +23,6 @@ from pretrain.models.dit import (
     sincos_pos_embed,
     timestep_features,
 )
-from pretrain.models.dit_diffusers import from_diffusers, to_diffusers
 
 TINY = dict(d_model=48, n_heads=3, n_layers=2)
 CASES = {  # two sizes, patch 2 and 4, learn_sigma on and off, with and without a null-label row

@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pretrain.config import load_config
 from pretrain.launch.local import launch
+from pretrain.load import load_config
 from tests.test_train import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def test_data_error_in_a_worker_ends_the_run_once(tmp_path, tiny_shards):
 
     import ray
 
-    from pretrain.fail import RunError
+    from pretrain.errors import RunError
 
     shards = tmp_path / "shards"
     shutil.copytree(tiny_shards, shards)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 import yaml
 
-from pretrain.checkpoints.safetensors_io import INDEX, write_shards
 from pretrain.config import typed_section
+from pretrain.hub.run_weights import final_tensors, load_final_model
+from pretrain.hub.safetensors_io import INDEX, write_shards
 from pretrain.models import get_family
-from pretrain.train.final import final_tensors, load_final_model
 
 
 def test_sharded_final_weights_load_like_one_file(tmp_path):

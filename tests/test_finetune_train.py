@@ -20,8 +20,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pretrain.config import load_config
 from pretrain.launch.local import launch
+from pretrain.load import load_config
 from tests.helpers import CHAT_WORDS, make_chat_tokenizer
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -47,7 +47,7 @@ def released(tmp_path_factory) -> Path:
 def sft_data(released, tmp_path_factory) -> Path:
     import numpy as np
 
-    from pretrain.data.cli import app
+    from pretrain.cli.data import app
 
     rng = np.random.default_rng(0)
     root = tmp_path_factory.mktemp("sft")
@@ -64,7 +64,7 @@ def sft_data(released, tmp_path_factory) -> Path:
 
 
 def _train(tmp_path: Path, released: Path, data: Path, name: str, *extra: str, lora: bool = True) -> list[dict]:
-    from pretrain.train.init_from import resolve
+    from pretrain.hub.sources import resolve
 
     cfg = load_config(CONFIG, [f"run.dir={tmp_path / 'runs'}", f"run.name={name}", f"train.init_from={released}",
                                f"data.train={data / 'train'}", f"data.val={data / 'val'}", "model.kernels=reference",

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.data.errors import DataError
 from pretrain.data.write_images import FASHION_MNIST, read_idx, write_images
+from pretrain.errors import DataError
 from pretrain.metrics.grid import grid_array, save_grid
 from pretrain.metrics.image_quality import (
     Judge,

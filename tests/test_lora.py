@@ -11,9 +11,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from pretrain.config import ConfigError
-from pretrain.models.transformer import LlamaConfig, Transformer
-from pretrain.train.engine import without_cpu_shm_op
-from pretrain.train.lora import (
+from pretrain.models.lora import (
     LoraConfig,
     LoRALinear,
     apply_lora,
@@ -25,6 +23,8 @@ from pretrain.train.lora import (
     merged_state,
     trainable_parameters,
 )
+from pretrain.models.transformer import LlamaConfig, Transformer
+from pretrain.train.engine import without_cpu_shm_op
 
 
 def _tiny(**kw) -> Transformer:
@@ -227,7 +227,7 @@ def _hf_llama(path):
 
 
 def _ours_from(path):
-    from pretrain.checkpoints import load_weights, read_checkpoint
+    from pretrain.hub import load_weights, read_checkpoint
     from pretrain.models import get_family
 
     released = read_checkpoint(path)
@@ -252,8 +252,8 @@ def llama_dir(tmp_path_factory):
 def test_our_adapter_loads_in_peft_and_merges_like_peft(tmp_path, llama_dir):
     from peft import PeftModel
 
-    from pretrain.checkpoints import write_hf
-    from pretrain.checkpoints.peft import read_peft, write_peft
+    from pretrain.hub import write_hf
+    from pretrain.hub.peft import read_peft, write_peft
 
     ours, mcfg = _ours_from(llama_dir)
     lora = LoraConfig(rank=4, alpha=6, targets=["q_proj", "v_proj", "o_proj", "gate_proj", "blocks.1.mlp.down_proj"])
@@ -299,7 +299,7 @@ def test_our_adapter_loads_in_peft_and_merges_like_peft(tmp_path, llama_dir):
 def test_peft_adapter_loads_into_our_model(tmp_path, llama_dir):
     import peft
 
-    from pretrain.checkpoints.peft import read_peft
+    from pretrain.hub.peft import read_peft
 
     hf = _hf_model(llama_dir)
     theirs = peft.get_peft_model(hf, peft.LoraConfig(r=3, lora_alpha=5, target_modules=["k_proj", "up_proj"],
@@ -326,8 +326,8 @@ def test_gpt2_exports_all_but_its_fused_qkv(tmp_path):
     import transformers
     from peft import PeftModel
 
-    from pretrain.checkpoints import CheckpointError
-    from pretrain.checkpoints.peft import write_peft
+    from pretrain.hub import CheckpointError
+    from pretrain.hub.peft import write_peft
 
     torch.manual_seed(0)
     hf_cfg = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32)
@@ -350,8 +350,8 @@ def test_gpt2_exports_all_but_its_fused_qkv(tmp_path):
 
 
 def test_adapters_we_cannot_compute_are_refused(tmp_path, llama_dir):
-    from pretrain.checkpoints import CheckpointError
-    from pretrain.checkpoints.peft import read_peft, write_peft
+    from pretrain.hub import CheckpointError
+    from pretrain.hub.peft import read_peft, write_peft
 
     ours, mcfg = _ours_from(llama_dir)
     lora = LoraConfig(rank=2, alpha=2)

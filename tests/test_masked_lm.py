@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import load_config
 from pretrain.launch.local import launch
+from pretrain.load import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/bert-tiny.yaml"

@@ -176,7 +176,7 @@ def test_rope_scaling_matches_transformers_and_changes_logits():
 
 
 def _copy_from_hf(ours: Transformer, hf) -> None:
-    """Hugging Face Llama/Qwen2 names -> ours, by hand (the checkpoint adapters live in pretrain.checkpoints)."""
+    """Hugging Face Llama/Qwen2 names -> ours, by hand (the checkpoint adapters live in pretrain.hub)."""
     rename = {"model.embed_tokens": "embed", "model.norm": "norm", "model.layers": "blocks", "self_attn": "attn",
               "input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"}
     state = {}

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.config import config_from_dict, load_config
+from pretrain.load import config_from_dict, load_config
 from pretrain.objectives import register
 from pretrain.objectives.causal_lm import CausalLM
 from pretrain.objectives.masked_lm import MaskedLMConfig, mask_tokens

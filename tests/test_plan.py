@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pretrain.config import config_from_dict, load_config
+from pretrain.load import config_from_dict, load_config
 from pretrain.plan import GiB, _overlap, activation_bytes, make_plan, model_shape, model_state_bytes
 
 ROOT = Path(__file__).resolve().parent.parent

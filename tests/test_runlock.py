@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pretrain.fail import RunLockedError
+from pretrain.errors import RunLockedError
 from pretrain.launch.runlock import LOCK_FILE, RunLock
 from tests.test_train import TINY
 

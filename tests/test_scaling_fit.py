@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pretrain.scaling.cli import app
+from pretrain.cli.scaling import app
 from pretrain.scaling.fit import (
     HOFFMANN_GRID,
     Law,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pretrain.config import config_from_dict, load_config
+from pretrain.load import config_from_dict, load_config
 from pretrain.scaling.fit import Law
 from pretrain.scaling.ladder import (
     LadderError,
@@ -51,8 +51,8 @@ def test_sizes():
 
 
 def test_plan(tmp_path, tiny_shards):
-    from pretrain.launch.preflight import preflight
-    from pretrain.train.length import flops_per_unit
+    from pretrain.length import flops_per_unit
+    from pretrain.objectives.preflight import preflight
 
     cfg = _cfg(tmp_path, tiny_shards)
     lad = plan_ladder(cfg, budgets=[3e10, 1e10], sizes=["32x1", "64x2", "96x2"], head_dim=32, out=tmp_path / "lad")

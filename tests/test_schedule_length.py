@@ -1,4 +1,4 @@
-"""Run length in tokens or FLOPs (pretrain.train.length) and the warmup-stable-decay schedule
+"""Run length in tokens or FLOPs (pretrain.length) and the warmup-stable-decay schedule
 (pretrain.train.schedule): pure functions, plus the config keys that choose them. No training here; the one
 real run with train.tokens and wsd is in tests/test_scaling_ladder.py."""
 
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import ConfigError, TrainConfig, config_from_dict, load_config
-from pretrain.train.length import LengthError, steps_for
+from pretrain.config import ConfigError, TrainConfig
+from pretrain.length import LengthError, steps_for
+from pretrain.load import config_from_dict, load_config
 from pretrain.train.schedule import describe, lr_lambda, warmup_cosine, warmup_stable_decay, wsd_decay_steps
 
 ROOT = Path(__file__).resolve().parents[1]

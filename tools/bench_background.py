@@ -60,8 +60,8 @@ def idle_actors(n: int):
     """Start and stop `n` idle actors on the embedded Ray."""
     import ray
 
-    from pretrain.config import load_config
     from pretrain.launch.local import _init_ray
+    from pretrain.load import load_config
 
     _init_ray(load_config(Path(__file__).parents[1] / "configs/gpt-tiny.yaml", ["cluster.workers=1"]))
 

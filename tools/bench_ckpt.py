@@ -43,7 +43,7 @@ def _free_port() -> int:
 
 
 def _config(args, world: int):
-    from pretrain.config import config_from_dict
+    from pretrain.load import config_from_dict
 
     heads = max(1, args.d_model // 64)
     return config_from_dict({

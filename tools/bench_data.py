@@ -25,9 +25,10 @@ import webdataset as wds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers, when run from anywhere
 
-from pretrain.config import DataConfig, load_config  # noqa: E402
+from pretrain.config import DataConfig  # noqa: E402
 from pretrain.data import build_train_stream  # noqa: E402
 from pretrain.data.write_text import write_text  # noqa: E402
+from pretrain.load import load_config
 from tests.helpers import write_corpus  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,8 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_train import MODELS, _one_rank_group  # noqa: E402 - the same model shapes and process group
 
-from pretrain.config import grad_accum_steps, load_config  # noqa: E402
+from pretrain.config import grad_accum_steps  # noqa: E402
 from pretrain.data import build_train_stream, validate_data  # noqa: E402
+from pretrain.load import load_config
 from pretrain.objectives import build_objective  # noqa: E402
 from pretrain.train.build import build_model  # noqa: E402
 from pretrain.train.engine import backward_and_step, build_engine, build_optimizer, clips_itself  # noqa: E402

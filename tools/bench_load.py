@@ -1,7 +1,7 @@
 """Benchmark: peak resident memory per rank while a released checkpoint loads into ZeRO-3 partitions.
 
 Writes a Llama-shaped Hugging Face checkpoint of random weights (default: Llama-3.2-1B's shape, 1.24B
-parameters, tied embeddings) with `pretrain.checkpoints.write_hf`, then starts `--workers` gloo processes that
+parameters, tied embeddings) with `pretrain.hub.hf_write`, then starts `--workers` gloo processes that
 each run the trainer's own `build_model` (zero.Init construction, tensors streamed into the partitions) and
 report their peak resident set size (VmHWM) before and after, against the fp32 size of the whole model.
 Prints a table and writes JSON.
@@ -30,8 +30,8 @@ def _model_section(args) -> dict:
 
 
 def _write_checkpoint(out: Path, section: dict) -> int:
-    from pretrain.checkpoints import write_hf
     from pretrain.config import typed_section
+    from pretrain.hub import write_hf
     from pretrain.models import get_family
 
     cfg = typed_section("model", section)
@@ -60,9 +60,9 @@ def _worker(rank: int, world: int, port: int, ckpt: str, queue) -> None:
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from pretrain.config import config_from_dict
+    from pretrain.hub.sources import resolve
+    from pretrain.load import config_from_dict
     from pretrain.train.build import build_model
-    from pretrain.train.init_from import resolve
 
     cfg = resolve(config_from_dict({
         "data": {"train": "unused"}, "train": {"init_from": ckpt, "micro_batch_size": 1, "global_batch_size": world},

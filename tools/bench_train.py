@@ -35,15 +35,16 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import grad_accum_steps, load_config
+from pretrain.config import grad_accum_steps
 from pretrain.data import build_train_stream, validate_data
+from pretrain.hub.sources import resolve
 from pretrain.launch.local import launch
+from pretrain.load import load_config
 from pretrain.metrics.flops import measured_cpu_peak
 from pretrain.models import get_family
 from pretrain.objectives import build_objective
 from pretrain.train.build import build_model
 from pretrain.train.engine import INDUCTOR_CACHE, build_optimizer
-from pretrain.train.init_from import resolve
 from pretrain.train.loop import train
 
 SMALL = ["model.n_layers=4", "model.d_model=128", "model.n_heads=4", "model.vocab_size=66", "model.max_seq_len=64",

@@ -25,7 +25,7 @@ import torch
 import typer
 
 from pretrain.bench import report, shapes, timing
-from pretrain.fail import fail
+from pretrain.cli.common import fail
 from pretrain.kernels import checks
 from pretrain.metrics.flops import device_spec, peak_for
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import braceexpand
 
 from pretrain.atomic import atomic_write
-from pretrain.data.errors import DataError
+from pretrain.errors import DataError
 from pretrain.urls import ReadFailed, is_command, is_url, read_bytes
 
 FORMAT = "pretrain-shards/1"

@@ -22,7 +22,7 @@ import numpy as np
 from webdataset.tariterators import tar_file_iterator
 
 from pretrain.atomic import fsync_dir
-from pretrain.data.errors import DataError
+from pretrain.errors import DataError
 from pretrain.urls import ReadFailed, first_line, read_bytes
 
 

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pretrain.data.errors import DataError
 from pretrain.data.manifest import Source
 from pretrain.data.order import Mixer, SourceOrder, source_salt
 from pretrain.data.shards import UnreadableShard, read_shard
+from pretrain.errors import DataError
 
 STATE_VERSION = 1
 TOKEN_DTYPES = {"tokens.u16": "<u2", "tokens.u32": "<u4"}

@@ -11,7 +11,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
-from pretrain.data.errors import DataError
+from pretrain.errors import DataError
 
 GPT2_EOT = "<|endoftext|>"
 

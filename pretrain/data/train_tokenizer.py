@@ -20,9 +20,9 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pretrain.atomic import atomic_write
-from pretrain.data.errors import DataError
 from pretrain.data.tokenizer import GPT2_EOT
 from pretrain.data.write_text import Piece, list_inputs, plan_pieces
+from pretrain.errors import DataError
 
 MIN_VOCAB = 256 + 1  # the byte alphabet and the separator
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from pretrain.atomic import atomic_write
-from pretrain.data.errors import DataError
 from pretrain.data.manifest import FORMAT, MANIFEST, write_manifest
 from pretrain.data.shards import ShardWriter
 from pretrain.data.write_text import JOURNAL, journaled_shards, remove_stale_tmp
+from pretrain.errors import DataError
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",

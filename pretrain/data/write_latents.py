@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.data.errors import DataError
 from pretrain.data.manifest import FORMAT, MANIFEST, Source, resolve
 from pretrain.data.shards import read_shard
 from pretrain.data.write_images import _write_split
+from pretrain.errors import DataError
 
 Item = tuple[np.ndarray, int, str | None]  # image (uint8 HxW, HxWxC) or latent (fp16 CxHxW), label, caption
 

@@ -35,11 +35,11 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from pretrain.atomic import atomic_write
-from pretrain.data.errors import DataError
 from pretrain.data.manifest import FORMAT, MANIFEST, write_manifest
 from pretrain.data.shards import ShardWriter
 from pretrain.data.tokenizer import tokenizer_hash
 from pretrain.data.write_text import JOURNAL, journaled_shards, list_inputs, remove_stale_tmp
+from pretrain.errors import DataError
 
 IGNORE = -100
 FIELDS = ("input_ids", "targets", "segment_ids")  # members `<key>.<field>.i32` of every row
@@ -72,11 +72,11 @@ class ChatTokenizer:
 
 def load_chat_tokenizer(spec: str) -> ChatTokenizer:
     """The tokenizer of a checkpoint directory (tokenizer.json + tokenizer_config.json with a chat template,
-    or a chat_template.jinja file, which wins) or of a .gguf file (via `pretrain.checkpoints`)."""
+    or a chat_template.jinja file, which wins) or of a .gguf file (via `pretrain.hub`)."""
     path = Path(spec)
     eos: list[int] = []
     if path.suffix == ".gguf" and path.is_file():
-        from pretrain.checkpoints import read_checkpoint  # lazy: reading GGUF pulls in gguf and torch
+        from pretrain.hub import read_checkpoint  # lazy: reading GGUF pulls in gguf and torch
 
         try:
             released = read_checkpoint(path)

@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 
 from pretrain.atomic import atomic_write
-from pretrain.data.errors import DataError
 from pretrain.data.manifest import FORMAT, MANIFEST, write_manifest
 from pretrain.data.shards import ShardWriter, token_ext
 from pretrain.data.tokenizer import eos_id, load_tokenizer, tokenizer_hash
+from pretrain.errors import DataError
 
 PIECE_BYTES = 1 << 20
 JOURNAL = "progress.json"

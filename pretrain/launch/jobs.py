@@ -12,7 +12,7 @@ Ray 2.60 heads run with token authentication by default. The token is read from 
 it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) and sent as a bearer header whatever
 RAY_AUTH_MODE says locally; nothing here turns authentication off. Every failure (no address,
 unreachable head, missing or wrong token, unknown job) is raised as JobCommandError wherever it is found
-and printed at the command boundary by `pretrain.fail.fail`: one line `error: ...` on stderr and a
+and printed at the command boundary by `pretrain.cli.common.fail`: one line `error: ...` on stderr and a
 non-zero exit. Importing this module loads typer only; status, logs, stop and jobs add Ray's job client,
 `submit` also `pretrain.config` (pydantic), inside the commands; none of them imports torch, triton or
 deepspeed, except `submit --gpu`, whose memory check (`pretrain.plan`) builds the model on the meta device.
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
-from pretrain.fail import fail
+from pretrain.cli.common import fail
 from pretrain.urls import is_url
 
 if TYPE_CHECKING:
@@ -240,7 +240,7 @@ def build_job(
 
     Raises pretrain.config.ConfigError for a bad config, JobCommandError for a bad layout.
     """
-    from pretrain.config import load_config
+    from pretrain.load import load_config
 
     cfg = load_config(config, overrides)
     wd = (working_dir or project_dir(config)).resolve()
@@ -335,13 +335,14 @@ def _check_fits(config: Path, overrides: list[str], gpu: str | None, force: bool
     Imports torch and deepspeed (the model is built on the meta device), so only when --gpu is given."""
     if not gpu:  # nothing to check against; `pretrain plan` answers the same question on demand
         return
-    from pretrain.config import ConfigError, load_config
+    from pretrain.config import ConfigError
+    from pretrain.load import load_config
     from pretrain.plan import make_plan
 
     try:
         cfg = load_config(config, overrides)
         if cfg.train.init_from:
-            from pretrain.train.init_from import resolve
+            from pretrain.hub.sources import resolve
 
             cfg = resolve(cfg)
         plan = make_plan(cfg, gpu)

@@ -14,7 +14,9 @@ import threading
 import time
 from pathlib import Path
 
-from pretrain.config import Config, config_from_dict, run_dir
+from pretrain.config import Config, run_dir
+from pretrain.length import total_steps
+from pretrain.load import config_from_dict
 from pretrain.metrics.console import follow_metrics
 from pretrain.urls import is_url
 
@@ -47,13 +49,14 @@ def _worker_main(config: dict) -> None:
     trainer.wait()  # the imports begun when the worker actor started (launch/trainer.py)
     import torch.distributed as dist
 
-    from pretrain.fail import ERROR_FILE, is_deterministic, record_error
+    from pretrain.errors import is_deterministic
+    from pretrain.launch.worker_error import ERROR_FILE, record_error
     from pretrain.train.loop import train
 
     marks = [*map(tuple, config.get("marks", [])), ("worker_spawned", spawned), ("imports", time.time())]
     cfg = config_from_dict(config["cfg"])
     try:
-        train(cfg, started_at=config["started_at"], marks=marks)
+        train(cfg, started_at=config["started_at"], marks=marks, steps=config.get("steps"))
     except Exception as e:
         # A deterministic error would fail again on every restart: record its line for the driver and
         # return normally, so Ray Train does not count a failure. Leaving the group breaks the
@@ -110,16 +113,17 @@ def _init_ray(cfg: Config) -> None:
 
 def launch(cfg: Config, *, started_at: float, quiet: bool = False) -> None:
     """Train with Ray Train workers; returns when the run has finished. A deterministic error found by a
-    worker (data, config, shapes) raises `pretrain.fail.RunError` with its line after one attempt;
+    worker (data, config, shapes) raises `pretrain.errors.RunError` with its line after one attempt;
     anything else Ray Train retried `cluster.max_failures` times raises as Ray gives it."""
     # Ray Train's imports load in a thread while this one checks the run and starts Ray. Ray's own processes must
     # be started from the main thread: their parent-death signal follows the thread that started them. (Checking
     # beside Ray's start instead was measured no faster: both want the same two cores.)
     importing = threading.Thread(target=_import_ray_train, name="import-ray-train", daemon=True)
     importing.start()
-    from pretrain.launch.preflight import preflight
+    from pretrain.objectives.preflight import preflight
 
     objective = preflight(cfg)  # bad data or a mismatched model fails here, before Ray starts
+    steps = total_steps(cfg, objective)  # derived once, here: the workers receive it
     marks = [("command", started_at), ("preflight", time.time())]  # start-up phases (pretrain/train/startup.py)
     for line in objective.data.get("commands", []):  # a `pipe:` source the user wrote: say that it runs
         print(f"notice: {line}", file=sys.stderr, flush=True)
@@ -139,7 +143,8 @@ def launch(cfg: Config, *, started_at: float, quiet: bool = False) -> None:
     rdir = run_dir(cfg)
     trainer = trainer_class(embedded=_embedded(cfg))(
         train_loop_per_worker=_worker_main,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "started_at": started_at, "marks": marks},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "started_at": started_at, "marks": marks,
+                           "steps": steps},
         scaling_config=ray.train.ScalingConfig(
             # (min, max) makes the group elastic: after losing a node it continues with fewer workers.
             num_workers=(cfg.cluster.min_workers, cfg.cluster.workers) if cfg.cluster.min_workers else cfg.cluster.workers,
@@ -154,11 +159,11 @@ def launch(cfg: Config, *, started_at: float, quiet: bool = False) -> None:
             callbacks=[WarmUp()],
         ),
     )
-    from pretrain.fail import ERROR_FILE, recorded_error
+    from pretrain.launch.worker_error import ERROR_FILE, recorded_error
 
     (rdir / ERROR_FILE).unlink(missing_ok=True)  # an earlier run's: the workers' record starts empty
     try:
-        with follow_metrics(rdir / "metrics.jsonl", cfg, unit, enabled=not quiet):
+        with follow_metrics(rdir / "metrics.jsonl", steps, unit, cfg.train.log_every, enabled=not quiet):
             trainer.fit()
     except Exception:
         if (error := recorded_error(rdir)) is None:

@@ -29,7 +29,7 @@ from datetime import datetime
 from pathlib import Path
 
 from pretrain.atomic import fsync_dir
-from pretrain.fail import RunLockedError
+from pretrain.errors import RunLockedError
 
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 10.0

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # What every rank imports before its first step (the loop's own imports, then what its optimizers load).
 MODULES = (
-    "pretrain.fail",
+    "pretrain.errors",
     "pretrain.train.loop",
     "torch._dynamo",
     "deepspeed.runtime.zero.muon.muon_optimizer",

@@ -13,8 +13,6 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pretrain.config import Config, total_steps
-
 console = Console(highlight=False, soft_wrap=True)  # one line per row, even in a narrow or piped terminal
 
 
@@ -48,14 +46,14 @@ def format_row(row: dict, total_steps: int, unit: str = "tokens") -> str:
 
 
 @contextlib.contextmanager
-def follow_metrics(path: Path, cfg: Config, unit: str, enabled: bool = True, poll_s: float = 0.5):
-    """Print new rows of `path` while the body runs (rows that exist already are history: skipped)."""
+def follow_metrics(path: Path, total: int, unit: str, log_every: int = 1, enabled: bool = True, poll_s: float = 0.5):
+    """Print new rows of `path` while the body runs (rows that exist already are history: skipped); `total` is
+    the run's steps (the driver derives it once), a loss row is printed every `log_every` steps."""
     if not enabled:
         yield
         return
     stop = threading.Event()
     offset = path.stat().st_size if path.exists() else 0
-    total = total_steps(cfg)  # train.steps, or what train.tokens / train.flops come to
 
     def run() -> None:
         nonlocal offset
@@ -73,7 +71,7 @@ def follow_metrics(path: Path, cfg: Config, unit: str, enabled: bool = True, pol
                 for ln in lines:
                     row = json.loads(ln)
                     step = row["step"]
-                    if "loss" not in row or step % cfg.train.log_every == 0 or step in (1, total):
+                    if "loss" not in row or step % log_every == 0 or step in (1, total):
                         console.print(format_row(row, total, unit))
             if done:
                 return

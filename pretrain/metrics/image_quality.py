@@ -37,9 +37,9 @@ from scipy import linalg
 from torch import nn
 
 from pretrain.atomic import atomic_path, atomic_write, fsync_dir
-from pretrain.data.errors import DataError
 from pretrain.data.manifest import Source, resolve
 from pretrain.data.shards import read_shard
+from pretrain.errors import DataError
 
 # Bump when Classifier or the training recipe changes: old caches then stop matching instead of loading.
 ARCH_VERSION = 1

@@ -13,7 +13,7 @@ SiLU(timestep embedding + label embedding). Every modulation and the output laye
 model is the identity on its residual stream and outputs zeros at init (adaLN-Zero, paper section 3.2).
 
 The timestep and position embeddings follow diffusers' `DiTTransformer2DModel` exactly (so released
-weights load, see dit_diffusers.py): timestep frequencies exp(-ln(1e4) i / (128 - 1)), i < 128, laid out
+weights load, see pretrain/hub/dit_diffusers.py): timestep frequencies exp(-ln(1e4) i / (128 - 1)), i < 128, laid out
 [cos, sin] (the DiT repository divides by 128, not 127); positions the fixed 2-D sin-cos table of MAE,
 [sin-cos of the column | sin-cos of the row], computed in float64. Unlike diffusers, which copies the
 timestep/label embedder into every block, there is one shared embedder (as in the DiT repository).
@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pretrain import kernels
 from pretrain.config import Section
-from pretrain.models import Family, register
+from pretrain.models.family import Family, register
 from pretrain.models.layers import GeluMLP
 
 # DiT paper, Table 1: (d_model, n_layers, n_heads).
@@ -277,7 +277,5 @@ def flops_per_image(cfg: DiTConfig, counts: dict, workload: dict) -> float:
     return 6.0 * (counts["matmul_per_token"] * t + counts["matmul_per_image"]) + 12.0 * n_layers * d * t * t
 
 
-from pretrain.models import dit_diffusers  # noqa: E402  (the adapter imports this module's config and helpers)
-
 register(Family(name="dit", config=DiTConfig, build=DiT, count_parameters=count_parameters,
-                flops_per_unit=flops_per_image, adapter=dit_diffusers))
+                flops_per_unit=flops_per_image))

@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pretrain import kernels
 from pretrain.config import Section
-from pretrain.models import Family, register
+from pretrain.models.family import Family, register
 from pretrain.models.kv_cache import KVCache
 from pretrain.models.layers import Attention, GeluMLP, LayerNorm, RMSNorm, Rotary, SwiGLUMLP
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from pretrain.objectives import ObjectiveError, register
+from pretrain.objectives.base import ObjectiveError, register
 from pretrain.objectives.images import TIME, ImageObjective, ImageSampling, forward, per_image_mean
 from pretrain.objectives.sample_rng import uniform
 

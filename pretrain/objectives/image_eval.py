@@ -118,15 +118,15 @@ def sample_run(run: Path, *, n: int, cfg_scale: float, steps: int, out: Path, sa
     FileNotFoundError / ValueError / ObjectiveError with one line on bad input; `out` appears only complete."""
     import json
 
-    from pretrain.config import load_config
+    from pretrain.config import read_config
+    from pretrain.hub.run_weights import load_final_model
     from pretrain.metrics.grid import save_grid
-    from pretrain.objectives import ObjectiveError, build_objective
-    from pretrain.train.final import load_final_model
+    from pretrain.objectives.base import ObjectiveError, build_objective
 
     final = run / "final"
     if not (final / "config.yaml").is_file() or not (final / "model.yaml").is_file():
         raise FileNotFoundError(f"{run}: not a finished run (no final/config.yaml and final/model.yaml)")
-    cfg = load_config(final / "config.yaml")
+    cfg = read_config(final / "config.yaml")  # the registries are loaded: this is an objective
     data = json.loads((final / "data.json").read_text()) if (final / "data.json").is_file() else None
     if data is None or data.get("kind") != "images":
         raise ObjectiveError(f"{run}: not an image model's run (objective.type={cfg.objective.type})")

@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 
 from pretrain.config import Section
-from pretrain.objectives import Metrics, Objective, ObjectiveError
+from pretrain.objectives.base import Metrics, Objective, ObjectiveError
 from pretrain.objectives.sample_rng import normal, uniform
 
 # Streams of sample_rng (apart from masked_lm's 1-4 and the evaluation's): one per kind of draw, so the

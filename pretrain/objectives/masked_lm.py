@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 
 from pretrain import kernels
 from pretrain.config import Section
-from pretrain.objectives import ObjectiveError, register
+from pretrain.objectives.base import ObjectiveError, register
 from pretrain.objectives.sample_rng import uniform
 from pretrain.objectives.tokens import TokenObjective
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from pretrain.objectives import register
+from pretrain.objectives.base import register
 from pretrain.objectives.images import (
     TIME,
     TIME_NORMAL,

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 
 from pretrain.config import Section
-from pretrain.objectives import register
+from pretrain.objectives.base import register
 from pretrain.objectives.tokens import TokenObjective
 
 IGNORE = -100

@@ -3,7 +3,7 @@ length, attention direction) and the tokenizer the data was written with."""
 
 from __future__ import annotations
 
-from pretrain.objectives import Objective, ObjectiveError
+from pretrain.objectives.base import Objective, ObjectiveError
 
 
 class TokenObjective(Objective):

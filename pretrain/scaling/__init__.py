@@ -6,5 +6,4 @@ frontier), `plots` draws them, `cli` is `pretrain scaling ...`.
 """
 
 
-class ScalingError(ValueError):
-    """Bad input to a fit (missing columns, too few runs, mixed data): one line, shown as `error: ...`."""
+from pretrain.errors import ScalingError  # noqa: F401  (raised as pretrain.scaling.ScalingError)

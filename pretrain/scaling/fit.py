@@ -385,7 +385,7 @@ class ScalingFit:
                 "ci95": {"n_opt": interval(ns), "d_opt": interval(ds), "tokens_per_param": interval(ds / ns)}}
 
     def to_json(self) -> dict:
-        """What `fit.json` holds (see pretrain/scaling/cli.py)."""
+        """What `fit.json` holds (see pretrain/cli/scaling.py)."""
         a3, law = self.approach3, self.approach3.law
         s = self.approach3_samples
         ab = s[:, 4] / (s[:, 3] + s[:, 4]) if len(s) else np.array([])

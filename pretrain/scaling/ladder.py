@@ -3,7 +3,7 @@
 `pretrain scaling ladder CONFIG` reads a run config and its `ladder:` block (budgets, sizes, head_dim, out;
 `--budgets/--sizes` override it). A size is `DxL` (model.d_model x model.n_layers, heads = D / head_dim) or
 `DxLxH`; each run is the config at that shape with `train.flops` = its budget, so the trainer's own length
-rule (pretrain/train/length.py) gives its steps: tokens = budget / FLOPs per token, rounded up to whole
+rule (pretrain/length.py) gives its steps: tokens = budget / FLOPs per token, rounded up to whole
 steps, FLOPs per token from the family's count (the figure the runs log). The ladder's directory holds
 
     ladder.json            the plan: each run's shape, N, FLOPs per token, steps, tokens, FLOPs
@@ -38,7 +38,8 @@ from pathlib import Path
 
 import yaml
 
-from pretrain.config import Config, ConfigError, config_from_dict, dump_config, run_dir
+from pretrain.config import Config, ConfigError, dump_config, run_dir
+from pretrain.load import config_from_dict
 from pretrain.scaling import ScalingError
 
 SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*(?:x\s*(\d+))?\s*$")
@@ -117,8 +118,8 @@ def plan_ladder(cfg: Config, *, budgets: list[float] | None = None, sizes: list[
     """The runs of the ladder `cfg` (its `ladder:` block, or the arguments) describes; reads the data's
     manifests, builds nothing but meta-device models."""
     from pretrain.launch.local import resolve_paths
-    from pretrain.launch.preflight import preflight
-    from pretrain.train.length import flops_per_unit, parameter_counts, steps_for
+    from pretrain.length import flops_per_unit, parameter_counts, steps_for
+    from pretrain.objectives.preflight import preflight
 
     block = cfg.ladder
     budgets = budgets or (block.budgets if block else None)
@@ -448,7 +449,7 @@ def run_ladder(ladder: Ladder, *, run_fn: Callable[[dict], None] = train_run, cl
 def fit_ladder(ladder: Ladder, *, bootstrap: int = 300, seed: int = 0, starts: int | None = None,
                plots: bool = True) -> dict:
     """`pretrain scaling fit` over the ladder's finished runs into <out>/fit/; returns fit.json's document."""
-    from pretrain.scaling.cli import fit_and_write
+    from pretrain.cli.scaling import fit_and_write
     from pretrain.scaling.table import read_runs
 
     dirs = [ladder.rdir(r) for r in ladder.rungs if finished(ladder.rdir(r), r)]

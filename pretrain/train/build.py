@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pretrain.checkpoints.load import load_weights, shape_of, write_parameter
 from pretrain.config import Config
+from pretrain.hub.load import load_weights, shape_of, write_parameter
 
 
 def parameter_seed(seed: int, name: str) -> int:
@@ -87,7 +87,7 @@ def build_model(cfg: Config, device: torch.device) -> tuple[nn.Module, dict]:
     with scope:
         model = family.build(cfg.model)
         if cfg.lora is not None:  # inside the scope: ZeRO-3 partitions the adapters as they are made
-            from pretrain.train.lora import apply_lora
+            from pretrain.models.lora import apply_lora
 
             wrapped = apply_lora(model, cfg.lora)
             counts = {**counts, "lora_modules": len(wrapped)}
@@ -95,7 +95,7 @@ def build_model(cfg: Config, device: torch.device) -> tuple[nn.Module, dict]:
         model = model.to(device)
     adapters = {n for n, _ in model.named_parameters() if ".lora_" in n}
     if cfg.train.init_from:
-        from pretrain.train.init_from import open_source
+        from pretrain.hub.sources import open_source
 
         src = open_source(cfg.train.init_from, cfg.model.max_seq_len)
         load_weights(model, src.iter_tensors(), f"train.init_from {src.path}", skip=adapters)

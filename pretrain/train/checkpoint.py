@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import Config, run_dir
-from pretrain.fail import RunError
+from pretrain.errors import CheckpointPickleError, ResumeError
 from pretrain.train.storage import Storage
 from pretrain.urls import first_line
 
@@ -81,9 +81,6 @@ def staging_dir(cfg: Config, rank: int) -> Path:
     return run_dir(cfg) / ".staging" / f"rank-{rank}"
 
 
-class ResumeError(RunError):
-    """No checkpoint where one was asked for (train.branch_from), or one that cannot be resumed; one line."""
-
 
 class CheckpointStoreError(RuntimeError):
     """The location failed us: an upload failed, a rank never finished its save, the store was unreachable.
@@ -111,9 +108,6 @@ def _crash_point(name: str) -> None:
 TRUST_PICKLES = "PRETRAIN_TRUST_CHECKPOINT_PICKLES"
 RNG_FORMAT = 1
 
-
-class CheckpointPickleError(ValueError):
-    """A checkpoint file that would have to be unpickled without the user's opt-in; one line."""
 
 
 def rng_file(directory: Path, rank: int) -> Path:

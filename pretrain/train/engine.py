@@ -14,7 +14,8 @@ import deepspeed
 import torch
 from torch import nn
 
-from pretrain.config import Config, grad_accum_steps, total_steps
+from pretrain.config import Config, grad_accum_steps
+from pretrain.length import total_steps
 from pretrain.train.schedule import lr_lambda
 
 

@@ -25,9 +25,10 @@ import torch
 import torch.distributed as dist
 
 from pretrain.atomic import atomic_write
-from pretrain.config import Config, grad_accum_steps, run_dir, total_steps, worker_counts
+from pretrain.config import Config, grad_accum_steps, run_dir, worker_counts
 from pretrain.data import build_train_stream, build_val_batches, validate_data
-from pretrain.fail import RunError, is_deterministic
+from pretrain.errors import RunError, is_deterministic
+from pretrain.length import total_steps
 from pretrain.metrics.flops import mfu_field, peak_flops
 from pretrain.metrics.sinks import Deferred, Fanout, JsonlSink, Sink, WandbSink, last_step, truncate_after
 from pretrain.models import get_family
@@ -36,7 +37,7 @@ from pretrain.train import checkpoint as ckpt
 from pretrain.train.build import build_model
 from pretrain.train.ema import EMA
 from pretrain.train.engine import backward_and_step, build_engine, clips_itself, compile_stats
-from pretrain.train.final import save_final_weights
+from pretrain.train.final_weights import save_final_weights
 from pretrain.train.hooks import Hooks
 from pretrain.train.startup import Marks
 
@@ -207,7 +208,7 @@ def summarize(metrics_path: Path, unit: str, keys: tuple[str, ...] = ()) -> dict
 def fit_fields(cfg: Config, steps: int, fpu: float, unit: str) -> dict:
     """What a scaling fit needs beside the losses (pretrain/scaling/table.py reads them): the schedule, the
     length asked for, FLOPs per unit, and the identity of the data, tokenizer and objective."""
-    from pretrain.scaling.table import identity
+    from pretrain.data.identity import identity
     from pretrain.train.schedule import describe
 
     t = cfg.train
@@ -218,8 +219,9 @@ def fit_fields(cfg: Config, steps: int, fpu: float, unit: str) -> dict:
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(cfg: Config, *, started_at: float | None = None, marks: list | None = None) -> None:
-    """Run (or resume) the configured training on this rank. Collective: every rank calls it."""
+def train(cfg: Config, *, started_at: float | None = None, marks: list | None = None, steps: int | None = None) -> None:
+    """Run (or resume) the configured training on this rank. Collective: every rank calls it. `steps` is the
+    run's length as the driver derived it (pretrain.length.total_steps); derived here when not given."""
     started_at = started_at or time.time()
     startup = Marks(marks or [("command", started_at)])  # the driver's marks (launch/local.py), then ours
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -243,7 +245,7 @@ def train(cfg: Config, *, started_at: float | None = None, marks: list | None = 
     model, counts = build_model(cfg, device)  # in partitions already under ZeRO-3; released weights loaded
     startup.mark("model")
     model.activation_checkpointing = cfg.train.activation_checkpointing
-    steps = total_steps(cfg, objective, counts)  # train.steps, or what train.tokens / train.flops take
+    steps = steps or total_steps(cfg, objective, counts)  # train.steps, or what train.tokens / train.flops take
     store = ckpt.Storage(ckpt.location(cfg))
     saver = ckpt.Checkpointer(store, ckpt.staging_dir(cfg, rank), rank, world, keep=cfg.train.ckpt_keep,
                               keep_every=cfg.train.ckpt_keep_every, timeout_s=cfg.cluster.collective_timeout_s)

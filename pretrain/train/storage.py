@@ -22,10 +22,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from pretrain.atomic import atomic_write, fsync_dir
-
-
-class StorageError(ValueError):
-    """A checkpoint location that cannot be used; the message is one line naming it."""
+from pretrain.errors import StorageError
 
 
 class Storage:

@@ -13,7 +13,7 @@ import pytest
 import ray
 import yaml
 
-from pretrain.config import load_config
+from pretrain.load import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"

@@ -12,11 +12,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pretrain.config import DataConfig, load_config
+from pretrain.cli.data import app
+from pretrain.config import DataConfig
 from pretrain.data import build_train_stream, build_val_batches, load_tokenizer, validate_data
 from pretrain.data import write_text as wt
-from pretrain.data.cli import app
 from pretrain.data.shards import read_shard
+from pretrain.load import load_config
 from pretrain.models import get_family
 from pretrain.objectives import build_objective
 from pretrain.train.loop import summarize

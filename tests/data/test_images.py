@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 from typer.testing import CliRunner
 
-from pretrain.data.cli import app
+from pretrain.cli.data import app
 from pretrain.data.write_images import FASHION_MNIST, read_idx, write_images
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from pretrain.cli.data import app
 from pretrain.config import DataConfig
 from pretrain.data import build_train_stream, build_val_batches, validate_data
-from pretrain.data.cli import app
 from pretrain.data.write_images import FASHION_CLASSES, read_idx, write_images
 from tests.data.test_image_stream import write_idx_source
 

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from pretrain.cli.data import app
 from pretrain.config import DataConfig
 from pretrain.data import DataError, build_train_stream, build_val_batches, validate_data
-from pretrain.data.cli import app
 from tests.helpers import make_tiny_shards, moto_server
 
 BUCKET = "shards"

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from pretrain.cli.data import app
 from pretrain.config import DataConfig
 from pretrain.data import DataError, build_train_stream, tokenizer_for, validate_data
-from pretrain.data.cli import app
 
 EVIL = ["a.tar; touch PWNED #", "../x.tar", "/ABS/x.tar"]  # /ABS: replaced by a real absolute path
 

@@ -17,11 +17,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pretrain.config import DataConfig, config_from_dict
+from pretrain.cli.data import app
+from pretrain.config import DataConfig
 from pretrain.data import DataError, build_train_stream, build_val_batches, tokenizer_for, validate_data
-from pretrain.data.cli import app
 from pretrain.data.stream import segment_positions
 from pretrain.data.write_sft import IGNORE, encode_example, load_chat_tokenizer, pack, write_sft
+from pretrain.load import config_from_dict
 from tests.helpers import CHAT_WORDS, make_chat_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,8 +10,8 @@ import tarfile
 import pytest
 from webdataset.tariterators import tar_file_iterator
 
-from pretrain.data.errors import DataError
 from pretrain.data.shards import ShardWriter, _plain_ustar, read_shard
+from pretrain.errors import DataError
 
 
 def _members(data: bytes) -> list[tuple[str, bytes]]:

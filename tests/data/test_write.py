@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from pretrain.cli.data import app
 from pretrain.data import load_tokenizer
 from pretrain.data import write_text as wt
-from pretrain.data.cli import app
 from pretrain.data.shards import read_shard
 from tests.helpers import write_corpus
 

@@ -25,7 +25,7 @@ except ModuleNotFoundError:  # Python 3.10: tomli comes with Hugging Face's kern
 import pretrain.kernels
 
 ROOT = Path(__file__).resolve().parents[2]
-OURS = ROOT / "kernels"
+OURS = ROOT / "pretrain" / "kernels"
 
 PROBE = r"""
 import importlib.util, json, site, sys
@@ -77,7 +77,7 @@ def test_hugging_face_kernels_and_pretrain_kernels_coexist(tmp_path):
     assert not _under(seen["hf_file"], OURS), seen  # (not ROOT: the venv may live in the repository)
     assert any(_under(seen["hf_file"], Path(p)) for p in seen["site_packages"]), seen
     assert not _under(seen["spec_origin"], OURS), seen
-    # Ours is `pretrain.kernels`: the folder kernels/ in an editable install, pretrain/kernels/ in a wheel.
+    # Ours is `pretrain.kernels`: the folder pretrain/kernels/, editable or from a wheel.
     assert seen["ours_name"] == "pretrain.kernels"
     ours_file = Path(seen["ours_file"])
     assert ours_file.resolve() == (OURS / "__init__.py").resolve() or ours_file.parts[-3:-1] == ("pretrain", "kernels"), seen
@@ -87,17 +87,19 @@ def test_hugging_face_kernels_and_pretrain_kernels_coexist(tmp_path):
 
 
 def test_pretrain_kernels_resolves_to_the_folder_from_the_repository_root():
-    """Here `pretrain` is the folder pretrain/ (no kernels/ inside it): the install still maps the subpackage."""
+    """`pretrain.kernels` is the folder pretrain/kernels/, with no search-path hack in `pretrain`."""
     assert Path(pretrain.kernels.__file__).resolve() == (OURS / "__init__.py").resolve()
     assert pretrain.kernels.attention.__module__ == "pretrain.kernels.attention"
     assert hasattr(torch.ops.pretrain_kernels, "attention_fwd")
+    assert "__path__.append" not in (ROOT / "pretrain" / "__init__.py").read_text()
 
 
-def test_every_package_is_listed_for_setuptools():
-    """pyproject lists the packages explicitly (a package-dir mapping rules out packages.find): a new
-    subpackage of pretrain/ missing from that list would be left out of the wheel."""
+def test_every_package_is_found_for_setuptools():
+    """setuptools finds the packages (`pretrain*`): every folder with an __init__.py under pretrain/ goes
+    into the wheel, and nothing outside it does."""
+    from setuptools import find_packages
+
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert cfg["package-dir"] == {"pretrain.kernels": "kernels"}
+    found = set(find_packages(str(ROOT), **cfg["packages"]["find"]))
     on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "pretrain").rglob("__init__.py")}
-    on_disk |= {"pretrain.kernels." + ".".join(p.parent.relative_to(OURS).parts) for p in OURS.rglob("*/__init__.py")}
-    assert sorted(cfg["packages"]) == sorted(on_disk | {"pretrain.kernels"})
+    assert found == on_disk and "pretrain.kernels" in found

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.config import config_from_dict
+from pretrain.load import config_from_dict
 from pretrain.train import checkpoint as ckpt
 from pretrain.train.schedule import warmup_cosine
 from pretrain.train.storage import Storage

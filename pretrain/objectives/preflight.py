@@ -5,12 +5,12 @@ Reads manifests only; raises DataError or ObjectiveError with one line naming th
 from __future__ import annotations
 
 from pretrain.config import Config
+from pretrain.data import validate_data
+from pretrain.objectives import build_objective
 
 
 def preflight(cfg: Config):
     """The run's objective, checked against its data and model."""
-    from pretrain.data import validate_data
-    from pretrain.objectives import build_objective
 
     objective = build_objective(cfg, validate_data(cfg.data))
     objective.check()

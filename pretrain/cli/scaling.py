@@ -27,8 +27,8 @@ from typing import Optional
 
 import typer
 
+from pretrain.cli.common import fail
 from pretrain.config import ConfigError
-from pretrain.fail import fail
 from pretrain.scaling import ScalingError
 
 app = typer.Typer(help="Fit scaling laws (Chinchilla approaches 2 and 3) to runs or published tables.",
@@ -215,8 +215,8 @@ def ladder(
 ) -> None:
     """Plan an isoFLOP ladder (every size at every budget, tokens = budget / FLOPs per token), run it on Ray
     (resuming an interrupted one), fit it into DIR/fit/ and log a W&B summary run."""
-    from pretrain.config import load_config
     from pretrain.data import DataError
+    from pretrain.load import load_config
     from pretrain.objectives import ObjectiveError
     from pretrain.scaling.ladder import fit_ladder, log_wandb, plan_ladder, run_ladder
 

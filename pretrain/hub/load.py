@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pretrain.checkpoints.errors import CheckpointError
-from pretrain.checkpoints.safetensors_io import LazyTensor
+from pretrain.errors import CheckpointError
+from pretrain.hub.safetensors_io import LazyTensor
 
 
 def _partition_slice(p: nn.Parameter) -> tuple[int, int]:

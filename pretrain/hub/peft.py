@@ -32,9 +32,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pretrain.atomic import replace_dir
-from pretrain.checkpoints.errors import CheckpointError
-from pretrain.checkpoints.families import hf_name
-from pretrain.train.lora import ADAPTER_KEYS, LoraConfig
+from pretrain.errors import CheckpointError
+from pretrain.hub.families import hf_name
+from pretrain.models.lora import ADAPTER_KEYS, LoraConfig
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

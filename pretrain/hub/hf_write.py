@@ -23,11 +23,11 @@ import torch
 from transformers import GenerationConfig
 
 from pretrain.atomic import replace_dir
-from pretrain.checkpoints.errors import CheckpointError
-from pretrain.checkpoints.families import adapter_for_ours, expected_shapes
-from pretrain.checkpoints.released import check_vocab
-from pretrain.checkpoints.safetensors_io import write_shards
-from pretrain.checkpoints.tokenizer_io import load_tokenizer, max_token_id
+from pretrain.errors import CheckpointError
+from pretrain.hub.families import adapter_for_ours, expected_shapes
+from pretrain.hub.released import check_vocab
+from pretrain.hub.safetensors_io import write_shards
+from pretrain.hub.tokenizer_io import load_tokenizer, max_token_id
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 

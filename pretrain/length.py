@@ -1,4 +1,4 @@
-"""Run length in tokens or FLOPs: `train.tokens` and `train.flops` turned into optimizer steps.
+"""Run length: `train.steps`, or `train.tokens` and `train.flops` turned into optimizer steps.
 
 A scaling ladder plans runs by compute (C = FLOPs per token x tokens) and by data (D tokens), not by
 steps; the trainer counts steps. The conversion needs the objective's units per sample (tokens of a
@@ -12,9 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-
-class LengthError(ValueError):
-    """A run length that cannot become steps (one line naming the key)."""
+from pretrain.errors import LengthError
 
 
 def steps_for(*, units_per_step: int, tokens: float | None = None, flops: float | None = None,
@@ -54,12 +52,21 @@ def flops_per_unit(cfg: Any, objective: Any, counts: dict | None = None) -> floa
 
 def derived_steps(cfg: Any, objective: Any = None, counts: dict | None = None) -> int:
     """Steps for train.tokens or train.flops. Without `objective` it is built from the config and its data's
-    manifests (pretrain.launch.preflight), so the driver and every worker derive the same number."""
+    manifests (pretrain.objectives.preflight), so the driver and every worker derive the same number."""
     t = cfg.train
     if objective is None:
-        from pretrain.launch.preflight import preflight
+        from pretrain.objectives.preflight import preflight
 
         objective = preflight(cfg)
     per_step = t.global_batch_size * objective.units_per_sample()
     fpu = flops_per_unit(cfg, objective, counts) if t.flops is not None else None
     return steps_for(units_per_step=per_step, tokens=t.tokens, flops=t.flops, flops_per_unit=fpu)
+
+
+def total_steps(cfg: Any, objective: Any = None, counts: dict | None = None) -> int:
+    """The run's optimizer steps: train.steps, or those train.tokens / train.flops take. `objective` and
+    `counts` (the built objective, the parameter counts) are found from the config when not given: that
+    reads the data's manifests and builds the model on the meta device, so the driver calls it once."""
+    if cfg.train.steps is not None:
+        return cfg.train.steps
+    return derived_steps(cfg, objective, counts)

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.checkpoints.errors import CheckpointError
-from pretrain.checkpoints.families import adapter_for, expected_shapes, our_config
-from pretrain.checkpoints.released import Released, check_shapes, check_vocab
-from pretrain.checkpoints.tokenizer_io import gguf_tokenizer_dir
+from pretrain.errors import CheckpointError
+from pretrain.hub.families import adapter_for, expected_shapes, our_config
+from pretrain.hub.released import Released, check_shapes, check_vocab
+from pretrain.hub.tokenizer_io import gguf_tokenizer_dir
 
 SUPPORTED = ("llama", "qwen2")
 _TOP = {"token_embd": "embed", "output_norm": "norm", "output": "lm_head"}

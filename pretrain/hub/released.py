@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pretrain.checkpoints.errors import CheckpointError
+from pretrain.errors import CheckpointError
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """`pretrain data ...`: write and inspect shards. Argument parsing, progress and error reporting only.
 
-Bad input ends with one line on stderr (`error: ...`, via `pretrain.fail.fail`) and exit code 2; outputs
+Bad input ends with one line on stderr (`error: ...`, via `pretrain.cli.common.fail`) and exit code 2; outputs
 appear only when complete.
 """
 
@@ -13,8 +13,8 @@ from typing import Optional
 
 import typer
 
-from pretrain.data.errors import DataError
-from pretrain.fail import fail
+from pretrain.cli.common import fail
+from pretrain.errors import DataError
 
 app = typer.Typer(help="Write and inspect webdataset shards.", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False)

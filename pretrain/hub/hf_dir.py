@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from transformers import CONFIG_MAPPING
 
-from pretrain.checkpoints.errors import CheckpointError
-from pretrain.checkpoints.families import adapter_for, expected_shapes, our_config
-from pretrain.checkpoints.released import Released, check_shapes, check_vocab
-from pretrain.checkpoints.safetensors_io import (
+from pretrain.errors import CheckpointError
+from pretrain.hub.families import adapter_for, expected_shapes, our_config
+from pretrain.hub.released import Released, check_shapes, check_vocab
+from pretrain.hub.safetensors_io import (
     INDEX,
     LazyTensor,
     iter_file_tensors,
@@ -28,7 +28,7 @@ from pretrain.checkpoints.safetensors_io import (
     read_headers,
     weight_files,
 )
-from pretrain.checkpoints.tokenizer_io import load_tokenizer, max_token_id
+from pretrain.hub.tokenizer_io import load_tokenizer, max_token_id
 
 
 def _read_json(path: Path) -> dict:

@@ -1,6 +1,6 @@
 """`train.init_from`: where a run's first weights come from, and the model config they imply.
 
-A source is a Hugging Face model directory, a `.gguf` file (both read by `pretrain.checkpoints`), or another
+A source is a Hugging Face model directory, a `.gguf` file (both read by `pretrain.hub`), or another
 run's directory (its `final/`). The model section of the run is the checkpoint's: `resolve` replaces it on
 the driver before any worker starts, so every worker, the dumped config and a resume all see the same
 architecture. A few keys may still be set in the run's config (`OVERRIDABLE`); setting an architecture key
@@ -28,18 +28,18 @@ class Source:
 
     path: str
     model_cfg: Section
-    # (our name, fp32 CPU tensor or an unread LazyTensor), one at a time, for `pretrain.checkpoints.load_weights`
+    # (our name, fp32 CPU tensor or an unread LazyTensor), one at a time, for `pretrain.hub.load_weights`
     iter_tensors: Callable[[], Iterator[tuple[str, Any]]]
     tokenizer_dir: Path | None = None
     eos_token_ids: tuple[int, ...] = ()
-    released: Any = None  # the pretrain.checkpoints object, when the source is a released checkpoint
+    released: Any = None  # the pretrain.hub object, when the source is a released checkpoint
 
 
 def _run_source(path: Path) -> Source:
     final = path / "final"
     model_cfg = typed_section("model", yaml.safe_load((final / "model.yaml").read_text()))
 
-    from pretrain.train.final import final_tensors
+    from pretrain.hub.run_weights import final_tensors
 
     return Source(str(path), model_cfg, lambda: final_tensors(final))
 
@@ -54,7 +54,7 @@ def open_source(path: str | Path, max_seq_len: int | None = None) -> Source:
         raise ConfigError(f"train.init_from: {p} is a run without final weights (it has not finished)")
     if not p.exists():
         raise ConfigError(f"train.init_from: {p} does not exist")
-    from pretrain.checkpoints import CheckpointError, read_checkpoint
+    from pretrain.hub import CheckpointError, read_checkpoint
 
     try:
         r = read_checkpoint(p, max_seq_len=max_seq_len)

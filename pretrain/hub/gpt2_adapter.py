@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from transformers import GPT2Config
 
-from pretrain.checkpoints.errors import CheckpointError
-from pretrain.checkpoints.families import Adapter, Named, register
+from pretrain.errors import CheckpointError
+from pretrain.hub.adapter import Adapter, Named, register
 from pretrain.models.transformer import d_ff, head_dim, n_kv_heads
 
 _TOP = {"embed": "transformer.wte", "pos_embed": "transformer.wpe", "norm": "transformer.ln_f",

@@ -1,6 +1,6 @@
 """`pretrain export`: a finished run's weights in the formats other tools load.
 
-- `hf`: a Hugging Face model directory (`pretrain.checkpoints.write_hf`: config.json, generation_config.json,
+- `hf`: a Hugging Face model directory (`pretrain.hub.hf_write`: config.json, generation_config.json,
   safetensors shards, the tokenizer with its chat template), streamed tensor by tensor from `final/`. A LoRA
   run is exported with its adapters folded into the base.
 - `peft`: a LoRA run's adapters in PEFT's layout, with `base_model_name_or_path` naming the checkpoint the
@@ -18,16 +18,16 @@ import yaml
 
 
 def _tensors(final: Path, weights: str):
-    from pretrain.train.final import final_tensors
+    from pretrain.hub.run_weights import final_tensors
 
     yield from final_tensors(final, weights)
 
 
 def _merged(cfg, final: Path, weights: str):
     """(name, tensor) of the base with every adapter folded in (W + B A alpha / r), adapters dropped."""
-    from pretrain.checkpoints import load_weights
+    from pretrain.hub import load_weights
     from pretrain.models import get_family
-    from pretrain.train.lora import apply_lora, merged_state
+    from pretrain.models.lora import apply_lora, merged_state
 
     model = get_family(cfg.model.type).build(cfg.model)
     apply_lora(model, cfg.lora)
@@ -38,11 +38,11 @@ def _merged(cfg, final: Path, weights: str):
 def _tokenizer_dir(cfg, scratch: Path) -> tuple[Path | None, tuple[int, ...]]:
     """The tokenizer to ship beside the weights: the released checkpoint's, or the one the data was written with."""
     if cfg.train.init_from:
-        from pretrain.train.init_from import open_source
+        from pretrain.hub.sources import open_source
 
         src = open_source(cfg.train.init_from)
         return src.tokenizer_dir, src.eos_token_ids
-    from pretrain.inference import _data_tokenizer
+    from pretrain.trained.loaded import _data_tokenizer
 
     tok = _data_tokenizer(cfg)
     tok.save_pretrained(str(scratch))
@@ -50,8 +50,8 @@ def _tokenizer_dir(cfg, scratch: Path) -> tuple[Path | None, tuple[int, ...]]:
 
 
 def export_run(run: Path, out: Path, *, format: str = "hf", merge: bool = False, weights: str = "model") -> str:
-    from pretrain.checkpoints import write_hf
-    from pretrain.config import config_from_dict
+    from pretrain.hub import write_hf
+    from pretrain.load import config_from_dict
 
     final = run / "final"
     if not (final / "config.yaml").is_file():
@@ -62,7 +62,7 @@ def export_run(run: Path, out: Path, *, format: str = "hf", merge: bool = False,
     if format == "peft" and cfg.lora is None:
         raise ValueError(f"{run}: not a LoRA run (no lora section); export it with --format hf")
     if format == "peft" and not merge:
-        from pretrain.checkpoints.peft import write_peft
+        from pretrain.hub.peft import write_peft
 
         adapters = {k: v for k, v in _tensors(final, weights) if ".lora_" in k}
         write_peft(out, cfg.model, cfg.lora, adapters, base_model_name_or_path=cfg.train.init_from or str(run))

@@ -20,7 +20,7 @@ from typing import Any
 
 import transformers
 
-from pretrain.checkpoints.errors import CheckpointError
+from pretrain.errors import CheckpointError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 

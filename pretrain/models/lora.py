@@ -5,7 +5,7 @@ parameter, so the optimizer (which takes `requires_grad` parameters only) update
 The base weight and bias stay registered under their old names (`blocks.0.attn.q_proj.weight`), so
 released weights load into a LoRA model unchanged; the adapters add `...q_proj.lora_A.weight` (r, in) and
 `...q_proj.lora_B.weight` (out, r), the shapes and initialisation PEFT uses, so an adapter trained here
-is a PEFT adapter (`pretrain/checkpoints/peft.py` writes and reads that layout).
+is a PEFT adapter (`pretrain/hub/peft.py` writes and reads that layout).
 
 `merge_lora` folds W += B A * alpha/r back into plain `nn.Linear` layers for export. Nothing here knows
 about ranks or DeepSpeed: the forward uses the module's own Parameters, so ZeRO-3's per-module hooks

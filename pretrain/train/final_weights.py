@@ -2,7 +2,7 @@
 
 Under ZeRO-3 the parameters are gathered from every rank first (a collective), so this is called by all
 ranks; rank 0 writes. A tensor shared by two modules (tied embeddings) is stored once, under its first
-name. `load_final_model` rebuilds any registered family's model on CPU.
+name. `pretrain.hub.run_weights` reads them back.
 """
 
 from __future__ import annotations
@@ -16,16 +16,7 @@ import yaml
 from safetensors.torch import save_file
 
 from pretrain.atomic import atomic_path, atomic_write
-from pretrain.config import Config, dump_config, typed_section
-
-
-def _unique_tensors(module) -> dict:
-    """Parameters (each shared one once, under its first name) and persistent buffers."""
-    out = {k: p for k, p in module.named_parameters()}  # named_parameters skips repeats of a tensor
-    names = set(module.state_dict())
-    out.update({k: b for k, b in module.named_buffers() if k in names})
-    return out
-
+from pretrain.config import Config, dump_config
 
 MAX_SHARD_BYTES = 5e9  # as Hugging Face's save_pretrained
 
@@ -55,7 +46,7 @@ def save_final_weights(engine, cfg: Config, out: Path, rank: int, *, ema=None, d
     values = _one_at_a_time(module, cfg.zero.stage == 3, cfg.train.precision == "bf16")
     buffers = {k: b.detach().float().cpu().contiguous() for k, b in module.named_buffers() if k in module.state_dict()}
     if rank == 0:
-        from pretrain.checkpoints.safetensors_io import INDEX, write_shards
+        from pretrain.hub.safetensors_io import INDEX, write_shards
 
         out.mkdir(parents=True, exist_ok=True)
         for stale in [*out.glob("model-*-of-*.safetensors"), out / INDEX]:  # an earlier end of this run
@@ -76,33 +67,3 @@ def save_final_weights(engine, cfg: Config, out: Path, rank: int, *, ema=None, d
             with atomic_path(out / "ema.safetensors") as tmp:
                 save_file({**averaged, **buffers}, str(tmp), metadata={"ema_decay": str(ema.decay),
                                                                       "ema_updates": str(ema.updates)})
-
-
-def final_tensors(path: Path, weights: str = "model"):
-    """(name, fp32 tensor) of a run's `final/` weights, one at a time: `model` (one file, or shards with an
-    index for a large model) or `ema`. FileNotFoundError naming what is missing."""
-    from pretrain.checkpoints.safetensors_io import INDEX, iter_file_tensors, read_headers, weight_files
-
-    if weights == "model" and (path / INDEX).is_file():
-        yield from iter_file_tensors(read_headers(weight_files(path)))
-        return
-    f = path / f"{weights}.safetensors"
-    if not f.is_file():
-        what = "EMA weights (train with train.ema_decay set)" if weights == "ema" else "final weights"
-        raise FileNotFoundError(f"{path.parent}: the run has no {what}: {f} is missing")
-    yield from iter_file_tensors(read_headers([f]))
-
-
-def load_final_model(path: Path, weights: str = "model"):
-    """The model of a run's `final/` directory, on CPU, in eval mode; `weights="ema"` loads the EMA."""
-    from pretrain.models import get_family
-
-    mcfg = typed_section("model", yaml.safe_load((path / "model.yaml").read_text()))
-    model = get_family(mcfg.type).build(mcfg)
-    state = dict(final_tensors(path, weights))
-    expected = set(_unique_tensors(model))
-    if set(state) != expected:
-        raise ValueError(f"{path}: weights do not match the model (missing {sorted(expected - set(state))}, "
-                         f"unexpected {sorted(set(state) - expected)})")
-    model.load_state_dict(state, strict=False)  # tied aliases are filled by their shared tensor
-    return model.eval()

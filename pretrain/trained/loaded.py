@@ -3,7 +3,7 @@ one GPU, with the tokenizer, chat template and end-of-sequence ids that belong t
 
 A run's weights come from its `final/` (LoRA adapters folded into the base); its tokenizer is that of the
 checkpoint it was fine-tuned from (`train.init_from`), else the one its data was written with. Released
-checkpoints bring their own (`pretrain.checkpoints`).
+checkpoints bring their own (`pretrain.hub`).
 """
 
 from __future__ import annotations
@@ -74,10 +74,10 @@ def _eos(tokenizer, given: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def load_run(run: Path, weights: str = "model") -> Loaded:
-    from pretrain.checkpoints import load_weights
-    from pretrain.config import config_from_dict
-    from pretrain.train.final import final_tensors
-    from pretrain.train.init_from import open_source
+    from pretrain.hub import load_weights
+    from pretrain.hub.run_weights import final_tensors
+    from pretrain.hub.sources import open_source
+    from pretrain.load import config_from_dict
 
     final = run / "final"
     if not (final / "config.yaml").is_file():
@@ -87,12 +87,12 @@ def load_run(run: Path, weights: str = "model") -> Loaded:
 
     model = get_family(cfg.model.type).build(cfg.model)
     if cfg.lora is not None:
-        from pretrain.train.lora import apply_lora
+        from pretrain.models.lora import apply_lora
 
         apply_lora(model, cfg.lora)
     load_weights(model, final_tensors(final, weights), str(final))
     if cfg.lora is not None:
-        from pretrain.train.lora import merge_lora
+        from pretrain.models.lora import merge_lora
 
         merge_lora(model)
     if cfg.train.init_from:
@@ -106,9 +106,9 @@ def load_run(run: Path, weights: str = "model") -> Loaded:
 
 
 def load_released(path: Path) -> Loaded:
-    from pretrain.checkpoints import load_weights
+    from pretrain.hub import load_weights
+    from pretrain.hub.sources import open_source
     from pretrain.models import get_family
-    from pretrain.train.init_from import open_source
 
     src = open_source(path)
     model = get_family(src.model_cfg.type).build(src.model_cfg)

@@ -14,8 +14,10 @@ from typing import Optional
 
 import typer
 
-from pretrain.config import ConfigError, dump_config, load_config, run_dir, total_steps
-from pretrain.fail import fail
+from pretrain.cli.common import fail
+from pretrain.config import ConfigError, dump_config, run_dir
+from pretrain.length import total_steps
+from pretrain.load import load_config
 
 app = typer.Typer(
     help="Distributed pretraining of Transformers: Ray + DeepSpeed ZeRO + Triton + webdataset + W&B.",
@@ -35,14 +37,14 @@ def train(
     try:
         cfg = load_config(config, overrides or [])
         if cfg.train.init_from:  # the model section comes from the released checkpoint
-            from pretrain.train.init_from import resolve
+            from pretrain.hub.sources import resolve
 
             cfg = resolve(cfg)
     except ConfigError as e:
         raise fail(str(e)) from None
     from pretrain.data import DataError
-    from pretrain.launch.preflight import preflight
     from pretrain.objectives import ObjectiveError
+    from pretrain.objectives.preflight import preflight
 
     try:
         objective = preflight(cfg)  # the data exists, and the objective accepts it and the model
@@ -51,7 +53,7 @@ def train(
 
     # Only now, with the config and the data known good, does the run directory appear; one writer per
     # run: its lock comes before anything in it is written or deleted, and is held to the end.
-    from pretrain.fail import RunError
+    from pretrain.errors import RunError
     from pretrain.launch.runlock import RunLock
 
     rdir = run_dir(cfg)
@@ -193,7 +195,7 @@ def export(
     """Write a run's final weights as a Hugging Face model (transformers loads it) or as a PEFT LoRA adapter."""
     if format not in ("hf", "peft"):
         raise fail(f"--format must be hf or peft (got {format!r})")
-    from pretrain.export import export_run
+    from pretrain.trained.export_run import export_run
 
     try:
         info = export_run(run, out, format=format, merge=merge, weights=weights)
@@ -219,7 +221,7 @@ def plan(
     try:
         cfg = load_config(config, overrides or [])
         if cfg.train.init_from:  # the model section comes from the released checkpoint
-            from pretrain.train.init_from import resolve
+            from pretrain.hub.sources import resolve
 
             cfg = resolve(cfg)
         p = make_plan(cfg, gpu, gpus, mfu, seq_len)
@@ -234,11 +236,11 @@ def _mount(argv: list[str]) -> None:
     command = next((a for a in argv[1:] if not a.startswith("-")), None)
     everything = command is None
     if everything or command == "data":
-        from pretrain.data.cli import app as data_app
+        from pretrain.cli.data import app as data_app
 
         app.add_typer(data_app, name="data", help="Write and inspect webdataset shards.")
     if everything or command == "scaling":
-        from pretrain.scaling.cli import app as scaling_app
+        from pretrain.cli.scaling import app as scaling_app
 
         app.add_typer(scaling_app, name="scaling", help="Scaling laws: run isoFLOP ladders, fit runs or published tables.")
     if everything or command == "bench":
@@ -259,6 +261,3 @@ def main() -> None:
         typer.echo("interrupted", err=True)
         sys.exit(130)
 
-
-if __name__ == "__main__":
-    main()

@@ -18,15 +18,15 @@ from pathlib import Path
 
 # Light at import: a from-scratch run reaches load_weights (train/build.py) and must not pay for
 # transformers (about a second). The readers, writers and adapters load on first use.
-from pretrain.checkpoints.errors import CheckpointError
-from pretrain.checkpoints.families import hf_name
-from pretrain.checkpoints.load import load_weights
-from pretrain.checkpoints.released import Released
+from pretrain.errors import CheckpointError
+from pretrain.hub.families import hf_name
+from pretrain.hub.load import load_weights
+from pretrain.hub.released import Released
 
 
 def __getattr__(name: str):
     if name == "write_hf":  # the writer imports transformers
-        from pretrain.checkpoints.export import write_hf
+        from pretrain.hub.hf_write import write_hf
 
         return write_hf
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -41,11 +41,11 @@ def read_checkpoint(path: str | os.PathLike, *, max_seq_len: int | None = None) 
     only), e.g. to train at 4096 a model whose sliding window is 4096."""
     p = Path(path)
     if p.is_file() and p.suffix == ".gguf":
-        from pretrain.checkpoints.gguf_io import read_gguf
+        from pretrain.hub.gguf_io import read_gguf
 
         return read_gguf(p, max_seq_len)
     if p.is_dir():
-        from pretrain.checkpoints.hf_dir import read_hf_dir
+        from pretrain.hub.hf_dir import read_hf_dir
 
         return read_hf_dir(p, max_seq_len)
     if not p.exists():
