@@ -90,7 +90,10 @@ data/instructions-sft/train/index.json: data/instructions/train.jsonl | $(SMOLLM
 
 finetune-data: data/instructions-sft/train/index.json
 
+# The layer contract first (pyproject.toml [tool.importlinter]: imports only run downward, no circles), then
+# the tests.
 test: $(STAMP) | $(FASHION)
+	$(BIN)/lint-imports
 	WANDB_MODE=offline $(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)

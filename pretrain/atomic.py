@@ -1,4 +1,5 @@
-"""Atomic file writes: the one helper every writer of a file that others read uses.
+"""Atomic file writes: the one helper every writer of a file that others read uses; and the atomic
+placing of a finished directory (`replace_dir`, `rename_if_absent`).
 
 The content goes to a temporary file in the same directory, is flushed and fsynced, and is renamed
 over the target (`os.replace`, atomic on POSIX); the directory is fsynced so the rename itself
@@ -13,7 +14,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -92,3 +93,21 @@ def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
     fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old)
+
+
+def rename_if_absent(tmp: str | os.PathLike, out: str | os.PathLike, *,
+                     present: Callable[[Path], bool] = Path.is_dir) -> bool:
+    """Rename the finished directory `tmp` to `out`, unless another writer's copy got there first (a cache
+    filled by concurrent processes: same key, same inputs, theirs is as good as ours); then `tmp` is removed
+    and False returned. `present(out)` says whether what is at `out` is such a copy; a failed rename with
+    none there is raised. `tmp` must sit beside `out` (same file system)."""
+    tmp, out = Path(tmp), Path(out)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if not present(out):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    fsync_dir(out.parent)
+    return True

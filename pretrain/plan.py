@@ -104,7 +104,7 @@ def model_shape(cfg: Config) -> ModelShape:
 
             apply_lora(model, cfg.lora)
     params = list(model.parameters())
-    groups = tuple(tuple(p.numel() for p in g["params"]) for g in _param_groups(model, cfg.train.weight_decay))
+    groups = tuple(tuple(p.numel() for p in g["params"]) for g in _param_groups(model, cfg.optimizer.weight_decay))
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return ModelShape(sum(p.numel() for p in params), tuple(p.numel() for p in params), groups, largest, counts)
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import tenacity
 
+from pretrain.errors import first_line  # also re-exported: `from pretrain.urls import first_line`
+
 log = logging.getLogger(__name__)
 
 ATTEMPTS = 4  # default of PRETRAIN_READ_ATTEMPTS
@@ -117,9 +119,3 @@ def _env_number(name: str, default: float) -> float:
     if not value > 0:
         raise ReadFailed(f"{name} must be a positive number (got {text!r})")
     return value
-
-
-def first_line(e: BaseException) -> str:
-    """An exception as one line: its message's first line, or its type's name when it has none."""
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__

@@ -1,4 +1,5 @@
-"""Test helpers: small real webdataset shards written with the project's own writer and tokenizer."""
+"""Test helpers: small real webdataset shards written with the project's own writer and tokenizer, a chat
+tokenizer, logit parity, free ports, gloo ranks in spawned processes, and a local S3 server."""
 
 from __future__ import annotations
 
@@ -102,9 +103,46 @@ def assert_same_logits(ref, got) -> None:
 
 
 def free_port() -> int:
+    """A TCP port of the loopback address that was free a moment ago (bound, then released)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_gloo_ranks(fn, *args, rendezvous: Path, world: int = 2, timeout: float = 600,
+                   env: dict[str, str] | None = None) -> None:
+    """`fn(rank, world, *args)` in `world` spawned processes, each in one gloo group joined through the file
+    `rendezvous` (no port to pick) and with a worker's RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE
+    (`env` overrides them); the group is destroyed after `fn`. Fails unless every rank exits with 0 within
+    `timeout` seconds. `fn` must be importable (a module-level function of a test module)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_gloo_rank, args=(fn, rank, world, str(rendezvous), env or {}, args))
+             for rank in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    for p in procs:
+        if p.is_alive():  # past the timeout: ends the ranks this call started
+            p.kill()
+            p.join()
+    assert [p.exitcode for p in procs] == [0] * world
+
+
+def _gloo_rank(fn, rank: int, world: int, rendezvous: str, env: dict[str, str], args: tuple) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), **env})
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager

@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_lora import one_rank_group  # noqa: F401 - the fixture: a real 1-rank gloo group
-
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
 from bench_engine_ab import steps_of  # noqa: E402
 
@@ -18,7 +16,7 @@ TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.max_se
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_bare_and_engine_steps_train_alike(tiny_shards, one_rank_group, compiled):  # noqa: F811
+def test_bare_and_engine_steps_train_alike(tiny_shards, one_rank_group, compiled):
     data = [f"data.train={tiny_shards / 'train'}", f"data.val={tiny_shards / 'val'}"]
     bare, engine = steps_of("configs/gpt-tiny.yaml", [*TINY, *data], compiled, threads=2)
     losses = [(float(bare(i)), float(engine(i))) for i in range(4)]

@@ -10,11 +10,9 @@ inductor), so a second run of this test loads its graphs instead of compiling th
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
 
 from pretrain.load import load_config
 
@@ -25,19 +23,15 @@ pytestmark = pytest.mark.slow
 # compiled graph holds them as opaque nodes, as it does on a GPU.
 TINY = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.max_seq_len=32", "model.vocab_size=50304",
         "model.kernels=triton", "train.precision=fp32", "train.micro_batch_size=4", "train.global_batch_size=8",
-        "train.steps=10", "train.warmup_steps=3", "train.eval_every=0", "train.ckpt_every=0", "cluster.workers=2",
+        "train.steps=10", "schedule.warmup_steps=3", "eval.every=0", "checkpoint.every=0", "cluster.workers=2",
         "objective.sample_tokens=0", "log.wandb=false"]
 RUNS = [(stage, compiled) for stage in range(4) for compiled in (False, True)]
 
 
-def _rank(rank: int, world: int, rendezvous: str, shards: str, out: str) -> None:
-    import torch.distributed as dist
-
+def _rank(rank: int, world: int, shards: str, out: str) -> None:
     from pretrain.train.engine import compile_stats
     from pretrain.train.loop import train
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     for stage, compiled in RUNS:
         cfg = load_config(ROOT / "configs/gpt-tiny.yaml", [
             *TINY, f"run.dir={out}", f"run.name=z{stage}-{compiled}", f"zero.stage={stage}",
@@ -45,13 +39,11 @@ def _rank(rank: int, world: int, rendezvous: str, shards: str, out: str) -> None
         train(cfg)
     if rank == 0:
         Path(out, "compile_stats.json").write_text(json.dumps(compile_stats()))
-    dist.destroy_process_group()
 
 
-def test_compiled_losses_match_eager_at_every_zero_stage(tmp_path, tiny_shards):
+def test_compiled_losses_match_eager_at_every_zero_stage(tmp_path, tiny_shards, gloo_ranks):
     out = tmp_path / "runs"
-    mp.start_processes(_rank, args=(2, str(tmp_path / "rendezvous"), str(tiny_shards), str(out)), nprocs=2,
-                       start_method="spawn")
+    gloo_ranks(_rank, str(tiny_shards), str(out))
     loss = {}
     for stage, compiled in RUNS:
         rows = [json.loads(ln) for ln in (out / f"z{stage}-{compiled}" / "metrics.jsonl").read_text().splitlines()]

@@ -94,7 +94,10 @@ def _refused(config: str, tmp_path: Path, *overrides: str) -> str:
      ("model.type=mamba", "model.type 'mamba' is not registered (registered: bert, dit, gpt2, llama)"),
      ("objective.type=dpo", "registered: causal_lm, ddpm, masked_lm, rectified_flow"),
      ("model.family=gpt2", "model.family is now called model.type"),
-     ("train.sample_tokens=8", "objective.sample_tokens")],
+     ("train.sample_tokens=8", "objective.sample_tokens"),
+     # Keys that moved out of `train` into sections of their own:
+     ("train.lr=0.1", "train.lr is now optimizer.lr"),
+     ("train.ckpt_every=5", "train.ckpt_every is now checkpoint.every")],
 )
 def test_cli_errors_exit_2_with_one_line_and_no_run_dir(tmp_path, tiny_shards, override, expect):
     line = _refused("gpt-tiny.yaml", tmp_path, f"data.train={tiny_shards / 'train'}",
@@ -200,3 +203,32 @@ def test_documented_slurm_examples_validate():
     assert len(examples) >= 2
     for nodes, config in examples:
         load_config(ROOT / config, [f"cluster.workers={int(nodes) * 8}"])
+
+
+def test_every_moved_train_key_says_where_it_lives_now(tmp_path):
+    """Each key that left `train` (in a YAML file or as an override) gives one line naming its new home, and
+    the new home holds the value that was given."""
+    from pretrain.config import MOVED
+
+    base = (ROOT / "configs/gpt-tiny.yaml").read_text()
+    values = {"betas": "[0.9, 0.99]", "schedule": "wsd", "branch_from": "runs/x", "init_from": "runs/y",
+              "ema_warmup": "true", "ema_decay": "0.99", "min_lr_ratio": "0.2", "decay_fraction": "0.3",
+              "grad_clip": "0.5", "weight_decay": "0.01", "lr": "0.002", "ckpt_keep": "2", "ckpt_keep_every": "4",
+              "warmup_steps": "3", "decay_steps": "30", "eval_every": "7", "eval_batches": "2", "ckpt_every": "9"}
+    assert {k.split(".")[1] for k in MOVED} == set(values)
+    for old, new in MOVED.items():
+        key, value = old.split(".")[1], values[old.split(".")[1]]
+        with pytest.raises(ConfigError) as e:
+            load_config(ROOT / "configs/gpt-tiny.yaml", [f"{old}={value}"])
+        assert str(e.value) == f"{old} is now {new}"
+        f = tmp_path / f"{key}.yaml"
+        f.write_text(base.replace("train:\n", f"train:\n  {key}: {value}\n", 1))
+        with pytest.raises(ConfigError) as e:
+            load_config(f)
+        assert str(e.value) == f"{old} is now {new}"
+        section, field = new.split(".")
+        given = load_config(ROOT / "configs/gpt-tiny.yaml", [f"{new}={value}"])
+        import yaml
+
+        assert getattr(getattr(given, section), field) == (tuple(yaml.safe_load(value)) if key == "betas"
+                                                            else yaml.safe_load(value))

@@ -28,8 +28,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 # A DiT of two blocks on 16-image steps: the recipe of the demo, small enough for seconds per run.
 TINY = ["model.d_model=48", "model.n_layers=2", "model.n_heads=3", "model.kernels=reference",
-        "train.micro_batch_size=8", "train.global_batch_size=16", "train.warmup_steps=3", "train.decay_steps=20",
-        "train.eval_every=0", "train.ckpt_every=0", "train.eval_batches=1", "objective.eval_samples=0",
+        "train.micro_batch_size=8", "train.global_batch_size=16", "schedule.warmup_steps=3", "schedule.decay_steps=20",
+        "eval.every=0", "checkpoint.every=0", "eval.batches=1", "objective.eval_samples=0",
         "objective.grid_samples=0", "log.wandb=false"]
 
 
@@ -66,12 +66,12 @@ def _sample(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_zero_stages_agree(tmp_path, fashion, ray_local):
     """ZeRO 1, 2 and 3 on 2 workers against ZeRO-0 on 1 worker, at step 10 (fp32)."""
     ref = _train(tmp_path, fashion, "z0", "train.steps=10", "cluster.workers=1", "zero.stage=0",
-                 "train.ema_decay=null")
+                 "ema.decay=null")
     assert [r["step"] for r in ref] == list(range(1, 11)) and ref[-1]["images"] == 160
     assert ref[-1]["loss"] < ref[0]["loss"]
     for stage in (1, 2, 3):
         rows = _train(tmp_path, fashion, f"z{stage}", "train.steps=10", "cluster.workers=2", f"zero.stage={stage}",
-                      "train.ema_decay=null")
+                      "ema.decay=null")
         assert [r["step"] for r in rows] == list(range(1, 11))
         assert rows[-1]["loss"] == pytest.approx(ref[-1]["loss"], rel=1e-3), stage
         for q in range(4):
@@ -93,8 +93,8 @@ def test_resume_is_exact_and_the_ema_continues(tmp_path, fashion, ray_local):
     update turns those last-bit differences into growing ones (measured: 1e-6 relative after one update,
     2e-5 after four, 2e-4 after eight, at lr 2e-4 or 1e-3 alike). So the shrunk run's first step after
     the resume must match exactly (the state is restored), the next four within 1e-4, all within 1e-3."""
-    common = ["train.lr=2e-4", "train.ckpt_every=8", "zero.stage=3", "cluster.workers=2", "train.ema_decay=0.9",
-              "train.ema_warmup=false"]
+    common = ["optimizer.lr=2e-4", "checkpoint.every=8", "zero.stage=3", "cluster.workers=2", "ema.decay=0.9",
+              "ema.warmup=false"]
     full = _train(tmp_path, fashion, "full", "train.steps=16", *common)
     _train(tmp_path, fashion, "split", "train.steps=8", *common)
     runs = tmp_path / "runs"

@@ -26,7 +26,7 @@ STEPS = 20
 
 def _cfg(tmp_path: Path, shards: Path, name: str, *extra: str):
     return load_config(ROOT / "configs/gpt-tiny.yaml", [
-        *TINY, f"run.dir={tmp_path / 'runs'}", f"run.name={name}", f"train.steps={STEPS}", "train.ckpt_every=4",
+        *TINY, f"run.dir={tmp_path / 'runs'}", f"run.name={name}", f"train.steps={STEPS}", "checkpoint.every=4",
         f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", "cluster.workers=2", "zero.stage=2", *extra,
     ])
 
@@ -56,6 +56,15 @@ def _train_worker_pids() -> list[int]:
         except psutil.Error:  # gone (or a zombie) since the listing
             continue
     return pids
+
+
+def workers_seen_while(thread: threading.Thread) -> set[int]:
+    """Every Ray Train worker process seen while `thread` runs: a restart of the group brings new ones."""
+    seen: set[int] = set()
+    while thread.is_alive():
+        seen.update(_train_worker_pids())
+        time.sleep(0.1)
+    return seen
 
 
 def _run_in_thread(cfg) -> tuple[threading.Thread, list]:
@@ -100,7 +109,7 @@ def test_sigkilled_worker_process_restarts_and_resumes(tmp_path, tiny_shards, re
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
-        cfg = _cfg(tmp_path, tiny_shards, "killed", "cluster.max_failures=2", f"train.ckpt_every={ckpt_every}")
+        cfg = _cfg(tmp_path, tiny_shards, "killed", "cluster.max_failures=2", f"checkpoint.every={ckpt_every}")
         thread, errors = _run_in_thread(cfg)
         run = tmp_path / "runs" / "killed"
         _wait_for_step(run, kill_at)
@@ -164,10 +173,7 @@ def test_data_error_in_a_worker_ends_the_run_once(tmp_path, tiny_shards):
     try:
         cfg = _cfg(tmp_path, shards, "bad", "cluster.max_failures=2")
         thread, errors = _run_in_thread(cfg)
-        seen: set[int] = set()  # every Ray Train worker process of the run: a restart brings new ones
-        while thread.is_alive():
-            seen.update(_train_worker_pids())
-            time.sleep(0.1)
+        seen = workers_seen_while(thread)
     finally:
         ray.shutdown()
     assert len(errors) == 1 and isinstance(errors[0], RunError), errors

@@ -1,6 +1,6 @@
 """Fine-tuning a released checkpoint end to end (Ray Train + DeepSpeed, real transformers/peft formats): a tiny
 Llama saved by transformers' `save_pretrained`, chat data rendered with its tokenizer's template, LoRA and full
-fine-tuning from `train.init_from`.
+fine-tuning from `init.path`.
 
 - ZeRO 1, 2 and 3 on 2 workers give the losses of ZeRO-0 on 1 worker within 1e-3 at step 10 (LoRA), and so does
   full fine-tuning under ZeRO-3, where the model is built in partitions and the checkpoint streams into them;
@@ -66,11 +66,11 @@ def sft_data(released, tmp_path_factory) -> Path:
 def _train(tmp_path: Path, released: Path, data: Path, name: str, *extra: str, lora: bool = True) -> list[dict]:
     from pretrain.hub.sources import resolve
 
-    cfg = load_config(CONFIG, [f"run.dir={tmp_path / 'runs'}", f"run.name={name}", f"train.init_from={released}",
+    cfg = load_config(CONFIG, [f"run.dir={tmp_path / 'runs'}", f"run.name={name}", f"init.path={released}",
                                f"data.train={data / 'train'}", f"data.val={data / 'val'}", "model.kernels=reference",
                                "model.max_seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=4",
-                               "train.steps=10", "train.warmup_steps=2", "train.eval_every=0", "train.ckpt_every=5",
-                               "train.eval_batches=1", "log.wandb=false", "lora.rank=4", *extra])
+                               "train.steps=10", "schedule.warmup_steps=2", "eval.every=0", "checkpoint.every=5",
+                               "eval.batches=1", "log.wandb=false", "lora.rank=4", *extra])
     if not lora:
         cfg.lora = None
     launch(resolve(cfg), started_at=time.time(), quiet=True)
@@ -105,12 +105,12 @@ def test_exports_load_in_transformers_and_peft(tmp_path, released, sft_data, ray
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pretrain import inference
     from pretrain.cli import app
+    from pretrain.trained import loaded
 
-    _train(tmp_path, released, sft_data, "lora", "cluster.workers=2", "zero.stage=2", "train.lr=5e-3")
+    _train(tmp_path, released, sft_data, "lora", "cluster.workers=2", "zero.stage=2", "optimizer.lr=5e-3")
     run = tmp_path / "runs" / "lora"
-    ours = inference.load(run).model
+    ours = loaded.load(run).model
     ids = torch.randint(0, 400, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = ours(ids)

@@ -55,6 +55,8 @@ def _sees_coordinator(config: dict) -> None:
         json.dump({"coordinator": seen, "rank": ray.train.get_context().get_world_rank()}, f)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.parametrize("embedded", [True, False])  # in this order: the coordinator outlives the run that started it
 def test_embedded_run_starts_no_autoscaling_coordinator(tmp_path, ray_local, embedded):
     """A fixed-size run on the embedded Ray trains without the coordinator actor; on a cluster (the control,

@@ -24,7 +24,6 @@ from pretrain.models.lora import (
     trainable_parameters,
 )
 from pretrain.models.transformer import LlamaConfig, Transformer
-from pretrain.train.engine import without_cpu_shm_op
 
 
 def _tiny(**kw) -> Transformer:
@@ -126,22 +125,6 @@ def test_targets_that_match_nothing_and_bad_values_are_refused():
 
 
 # ----------------------------------------------------------------------------- DeepSpeed ZeRO-3
-
-
-@pytest.fixture
-def one_rank_group(tmp_path, monkeypatch):
-    """A real 1-rank gloo process group (rendezvous through a file: no port to pick), torn down after."""
-    import torch.distributed as dist
-
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
-        monkeypatch.setenv(k, v)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    without_cpu_shm_op()  # as a run does: DeepSpeed's comm layer builds no CPU op
-    yield
-    dist.destroy_process_group()
-    from deepspeed.utils import groups
-
-    groups._WORLD_GROUP = None  # the destroyed group: a later test's engine makes its own
 
 
 def _dir_bytes(path) -> int:

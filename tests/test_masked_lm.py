@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/bert-tiny.yaml"
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-QUIET = ["train.eval_every=0", "train.ckpt_every=0", "objective.sample_tokens=0", "log.wandb=false",
-         "model.kernels=reference", "train.warmup_steps=3", "train.decay_steps=20"]
+QUIET = ["eval.every=0", "checkpoint.every=0", "objective.sample_tokens=0", "log.wandb=false",
+         "model.kernels=reference", "schedule.warmup_steps=3", "schedule.decay_steps=20"]
 
 
 def _rows(run: Path) -> list[dict]:
@@ -36,7 +36,7 @@ def _train(tmp_path: Path, shards: Path, name: str, *extra: str) -> list[dict]:
 def test_zero_0_and_3_agree_and_resume_is_exact(tmp_path, tiny_shards, ray_local):
     z0 = _train(tmp_path, tiny_shards, "z0", "train.steps=10", "cluster.workers=1", "zero.stage=0")
     # The ZeRO-3 run is also the uninterrupted reference of the resume below (four runs, not five).
-    z3_2 = ["cluster.workers=2", "zero.stage=3", "train.ckpt_every=8"]
+    z3_2 = ["cluster.workers=2", "zero.stage=3", "checkpoint.every=8"]
     z3 = _train(tmp_path, tiny_shards, "z3", "train.steps=16", *z3_2)
     assert [r["step"] for r in z3] == list(range(1, 17))
     assert z3[9]["loss"] == pytest.approx(z0[-1]["loss"], rel=1e-3)
@@ -67,8 +67,8 @@ def test_masked_token_accuracy_rises_on_real_text(tmp_path, shakespeare, ray_loc
     "copy" the input token, which is right on the 10% of chosen tokens left unchanged (about 5% measured);
     beating 12% needs predictions of masked tokens from their context."""
     cfg = load_config(CONFIG, [f"run.dir={tmp_path / 'runs'}", "run.name=acc", "train.steps=80",
-                               "train.eval_every=40", "train.ckpt_every=0", "log.wandb=false",
-                               "objective.sample_tokens=32", "train.decay_steps=300"])
+                               "eval.every=40", "checkpoint.every=0", "log.wandb=false",
+                               "objective.sample_tokens=32", "schedule.decay_steps=300"])
     launch(cfg, started_at=time.time(), quiet=True)
     run = tmp_path / "runs" / "acc"
     val = [r for r in _rows(run) if "val_loss" in r]

@@ -9,9 +9,6 @@ sequences, and checks the logged loss and gradient norm of step 1 against a comp
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -86,42 +83,22 @@ def test_masks_depend_on_seed_and_position_only():
 # ----------------------------------------------------------------------------- loss weighting
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world: int, port: int, tree: dict) -> None:
-    import torch.distributed as dist
-
+def _rank_main(rank: int, world: int, tree: dict) -> None:
     from pretrain.train.loop import train
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK="0", LOCAL_WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        train(config_from_dict(tree))
-    finally:
-        dist.destroy_process_group()
+    train(config_from_dict(tree))
 
 
 @pytest.mark.slow
-def test_loss_is_sum_over_global_batch_divided_by_global_units(tmp_path, tiny_shards):
+def test_loss_is_sum_over_global_batch_divided_by_global_units(tmp_path, tiny_shards, gloo_ranks):
     tiny = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.max_seq_len=32",
             "model.vocab_size=50304", "model.kernels=reference", "train.micro_batch_size=4", "train.global_batch_size=16",
-            "cluster.workers=2", "zero.stage=0", "train.steps=1", "train.eval_every=0", "train.ckpt_every=0",
+            "cluster.workers=2", "zero.stage=0", "train.steps=1", "eval.every=0", "checkpoint.every=0",
             "log.wandb=false", "objective.type=test_half_targets", "objective.sample_tokens=0"]
     cfg = load_config(ROOT / "configs/gpt-tiny.yaml", [*tiny, f"run.dir={tmp_path}", "run.name=w",
                                                        f"data.train={tiny_shards / 'train'}", "data.val=null"])
     (tmp_path / "w").mkdir()
-    ctx, port, tree = mp.get_context("spawn"), _free_port(), cfg.model_dump(mode="json")
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, tree)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    assert [p.exitcode for p in procs] == [0, 0]
+    gloo_ranks(_rank_main, cfg.model_dump(mode="json"), timeout=300, env={"LOCAL_RANK": "0"})
     row = json.loads((tmp_path / "w" / "metrics.jsonl").read_text().splitlines()[0])
 
     # Independently: the same initial weights, the global batch of step 1 (positions 0..15), per-token

@@ -4,9 +4,7 @@ against DeepSpeed's own estimators; the command's JSON, its verdict, and `pretra
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -110,39 +108,19 @@ def _peak_model_states(cfg, rank: int, world: int) -> dict[str, int]:
     return peak
 
 
-def _rank_main(rank: int, world: int, port: int, trees: dict, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK="0", LOCAL_WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _rank_main(rank: int, world: int, trees: dict, out_dir: str) -> None:
     torch.set_num_threads(1)  # two ranks on two cores
-    try:
-        peaks = {key: _peak_model_states(config_from_dict(tree), rank, world) for key, tree in trees.items()}
-    finally:
-        dist.destroy_process_group()
+    peaks = {key: _peak_model_states(config_from_dict(tree), rank, world) for key, tree in trees.items()}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(peaks))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def plan_vs_measured(tmp_path: Path) -> list[dict]:
+def plan_vs_measured(tmp_path: Path, gloo_ranks) -> list[dict]:
     """One spawn of 2 ranks over both models and the four stages: rows of predicted and measured bytes."""
     cfgs = {(name, stage): load_config(ROOT / "configs/gpt-tiny.yaml",
                                        [*ov, *SHALLOW.get(name, []), f"zero.stage={stage}"])
             for name, ov in MODELS.items() for stage in range(4)}
     trees = {f"{n}:{s}": c.model_dump(mode="json") for (n, s), c in cfgs.items()}
-    ctx, port = mp.get_context("spawn"), _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, trees, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=600)
-    assert [p.exitcode for p in procs] == [0, 0]
+    gloo_ranks(_rank_main, trees, str(tmp_path), timeout=600, env={"LOCAL_RANK": "0"})
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     rows = []
     for (name, stage), cfg in cfgs.items():
@@ -158,8 +136,8 @@ def plan_vs_measured(tmp_path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_predicted_model_states_match_what_deepspeed_holds(tmp_path):
-    rows = plan_vs_measured(tmp_path)
+def test_predicted_model_states_match_what_deepspeed_holds(tmp_path, gloo_ranks):
+    rows = plan_vs_measured(tmp_path, gloo_ranks)
     for row in rows:
         want, got = sum(row["predicted"].values()), sum(row["measured"].values())
         print(f"{row['model']:10s} ZeRO-{row['stage']} {row['precision']}: predicted {want / 2**20:8.1f} MiB, "

@@ -13,15 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from pretrain.cli.scaling import app
-from pretrain.scaling.fit import (
-    HOFFMANN_GRID,
-    Law,
-    bootstrap_approach3,
-    fit_approach2,
-    fit_approach3,
-    group_budgets,
-    interval,
-)
+from pretrain.scaling.approach2 import fit_approach2, group_budgets
+from pretrain.scaling.approach3 import HOFFMANN_GRID, Law, bootstrap_approach3, fit_approach3
+from pretrain.scaling.fit import interval
 
 # Besiroglu et al. 2024 (https://arxiv.org/abs/2404.10102), table 1: their refit of Hoffmann's approach 3.
 REPLICATION = Law(E=1.82, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658)  # a = 0.5126
@@ -264,7 +258,7 @@ def test_mounted_on_the_pretrain_command():
 
 def test_a_law_whose_E_underflowed_still_starts_a_refit():
     """A fit can drive E to 0 (exp underflows); the bootstrap restarts from the law's theta, which must stay finite."""
-    from pretrain.scaling.fit import Law
+    from pretrain.scaling.approach3 import Law
 
     law = Law.from_theta(np.array([5.0, 6.0, -800.0, 0.3, 0.3]))
     assert law.E == 0.0 and np.all(np.isfinite(law.theta))

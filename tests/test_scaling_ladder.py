@@ -15,20 +15,14 @@ import pytest
 from typer.testing import CliRunner
 
 from pretrain.load import config_from_dict, load_config
-from pretrain.scaling.fit import Law
-from pretrain.scaling.ladder import (
-    LadderError,
-    finished,
-    fit_ladder,
-    parse_size,
-    plan_ladder,
-    prepare,
-    run_ladder,
-)
+from pretrain.scaling.approach3 import Law
+from pretrain.scaling.ladder import LadderError, finished, parse_size, plan_ladder, prepare
+from pretrain.scaling.report import fit_ladder
+from pretrain.scaling.runner import run_ladder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.vocab_size=50304", "model.max_seq_len=32", "model.kernels=reference", "train.micro_batch_size=4",
-        "train.global_batch_size=8", "train.warmup_steps=2", "train.eval_every=0", "train.ckpt_every=0",
+        "train.global_batch_size=8", "schedule.warmup_steps=2", "eval.every=0", "checkpoint.every=0",
         "cluster.workers=1", "zero.stage=0", "objective.sample_tokens=0", "log.wandb=false"]
 
 
@@ -78,12 +72,12 @@ def test_plan(tmp_path, tiny_shards):
     with pytest.raises(LadderError, match="needs budgets and sizes"):
         plan_ladder(cfg, sizes=["32x1"])
     # Under wsd a size's shorter runs branch from its longest one, at a stable-phase checkpoint.
-    wsd = _cfg(tmp_path, tiny_shards, "train.schedule=wsd", "train.decay_fraction=0.2", "train.ckpt_every=2")
+    wsd = _cfg(tmp_path, tiny_shards, "schedule.type=wsd", "schedule.decay_fraction=0.2", "checkpoint.every=2")
     lad3 = plan_ladder(wsd, budgets=[3e10, 1e11], sizes=["32x1"], head_dim=32, out=tmp_path / "w")
     short, trunk = lad3.rungs
     k = (short.steps - round(0.2 * short.steps)) // 2 * 2
     assert trunk.branch_from is None and short.branch_from == f"{lad3.rdir(trunk)}@{k}" and 0 < k < short.steps
-    assert lad3.configs[short.name].train.branch_from == short.branch_from
+    assert lad3.configs[short.name].checkpoint.branch_from == short.branch_from
 
 
 LAW = Law(E=1.8, A=400.0, B=1800.0, alpha=0.34, beta=0.37)
@@ -139,8 +133,8 @@ def test_resume_keeps_finished_runs(tmp_path, tiny_shards):
     assert math.isfinite(doc["approach3"]["a"])
 
     # The same directory under another config is refused, never mixed into the fit.
-    with pytest.raises(LadderError, match=r"holds a run of another config \(train.lr: [0-9.e-]+ -> 0.001\)"):
-        prepare(plan_ladder(_cfg(tmp_path, tiny_shards, "train.lr=1e-3"), **kw))
+    with pytest.raises(LadderError, match=r"holds a run of another config \(optimizer.lr: [0-9.e-]+ -> 0.001\)"):
+        prepare(plan_ladder(_cfg(tmp_path, tiny_shards, "optimizer.lr=1e-3"), **kw))
 
 
 def test_cli(tmp_path, tiny_shards):
@@ -175,13 +169,13 @@ def test_tokens_wsd_and_the_summary(tmp_path, tiny_shards, ray_local):
     from pretrain.scaling.table import identity, read_runs
 
     cfg = _cfg(tmp_path, tiny_shards, "model.n_layers=1", "model.d_model=32", "model.n_heads=1",
-               "train.tokens=2500", "train.schedule=wsd", "train.decay_fraction=0.4", "train.min_lr_ratio=0")
+               "train.tokens=2500", "schedule.type=wsd", "schedule.decay_fraction=0.4", "schedule.min_lr_ratio=0")
     launch(cfg, started_at=time.time(), quiet=True)
     rdir = tmp_path / "runs" / "lad"
     rows = [json.loads(ln) for ln in (rdir / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in rows if "loss" in r]
     assert len(lrs) == 10  # ceil(2500 / (8 x 32))
-    peak = cfg.train.lr
+    peak = cfg.optimizer.lr
     # A row's lr is the schedule's after that step (the next step's rate): warm-up 2, stable to step 6, then
     # 4 cooldown steps to the floor.
     assert lrs[:5] == pytest.approx([peak] * 5)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import ConfigError, TrainConfig
+from pretrain.config import ConfigError, ScheduleConfig, TrainConfig
 from pretrain.length import LengthError, steps_for
 from pretrain.load import config_from_dict, load_config
 from pretrain.train.schedule import describe, lr_lambda, warmup_cosine, warmup_stable_decay, wsd_decay_steps
@@ -40,12 +40,12 @@ def test_length_keys_are_alternatives():
     assert load_config(ROOT / "configs/gpt-tiny.yaml", ["train.flops=1e12", "train.steps=5"]).train.flops is None
     cfg = load_config(ROOT / "configs/gpt-tiny.yaml", ["train.tokens=5e5"])
     assert cfg.train.steps is None and cfg.train.tokens == 5e5
-    with pytest.raises(ConfigError, match="train: decay_steps is the cosine horizon"):
-        load_config(ROOT / "configs/gpt-tiny.yaml", ["train.schedule=wsd", "train.decay_steps=50"])
+    with pytest.raises(ConfigError, match="schedule: decay_steps is the cosine horizon"):
+        load_config(ROOT / "configs/gpt-tiny.yaml", ["schedule.type=wsd", "schedule.decay_steps=50"])
 
 
 def test_wsd_boundaries():
-    t = TrainConfig(steps=100, warmup_steps=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.1)
+    t = ScheduleConfig(warmup_steps=10, type="wsd", decay_fraction=0.2, min_lr_ratio=0.1)
     f = lr_lambda(t, 100)
     assert wsd_decay_steps(100, 0.2) == 20
     assert [f(i) for i in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])  # linear warm-up
@@ -59,14 +59,14 @@ def test_wsd_boundaries():
     # No cooldown at fraction 0; a cooldown longer than the run after warm-up starts at warm-up's end.
     assert warmup_stable_decay(99, warmup=10, total=100, decay=0, floor=0.1) == 1.0
     assert warmup_stable_decay(10, warmup=10, total=20, decay=20, floor=0.0) == pytest.approx(1 - math.sqrt(0.1))
-    assert describe(t, 100) == {"type": "wsd", "steps": 100, "warmup_steps": 10, "lr": t.lr, "min_lr_ratio": 0.1,
+    assert describe(t, 3e-4, 100) == {"type": "wsd", "steps": 100, "warmup_steps": 10, "lr": 3e-4, "min_lr_ratio": 0.1,
                                 "decay_fraction": 0.2, "decay_steps": 20}
 
 
 def test_cosine_is_unchanged():
-    t = TrainConfig(steps=50, warmup_steps=5, min_lr_ratio=0.1)
+    t = ScheduleConfig(warmup_steps=5, min_lr_ratio=0.1)
     f = lr_lambda(t, 50)
     assert [f(i) for i in range(50)] == [warmup_cosine(i, warmup=5, total=50, floor=0.1) for i in range(50)]
-    t = TrainConfig(steps=50, warmup_steps=5, decay_steps=200)  # the horizon, not the run's length
+    t = ScheduleConfig(warmup_steps=5, decay_steps=200)  # the horizon, not the run's length
     assert lr_lambda(t, 50)(40) == warmup_cosine(40, warmup=5, total=200, floor=0.1)
-    assert describe(t, 50)["decay_steps"] == 200
+    assert describe(t, 1e-3, 50)["decay_steps"] == 200

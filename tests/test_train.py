@@ -24,8 +24,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 # shards (tiny_shards) are GPT-2 BPE, the demo's own 2048-token BPE is not.
 TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.max_seq_len=32", "model.vocab_size=50304",
         "model.kernels=reference", "train.precision=fp32", "train.micro_batch_size=4",
-        "train.global_batch_size=8", "train.warmup_steps=3", "train.decay_steps=20",
-        "train.eval_every=0", "train.ckpt_every=0", "objective.sample_tokens=0", "log.wandb=false"]
+        "train.global_batch_size=8", "schedule.warmup_steps=3", "schedule.decay_steps=20",
+        "eval.every=0", "checkpoint.every=0", "objective.sample_tokens=0", "log.wandb=false"]
 
 
 def _cfg(tmp_path: Path, shards: Path, name: str, *extra: str):
@@ -72,13 +72,13 @@ def test_zero_stages_match_single_worker(tmp_path, tiny_shards, ray_local):
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, tiny_shards, ray_local):
-    full = _train(tmp_path, tiny_shards, "full", "train.steps=20", "train.ckpt_every=5")
-    first = _train(tmp_path, tiny_shards, "split", "train.steps=10", "train.ckpt_every=5")
+    full = _train(tmp_path, tiny_shards, "full", "train.steps=20", "checkpoint.every=5")
+    first = _train(tmp_path, tiny_shards, "split", "train.steps=10", "checkpoint.every=5")
     assert [r["step"] for r in first] == list(range(1, 11))
     # The same step-10 checkpoint resumed by one worker instead of two (ZeRO-2 states are partitioned
     # per rank: DeepSpeed's universal checkpoint re-partitions them; accumulation keeps the global batch).
     shutil.copytree(tmp_path / "runs" / "split", tmp_path / "runs" / "shrink")
-    resumed = _train(tmp_path, tiny_shards, "split", "train.steps=20", "train.ckpt_every=5")
+    resumed = _train(tmp_path, tiny_shards, "split", "train.steps=20", "checkpoint.every=5")
     assert [r["step"] for r in resumed] == list(range(1, 21))  # each step exactly once
     for a, b in zip(full[10:], resumed[10:], strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]
@@ -109,7 +109,7 @@ def test_cli_trains_and_samples(tmp_path, tiny_shards):
     r = subprocess.run(
         [sys.executable, "-m", "pretrain.cli", "train", str(ROOT / "configs/gpt-tiny.yaml"), *TINY,
          f"run.dir={tmp_path / 'runs'}", "run.name=cli", f"data.train={tiny_shards / 'train'}",
-         f"data.val={tiny_shards / 'val'}", "train.steps=6", "train.log_every=2", "train.eval_every=3",
+         f"data.val={tiny_shards / 'val'}", "train.steps=6", "train.log_every=2", "eval.every=3",
          "objective.sample_tokens=8", "log.wandb=true", "cluster.workers=2", "zero.stage=2"],
         capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "WANDB_MODE": "offline"},
     )

@@ -48,7 +48,7 @@ def _config(args, world: int):
     heads = max(1, args.d_model // 64)
     return config_from_dict({
         "data": {"train": "unused"}, "cluster": {"workers": world}, "zero": {"stage": args.zero},
-        "train": {"micro_batch_size": 1, "global_batch_size": world, "warmup_steps": 1},
+        "train": {"micro_batch_size": 1, "global_batch_size": world}, "schedule": {"warmup_steps": 1},
         "model": {"type": "llama", "n_layers": args.layers, "d_model": args.d_model, "n_heads": heads,
                   "n_kv_heads": heads, "d_ff": args.d_model * 8 // 3 // 64 * 64 or 64, "vocab_size": args.vocab,
                   "max_seq_len": args.seq_len, "tie_embeddings": True, "kernels": "reference"},

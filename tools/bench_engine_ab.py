@@ -35,8 +35,8 @@ from pretrain.train.engine import backward_and_step, build_engine, build_optimiz
 
 def steps_of(config: str, overrides: list[str], compiled: bool, threads: int):
     """(bare step, engine step) functions of one model: each runs the step `i` on pre-loaded batches."""
-    # No warm-up: the bare loop keeps train.lr, and both take the same update (the decay over a few steps is ~1e-5).
-    cfg = load_config(config, [*overrides, "cluster.workers=1", "zero.stage=0", "train.precision=fp32", "train.warmup_steps=0",
+    # No warm-up: the bare loop keeps optimizer.lr, and both take the same update (the decay over a few steps is ~1e-5).
+    cfg = load_config(config, [*overrides, "cluster.workers=1", "zero.stage=0", "train.precision=fp32", "schedule.warmup_steps=0",
                                "log.wandb=false", f"train.compile={str(compiled).lower()}",
                                f"cluster.cpus_per_worker={threads}"])
     objective = build_objective(cfg, validate_data(cfg.data))
@@ -52,7 +52,7 @@ def steps_of(config: str, overrides: list[str], compiled: bool, threads: int):
     stream = build_train_stream(cfg.data, seed=cfg.train.seed, rank=0, world_size=1,
                                 micro_batch_size=cfg.train.micro_batch_size, grad_accum=accum)
     batches = [objective.prepare(next(stream), torch.device("cpu")) for _ in range(4 * accum)]
-    clip = cfg.train.grad_clip if clips_itself(cfg) else None
+    clip = cfg.optimizer.grad_clip if clips_itself(cfg) else None
 
     def bare(i: int) -> torch.Tensor:
         loss = torch.zeros(())
@@ -60,7 +60,7 @@ def steps_of(config: str, overrides: list[str], compiled: bool, threads: int):
             total, n, _ = objective.loss(bare_model, batches[(i * accum + k) % len(batches)])
             (total / n / accum).backward()
             loss += total.detach() / n / accum
-        torch.nn.utils.clip_grad_norm_(bare_model.parameters(), cfg.train.grad_clip)
+        torch.nn.utils.clip_grad_norm_(bare_model.parameters(), cfg.optimizer.grad_clip)
         opt_step()
         opt.zero_grad(set_to_none=True)
         return loss  # the step's mean loss, not synchronised on (a device would wait)

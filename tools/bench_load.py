@@ -65,7 +65,7 @@ def _worker(rank: int, world: int, port: int, ckpt: str, queue) -> None:
     from pretrain.train.build import build_model
 
     cfg = resolve(config_from_dict({
-        "data": {"train": "unused"}, "train": {"init_from": ckpt, "micro_batch_size": 1, "global_batch_size": world},
+        "data": {"train": "unused"}, "init": {"path": ckpt}, "train": {"micro_batch_size": 1, "global_batch_size": world},
         "zero": {"stage": 3}, "cluster": {"workers": world}, "model": {"kernels": "reference"}}))
     import deepspeed  # noqa: F401  (imported before the baseline: its import is not the load)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 def one_run(config: str, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [str(Path(sys.executable).with_name("pretrain")), "train", config, "train.steps=2", f"run.dir={tmp}",
-               "run.name=start", "train.ckpt_every=0", "objective.sample_tokens=0", *overrides]
+               "run.name=start", "checkpoint.every=0", "objective.sample_tokens=0", *overrides]
         t = time.time()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "WANDB_MODE": "offline"})
         start = json.loads((Path(tmp) / "start" / "start.json").read_text())

@@ -80,7 +80,7 @@ def bare_loop(cfg, steps: int, warmup: int, compiled: bool = False) -> list[floa
         for k in range(accum):
             total, n, _ = objective.loss(model, batches[s * accum + k])  # a sum over n units
             (total / n / accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
         opt_step()
         opt.zero_grad(set_to_none=True)
         rates.append(step_units / (time.perf_counter() - t0))
@@ -109,8 +109,8 @@ def train_run(args, config: str, overrides: list[str], compiled: bool) -> tuple[
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(config, [
             *overrides, f"train.steps={args.steps + args.warmup}", "cluster.workers=1", "zero.stage=0",
-            f"cluster.cpus_per_worker={args.threads}", f"run.dir={tmp}", "run.name=bench", "train.eval_every=0",
-            "train.ckpt_every=0", "log.wandb=false", "train.precision=fp32", f"train.compile={str(compiled).lower()}",
+            f"cluster.cpus_per_worker={args.threads}", f"run.dir={tmp}", "run.name=bench", "eval.every=0",
+            "checkpoint.every=0", "log.wandb=false", "train.precision=fp32", f"train.compile={str(compiled).lower()}",
             *(f"objective.{k}={v}" for k, v in quiet.items() if k in fields), *args.overrides,
         ])
         if args.full:

@@ -96,8 +96,8 @@ train_run() {  # train_run COMPILE: 50 steps of 16 x 1024 tokens (one micro-batc
     run.dir="$WORK/runs" run.name="gpt2-124m-compile-$1" train.compile="$1" \
     data.train="$DATA/train" data.val="$DATA/val" data.num_workers=2 \
     cluster.workers=1 cluster.use_gpu=true train.precision=bf16 \
-    train.steps=50 train.micro_batch_size=16 train.global_batch_size=16 train.warmup_steps=5 \
-    train.eval_every=0 train.eval_batches=1 train.ckpt_every=0 train.log_every=10 log.wandb=false
+    train.steps=50 train.micro_batch_size=16 train.global_batch_size=16 schedule.warmup_steps=5 \
+    eval.every=0 eval.batches=1 checkpoint.every=0 train.log_every=10 log.wandb=false
 }
 
 train_report() {  # medians over steps 11-50 of each run's metrics.jsonl

@@ -17,6 +17,7 @@ written (see pretrain.bench.timing).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from datetime import datetime
 from pathlib import Path
@@ -25,12 +26,31 @@ import torch
 import typer
 
 from pretrain.bench import report, shapes, timing
-from pretrain.cli.common import fail
+from pretrain.errors import RunError, first_line
 from pretrain.kernels import checks
 from pretrain.metrics.flops import device_spec, peak_for
 
 app = typer.Typer(help="Check the Triton kernels against their references and benchmark them against "
                        "PyTorch.", add_completion=False)
+
+
+class BenchFailed(Exception):
+    """The sweep ran, but correctness checks failed or measurements errored (listed above the one-line
+    message): exit code 1, where bad input (a `RunError`) is exit code 2."""
+
+
+def _one_line_errors(command):
+    """`error: <message>` on stderr and the project's exit codes (2: bad input, 1: a failed run), the same
+    whether the command is mounted as `pretrain bench kernels` or run as `python -m pretrain.bench.kernels`
+    (tools/gpu_check.sh); bench sits below pretrain.cli, so it cannot use the CLI's `fail`."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (RunError, BenchFailed) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1 if isinstance(e, BenchFailed) else 2) from None
+    return run
 
 
 @contextlib.contextmanager
@@ -54,8 +74,8 @@ def _names(value: str | None, allowed: tuple[str, ...], option: str) -> tuple[st
     names = tuple(n.strip() for n in value.split(",") if n.strip())
     bad = [n for n in names if n not in allowed]
     if bad or not names:
-        raise fail(f"{option}: unknown {option.strip('-').rstrip('s')} {bad[0] if bad else value!r}; "
-                   f"choose from {', '.join(allowed)}")
+        raise RunError(f"{option}: unknown {option.strip('-').rstrip('s')} {bad[0] if bad else value!r}; "
+                       f"choose from {', '.join(allowed)}")
     return names
 
 
@@ -133,7 +153,7 @@ def _attempt(what: str, failures: list[str], measure, *args, **kwargs):
     except torch.OutOfMemoryError:
         typer.echo(f"  {what}: out of memory, skipped")
     except Exception as e:  # one provider's error must not lose the sweep's other rows
-        line = f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        line = f"{what}: {type(e).__name__}: {first_line(str(e))[:160]}"
         typer.echo(f"  {line}")
         failures.append(line)
     if torch.cuda.is_available():
@@ -164,6 +184,7 @@ def _print_speed(rows: list[dict]) -> None:
 
 
 @app.callback(invoke_without_command=True)
+@_one_line_errors
 def kernels_cmd(
     ops: str | None = typer.Option(
         None, "--ops", "--op", help=f"comma-separated, of {', '.join(shapes.OPS)}; default all"),
@@ -183,7 +204,7 @@ def kernels_cmd(
     op_list = _names(ops, shapes.OPS, "--ops") or shapes.OPS
     prov = _names(providers, shapes.PROVIDERS, "--providers")
     if dtype is not None and dtype not in checks.DTYPES:
-        raise fail(f"--dtype: unknown dtype {dtype!r}; choose from {', '.join(checks.DTYPES)}")
+        raise RunError(f"--dtype: unknown dtype {dtype!r}; choose from {', '.join(checks.DTYPES)}")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if not cuda:
@@ -211,8 +232,8 @@ def kernels_cmd(
         typer.echo(f"W&B run in {report.log_wandb(rows, check_rows, plots, out)}")
     bad = [r for r in check_rows if not r["ok"]]
     if bad or failures:
-        raise fail(f"{len(bad)} correctness checks failed, {len(failures)} measurements errored (see above)",
-                   code=1)
+        raise BenchFailed(f"{len(bad)} correctness checks failed, {len(failures)} measurements errored "
+                          "(see above)")
 
 
 # `python -m pretrain.bench.kernels` (tools/gpu_check.sh) needs only torch, triton, typer, rich, matplotlib.

@@ -13,12 +13,12 @@ import csv
 import io
 import json
 import math
-import os
 from collections import defaultdict
 from importlib import metadata
 from pathlib import Path
 
 from pretrain.atomic import atomic_write
+from pretrain.metrics.sinks import wandb_mode
 
 COLUMNS = ("kernel_name", "kernel_provider", "kernel_operation_mode", "metric_name", "metric_unit", "x_name",
            "x_label", "x_value", "y_value_50", "y_value_20", "y_value_80", "extra_benchmark_config_str",
@@ -118,7 +118,7 @@ def log_wandb(rows: list[dict], checks: list[dict], plots: list[Path], out: Path
     (offline unless WANDB_API_KEY or WANDB_MODE says otherwise); returns the run's directory."""
     import wandb
 
-    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    mode = wandb_mode()
     run = wandb.init(project="pretrain-bench", job_type="bench-kernels", dir=str(out), mode=mode,
                      settings=wandb.Settings(console="off", silent=True))
     data = {}

@@ -16,8 +16,21 @@ import typer
 
 from pretrain.cli.common import fail
 from pretrain.config import ConfigError, dump_config, run_dir
-from pretrain.length import total_steps
-from pretrain.load import load_config
+from pretrain.errors import RunError
+
+
+def load_config(path, overrides=()):
+    """`pretrain.load.load_config`, imported when a command reads a config: the loader imports the model and
+    objective registries (torch), which the job-watching commands never need."""
+    from pretrain.load import load_config as load
+
+    return load(path, overrides)
+
+
+def total_steps(cfg, objective=None):
+    from pretrain.length import total_steps as steps
+
+    return steps(cfg, objective)
 
 app = typer.Typer(
     help="Distributed pretraining of Transformers: Ray + DeepSpeed ZeRO + Triton + webdataset + W&B.",
@@ -36,24 +49,22 @@ def train(
     started = time.time()
     try:
         cfg = load_config(config, overrides or [])
-        if cfg.train.init_from:  # the model section comes from the released checkpoint
+        if cfg.init.path:  # the model section comes from the released checkpoint
             from pretrain.hub.sources import resolve
 
             cfg = resolve(cfg)
-    except ConfigError as e:
+    except RunError as e:
         raise fail(str(e)) from None
-    from pretrain.data import DataError
-    from pretrain.objectives import ObjectiveError
     from pretrain.objectives.preflight import preflight
 
     try:
         objective = preflight(cfg)  # the data exists, and the objective accepts it and the model
-    except (DataError, ObjectiveError) as e:
+        steps = total_steps(cfg, objective)  # derived once: launch and the workers receive it
+    except RunError as e:
         raise fail(str(e)) from None
 
     # Only now, with the config and the data known good, does the run directory appear; one writer per
     # run: its lock comes before anything in it is written or deleted, and is held to the end.
-    from pretrain.errors import RunError
     from pretrain.launch.runlock import RunLock
 
     rdir = run_dir(cfg)
@@ -65,11 +76,11 @@ def train(
     try:
         (rdir / "config.yaml").write_text(dump_config(cfg))
         typer.echo(f"run {cfg.run.name}: {rdir}  ({cfg.cluster.workers} workers, ZeRO-{cfg.zero.stage}, "
-                   f"{cfg.train.precision}, {total_steps(cfg, objective)} steps)")
+                   f"{cfg.train.precision}, {steps} steps)")
 
         from pretrain.launch.local import launch
 
-        launch(cfg, started_at=started, quiet=quiet)
+        launch(cfg, started_at=started, quiet=quiet, steps=steps)
     except RunError as e:  # a deterministic error a worker found (data, config, shapes): not retried
         raise fail(str(e)) from None
     except Exception as e:  # Ray wraps worker failures; show the cause, keep the trace in a file
@@ -144,7 +155,7 @@ def generate(
     """Generate text with a KV cache, stopping at the checkpoint's end-of-sequence token; prints the continuation alone."""
     if (prompt is None) == (prompts is None):
         raise fail("give --prompt TEXT or --prompts FILE.jsonl")
-    from pretrain import inference
+    from pretrain.trained import loaded as inference
 
     try:
         loaded = inference.load(source, weights)
@@ -220,7 +231,7 @@ def plan(
 
     try:
         cfg = load_config(config, overrides or [])
-        if cfg.train.init_from:  # the model section comes from the released checkpoint
+        if cfg.init.path:  # the model section comes from the released checkpoint
             from pretrain.hub.sources import resolve
 
             cfg = resolve(cfg)
@@ -248,7 +259,7 @@ def _mount(argv: list[str]) -> None:
 
         bench_app.add_typer(kernels_bench, name="kernels")
         app.add_typer(bench_app, name="bench")
-    from pretrain.launch import jobs
+    from pretrain.cli import jobs
 
     jobs.register(app)
 

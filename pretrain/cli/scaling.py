@@ -1,5 +1,5 @@
 """`pretrain scaling ...`: fit scaling laws to runs. Argument parsing, progress and reporting only; the work
-is in pretrain.scaling.table (reading), .fit (fitting) and .plots (drawing).
+is in pretrain.scaling.table (reading), .fit (fitting), .plots (drawing) and .report (fit.json).
 
 `pretrain scaling fit RUNS... | TABLE.csv --out DIR` writes DIR/fit.json, whose keys other tools may read:
 
@@ -15,12 +15,11 @@ and the plots isoflops.png, frontier.png, optimal.png and residuals.png. Bad inp
 stderr (`error: ...`) and exit code 2.
 
 `pretrain scaling ladder CONFIG [--budgets ...] [--sizes ...] [--out DIR]` plans an isoFLOP ladder, runs it
-(resuming an interrupted one) and fits it into DIR/fit/ (pretrain/scaling/ladder.py).
+(resuming an interrupted one) and fits it into DIR/fit/ (pretrain/scaling/ladder.py, runner.py, report.py).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,7 +28,9 @@ import typer
 
 from pretrain.cli.common import fail
 from pretrain.config import ConfigError
+from pretrain.errors import first_line
 from pretrain.scaling import ScalingError
+from pretrain.scaling.report import fit_and_write
 
 app = typer.Typer(help="Fit scaling laws (Chinchilla approaches 2 and 3) to runs or published tables.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -118,41 +119,6 @@ def fit(
     _report(doc, out)
 
 
-def fit_and_write(points, kind: str, paths: list[str], out: Path, *, target_flops: float | None = None,
-                  bootstrap: int = 300, starts: int | None = None, seed: int = 0, params: str = "total",
-                  plots: bool = True) -> dict:
-    """Fit `points` (a table.Points) with a progress bar; write out/fit.json and the plots; return fit.json's
-    document. The one path from points to fit.json: `scaling fit` and `scaling ladder` both take it."""
-    from rich.progress import Progress
-
-    from pretrain.atomic import atomic_write
-    from pretrain.scaling.fit import fit_scaling
-    from pretrain.scaling.plots import write_plots
-
-    with Progress(transient=True) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done)
-
-        result = fit_scaling(points.params, points.tokens, points.flops, points.loss,
-                             budget=points.budget, target_flops=target_flops, resamples=bootstrap,
-                             starts=starts, seed=seed, progress=progress)
-    out.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "source": {"kind": kind, "paths": paths, "points": len(points),
-                   "metric": points.metric, "params": params, **points.identity},
-        **result.to_json(),
-        "runs": points.rows(),
-    }
-    if plots:
-        write_plots(result, out)
-    atomic_write(out / "fit.json", json.dumps(doc, indent=2) + "\n")
-    return doc
-
-
 def _floats(text: str | None, what: str) -> list[float] | None:
     if text is None:
         return None
@@ -194,8 +160,7 @@ def _submit(config: Path, overrides: list[str], address: str, argv: list[str]) -
     except JobCommandError as e:
         raise fail(str(e), e.code) from None
     except Exception as e:  # noqa: BLE001 - Ray's client errors: one line
-        raise fail(f"submitting the ladder to {address}: {str(e).strip().splitlines()[0] if str(e).strip() else e}",
-                   1) from None
+        raise fail(f"submitting the ladder to {address}: {first_line(e)}", 1) from None
     typer.echo(f"submitted to {addr}: {spec['entrypoint']}", err=True)
     typer.echo(jid)
 
@@ -218,7 +183,9 @@ def ladder(
     from pretrain.data import DataError
     from pretrain.load import load_config
     from pretrain.objectives import ObjectiveError
-    from pretrain.scaling.ladder import fit_ladder, log_wandb, plan_ladder, run_ladder
+    from pretrain.scaling.ladder import plan_ladder
+    from pretrain.scaling.report import fit_ladder, log_wandb
+    from pretrain.scaling.runner import run_ladder
 
     overrides = list(overrides or [])
     if address:  # the same command as a Ray job, where RAY_ADDRESS makes it run the runs as concurrent tasks

@@ -15,7 +15,9 @@ import torch
 
 from pretrain.config import DataConfig
 from pretrain.data.manifest import Source, resolve, shard_name
-from pretrain.data.stream import Layout, ShardReader, TrainStream, common_spec, spec_of
+from pretrain.data.reader import ShardReader
+from pretrain.data.sample_spec import common_spec, spec_of
+from pretrain.data.stream import Layout, TrainStream
 from pretrain.data.tokenizer import load_tokenizer, tokenizer_hash
 from pretrain.errors import DataError
 from pretrain.urls import ReadFailed, is_url, read_bytes

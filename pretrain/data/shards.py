@@ -22,8 +22,8 @@ import numpy as np
 from webdataset.tariterators import tar_file_iterator
 
 from pretrain.atomic import fsync_dir
-from pretrain.errors import DataError
-from pretrain.urls import ReadFailed, first_line, read_bytes
+from pretrain.errors import DataError, first_line
+from pretrain.urls import ReadFailed, read_bytes
 
 
 class ShardWriter:

@@ -11,7 +11,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
-from pretrain.errors import DataError
+from pretrain.errors import DataError, first_line
 
 GPT2_EOT = "<|endoftext|>"
 
@@ -38,7 +38,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the Rust error text is long; keep its first line
-        raise DataError(f"tokenizer: cannot load {spec}: {str(e).splitlines()[0]}") from None
+        raise DataError(f"tokenizer: cannot load {spec}: {first_line(e)}") from None
 
 
 def tokenizer_hash(tok: Tokenizer) -> str:

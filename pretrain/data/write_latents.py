@@ -24,7 +24,7 @@ import numpy as np
 from pretrain.data.manifest import FORMAT, MANIFEST, Source, resolve
 from pretrain.data.shards import read_shard
 from pretrain.data.write_images import _write_split
-from pretrain.errors import DataError
+from pretrain.errors import DataError, first_line
 
 Item = tuple[np.ndarray, int, str | None]  # image (uint8 HxW, HxWxC) or latent (fp16 CxHxW), label, caption
 
@@ -66,8 +66,7 @@ def _images(src: Source, start: int) -> Iterator[Item]:
                     image = np.load(io.BytesIO(members["image.npy"]), allow_pickle=False)
                     label = int(members["label.cls"].decode("ascii").strip())
                 except Exception as e:  # a missing member, an object array, a label that is not a number
-                    why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    msg = f"shard {url}: sample {key} is not an image.npy with a label.cls ({why})"
+                    msg = f"shard {url}: sample {key} is not an image.npy with a label.cls ({first_line(e)})"
                     raise DataError(msg) from None
                 caption = members.get("caption.txt")
                 yield image, label, caption.decode() if caption is not None else None
@@ -146,8 +145,7 @@ def load_vae(vae_dir: Path):
         # low_cpu_mem_usage=False: the default wants `accelerate` and warns on stderr without it.
         vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True, low_cpu_mem_usage=False)
     except Exception as e:  # a config of another model class, missing or mismatched weights
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"--vae: cannot load an AutoencoderKL from {vae_dir} ({msg})") from None
+        raise DataError(f"--vae: cannot load an AutoencoderKL from {vae_dir} ({first_line(e)})") from None
     return vae.float().eval()
 
 

@@ -1,14 +1,7 @@
 """`pretrain data sft`: chat records -> rows of exactly seq_len tokens, supervised on assistant turns only.
 
-Records (one JSON object a line) are `{"messages": [{"role", "content"}, ...]}` or `{"prompt", "response"}`
-(read as a user turn and an assistant turn). Each is rendered with the checkpoint's own chat template
-(transformers' `apply_chat_template`, so the fine-tuned model sees exactly what it will be prompted with)
-and tokenised once, with character offsets. The supervised tokens are found on the text, not by
-tokenising prefixes: the rendering of `messages[:i+1]` must be a prefix of the whole rendering (the
-template renders turn by turn; checked), the turn's content is located after the rendering of
-`messages[:i]` with the generation prompt, and the tokens that overlap it plus the template's end-of-turn
-token after it are supervised. Role headers, system and user turns, and whatever follows the end-of-turn
-token (a newline) carry no loss.
+Records are read, rendered and their supervised tokens found by `pretrain.data.sft_render`, with the
+checkpoint's tokenizer and chat template (`pretrain.data.chat_tokenizer`).
 
 Every example becomes its own segment of a row: rows are filled first-fit in record order (deterministic),
 padded at the end (segment 0). Members per row, little-endian int32: `input_ids`, `targets` (the next
@@ -24,230 +17,26 @@ tokenizer files are copied beside the shards (the split directory loads with `Au
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from pretrain.atomic import atomic_write
+from pretrain.data.chat_tokenizer import ChatTokenizer, load_chat_tokenizer
 from pretrain.data.manifest import FORMAT, MANIFEST, write_manifest
+from pretrain.data.sft_render import IGNORE, encode_example, read_records, targets_of
 from pretrain.data.shards import ShardWriter
 from pretrain.data.tokenizer import tokenizer_hash
 from pretrain.data.write_text import JOURNAL, journaled_shards, list_inputs, remove_stale_tmp
 from pretrain.errors import DataError
 
-IGNORE = -100
 FIELDS = ("input_ids", "targets", "segment_ids")  # members `<key>.<field>.i32` of every row
 MEMBER_EXT = "i32"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-
-
-@dataclass(frozen=True)
-class ChatTokenizer:
-    """A checkpoint's tokenizer with what rendering needs: its chat template and end-of-turn ids."""
-
-    tok: object  # a transformers fast tokenizer (offsets are needed)
-    dir: Path  # holds tokenizer.json (for a .gguf: the converted tokenizer's cache directory)
-    name: str  # the checkpoint directory's or the .gguf file's name: the identity a person reads
-    template: str
-    end_ids: tuple[int, ...]  # the template's end-of-turn tokens (eos of the tokenizer / generation config)
-
-    @functools.cached_property
-    def vocab_size(self) -> int:
-        """One past the largest id of the vocabulary and the added tokens: taken from the ids themselves,
-        since a tokenizer's declared size (or `len`) can miss ids past a gap."""
-        ids = [*self.tok.get_vocab().values(), *(getattr(self.tok, "added_tokens_decoder", None) or {})]
-        return max(ids) + 1
-
-    @property
-    def pad_id(self) -> int:
-        pad = self.tok.pad_token_id
-        return int(pad) if pad is not None else self.end_ids[0]
-
-
-def load_chat_tokenizer(spec: str) -> ChatTokenizer:
-    """The tokenizer of a checkpoint directory (tokenizer.json + tokenizer_config.json with a chat template,
-    or a chat_template.jinja file, which wins) or of a .gguf file (via `pretrain.hub`)."""
-    path = Path(spec)
-    eos: list[int] = []
-    if path.suffix == ".gguf" and path.is_file():
-        from pretrain.hub import read_checkpoint  # lazy: reading GGUF pulls in gguf and torch
-
-        try:
-            released = read_checkpoint(path)
-        except ValueError as e:  # CheckpointError: already one line
-            raise DataError(f"--tokenizer {spec}: {e}") from None
-        if released.tokenizer_dir is None:
-            raise DataError(f"--tokenizer {spec}: the file holds no tokenizer")
-        d = Path(released.tokenizer_dir)
-        eos = [int(i) for i in getattr(released, "eos_token_ids", ()) or ()]
-    elif path.is_dir():
-        d = path
-    else:
-        raise DataError(f"--tokenizer {spec}: neither a checkpoint directory nor a .gguf file")
-    if not (d / "tokenizer.json").is_file():
-        raise DataError(f"--tokenizer {spec}: no tokenizer.json in {d}")
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True, trust_remote_code=False)
-    except Exception as e:  # transformers' errors are long; the first line names the problem
-        raise DataError(f"--tokenizer {spec}: cannot load the tokenizer ({_first_line(e)})") from None
-    if not getattr(tok, "is_fast", False):
-        raise DataError(f"--tokenizer {spec}: not a fast (tokenizer.json) tokenizer; offsets are needed")
-    jinja = d / "chat_template.jinja"
-    template = jinja.read_text() if jinja.is_file() else tok.chat_template
-    if isinstance(template, dict):  # named templates: the default one renders conversations
-        template = template.get("default")
-    if not template:
-        raise DataError(f"--tokenizer {spec}: no chat template (neither chat_template.jinja nor a "
-                        f"chat_template in tokenizer_config.json)")
-    tok.chat_template = template
-    eos += _generation_eos(d)
-    if tok.eos_token_id is not None:
-        eos.insert(0, int(tok.eos_token_id))
-    end_ids = tuple(dict.fromkeys(eos))  # ordered, without repeats
-    if not end_ids:
-        raise DataError(f"--tokenizer {spec}: no eos token (tokenizer_config.json eos_token or "
-                        f"generation_config.json eos_token_id) to end assistant turns")
-    name = path.name if path.suffix == ".gguf" else path.resolve().name
-    return ChatTokenizer(tok, d, name, template, end_ids)
-
-
-def _generation_eos(d: Path) -> list[int]:
-    """eos_token_id of a generation_config.json beside the tokenizer (an int or a list), if any."""
-    f = d / "generation_config.json"
-    if not f.is_file():
-        return []
-    try:
-        ids = json.loads(f.read_text()).get("eos_token_id")
-    except (ValueError, AttributeError):
-        return []
-    ids = [ids] if isinstance(ids, int) else ids if isinstance(ids, list) else []
-    return [int(i) for i in ids if isinstance(i, int)]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-# ------------------------------------------------------------------------------------------------ records
-def read_records(files: list[Path]) -> list[tuple[str, list[dict]]]:
-    """(where, messages) of every non-blank line; `where` is "FILE line N" for error messages."""
-    out = []
-    for f in files:
-        try:
-            lines = f.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise DataError(f"input {f}: not UTF-8 text (byte {e.start})") from None
-        for n, line in enumerate(lines, start=1):
-            if line.strip():
-                where = f"input {f} line {n}"
-                out.append((where, _messages(line, where)))
-    if not out:
-        raise DataError(f"input: no records in {', '.join(map(str, files))}")
-    return out
-
-
-def _messages(line: str, where: str) -> list[dict]:
-    try:
-        rec = json.loads(line)
-    except ValueError:
-        raise DataError(f"{where}: not JSON") from None
-    if isinstance(rec, dict) and "messages" in rec:
-        msgs = rec["messages"]
-        ok = isinstance(msgs, list) and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in msgs)
-        if not ok:
-            raise DataError(f"{where}: 'messages' must be a list of {{\"role\": str, \"content\": str}}")
-        msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
-    elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
-        msgs = [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["response"]}]
-    else:
-        raise DataError(f"{where}: neither {{\"messages\": [...]}} nor {{\"prompt\": str, \"response\": str}}")
-    if not any(m["role"] == "assistant" for m in msgs):
-        raise DataError(f"{where}: no assistant turn (nothing to learn from)")
-    return msgs
-
-
-# ---------------------------------------------------------------------------------------------- rendering
-def _render(ct: ChatTokenizer, messages: list[dict], where: str, gen: bool = False) -> str:
-    try:
-        return ct.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
-    except Exception as e:  # a template's raise_exception ("roles must alternate"), a jinja error
-        raise DataError(f"{where}: the chat template refuses it ({_first_line(e)})") from None
-
-
-def supervised_spans(ct: ChatTokenizer, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int, int]]]:
-    """The rendered conversation and, per assistant turn, (content start, content end, turn end) in
-    characters. The turn's text is what rendering messages[:i+1] adds to rendering messages[:i]."""
-    full = _render(ct, messages, where)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        upto = _render(ct, messages[: i + 1], where)
-        turn_end = len(upto)
-        if not full.startswith(upto):
-            raise DataError(f"{where}: the chat template renders message {i + 1} differently once later "
-                            f"turns follow; cannot tell its tokens apart")
-        head = 0
-        if i:
-            # After the generation prompt (the assistant header) where the template has one; else after
-            # the previous turns.
-            for gen in (True, False):
-                prev = _render(ct, messages[:i], where, gen)
-                if full.startswith(prev) and len(prev) <= turn_end:
-                    head = len(prev)
-                    break
-            else:
-                raise DataError(f"{where}: the chat template renders messages 1..{i} differently once "
-                                f"later turns follow; cannot tell message {i + 1}'s tokens apart")
-        content = m["content"]
-        start = full.find(content, head, turn_end)
-        if start < 0 and content.strip() != content:  # templates that trim the content
-            content = content.strip()
-            start = full.find(content, head, turn_end)
-        if start < 0:
-            raise DataError(f"{where}: the chat template changes the content of message {i + 1}; cannot "
-                            f"find it in the rendering")
-        spans.append((start, start + len(content), turn_end))
-    return full, spans
-
-
-def encode_example(ct: ChatTokenizer, messages: list[dict], where: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """(token ids int32, supervised bool, rendered text): supervised are the tokens overlapping an
-    assistant turn's content and the first end-of-turn token after it within the turn."""
-    text, spans = supervised_spans(ct, messages, where)
-    enc = ct.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = np.asarray(enc["input_ids"], dtype=np.int64)
-    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-    if len(ids) and int(ids.max()) >= ct.vocab_size:
-        raise DataError(f"{where}: token id {int(ids.max())} is outside the tokenizer's vocabulary of "
-                        f"{ct.vocab_size}")
-    starts, ends = offsets[:, 0], offsets[:, 1]
-    sup = np.zeros(len(ids), dtype=bool)
-    end_ids = np.asarray(ct.end_ids, dtype=np.int64)
-    for cs, ce, turn_end in spans:
-        sup |= (starts < ce) & (ends > cs)
-        after = np.flatnonzero((starts >= ce) & (starts < turn_end) & np.isin(ids, end_ids))
-        if len(after):
-            sup[after[0]] = True
-    return ids.astype(np.int32), sup, text
-
-
-def targets_of(ids: np.ndarray, sup: np.ndarray) -> np.ndarray:
-    """Next-token targets of one example: token t+1 where it is supervised, else IGNORE (int32)."""
-    tgt = np.full(len(ids), IGNORE, dtype=np.int32)
-    tgt[:-1] = np.where(sup[1:], ids[1:], IGNORE)
-    return tgt
 
 
 # ---------------------------------------------------------------------------------------------- packing

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.errors import CheckpointError
+from pretrain.errors import CheckpointError, first_line
 from pretrain.hub.families import adapter_for, expected_shapes, our_config
 from pretrain.hub.released import Released, check_shapes, check_vocab
 from pretrain.hub.tokenizer_io import gguf_tokenizer_dir
@@ -96,8 +96,7 @@ def read_gguf(path: Path, max_seq_len: int | None = None) -> Released:
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{where}: not a GGUF file ({why})") from None
+        raise CheckpointError(f"{where}: not a GGUF file ({first_line(e)})") from None
     meta = _Meta(reader, where)
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import CONFIG_MAPPING
 
-from pretrain.errors import CheckpointError
+from pretrain.errors import CheckpointError, first_line
 from pretrain.hub.families import adapter_for, expected_shapes, our_config
 from pretrain.hub.released import Released, check_shapes, check_vocab
 from pretrain.hub.safetensors_io import (
@@ -72,7 +72,7 @@ def read_hf_dir(directory: Path, max_seq_len: int | None = None) -> Released:
     try:
         hf = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
     except Exception as e:  # transformers' own validation (e.g. of rope parameters)
-        raise CheckpointError(f"{where}: transformers rejects it ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{where}: transformers rejects it ({first_line(e)})") from None
     cfg = our_config(adapter.model_config(hf, where, max_seq_len), where)
 
     files = weight_files(directory)

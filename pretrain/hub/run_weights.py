@@ -29,7 +29,7 @@ def final_tensors(path: Path, weights: str = "model"):
         return
     f = path / f"{weights}.safetensors"
     if not f.is_file():
-        what = "EMA weights (train with train.ema_decay set)" if weights == "ema" else "final weights"
+        what = "EMA weights (train with ema.decay set)" if weights == "ema" else "final weights"
         raise FileNotFoundError(f"{path.parent}: the run has no {what}: {f} is missing")
     yield from iter_file_tensors(read_headers([f]))
 

@@ -20,7 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pretrain.errors import CheckpointError
+from pretrain.atomic import atomic_write
+from pretrain.errors import CheckpointError, first_line
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -73,7 +74,7 @@ def read_headers(files: list[Path]) -> dict[str, TensorHeader]:
         except CheckpointError:
             raise
         except Exception as e:  # the library's message for a torn or foreign file
-            raise CheckpointError(f"{file}: not a safetensors file ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(f"{file}: not a safetensors file ({first_line(e)})") from None
     for name, h in headers.items():
         if h.dtype not in _ITEM_BYTES:
             raise CheckpointError(f"{h.file.name}: tensor {name} has dtype {h.dtype}; only float tensors "
@@ -189,6 +190,5 @@ def write_shards(directory: Path, tensors: Iterable[tuple[str, torch.Tensor]], m
         os.replace(path, directory / final)
         weight_map.update(dict.fromkeys(names, final))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    _fsync(directory / INDEX)
+    atomic_write(directory / INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
     return total

@@ -1,4 +1,4 @@
-"""`train.init_from`: where a run's first weights come from, and the model config they imply.
+"""`init.path`: where a run's first weights come from, and the model config they imply.
 
 A source is a Hugging Face model directory, a `.gguf` file (both read by `pretrain.hub`), or another
 run's directory (its `final/`). The model section of the run is the checkpoint's: `resolve` replaces it on
@@ -51,29 +51,29 @@ def open_source(path: str | Path, max_seq_len: int | None = None) -> Source:
     if (p / "final" / "model.yaml").is_file():
         return _run_source(p)
     if p.is_dir() and (p / "checkpoints").is_dir() and not (p / "final").is_dir():
-        raise ConfigError(f"train.init_from: {p} is a run without final weights (it has not finished)")
+        raise ConfigError(f"init.path: {p} is a run without final weights (it has not finished)")
     if not p.exists():
-        raise ConfigError(f"train.init_from: {p} does not exist")
+        raise ConfigError(f"init.path: {p} does not exist")
     from pretrain.hub import CheckpointError, read_checkpoint
 
     try:
         r = read_checkpoint(p, max_seq_len=max_seq_len)
     except CheckpointError as e:
-        raise ConfigError(f"train.init_from: {e}") from None
+        raise ConfigError(f"init.path: {e}") from None
     return Source(str(p), r.model_cfg, r.iter_lazy, tokenizer_dir=r.tokenizer_dir,
                   eos_token_ids=tuple(r.eos_token_ids or ()), released=r)
 
 
 def resolve(cfg: Config) -> Config:
-    """The run's config with its model section taken from `train.init_from` (unchanged without one)."""
-    if not cfg.train.init_from:
+    """The run's config with its model section taken from `init.path` (unchanged without one)."""
+    if not cfg.init.path:
         return cfg
     mine = cfg.model
     given = {k for k in mine.model_fields_set if k != "type"}
-    src = open_source(cfg.train.init_from, mine.max_seq_len if "max_seq_len" in given else None)
+    src = open_source(cfg.init.path, mine.max_seq_len if "max_seq_len" in given else None)
     fixed = sorted(k for k in given if k not in OVERRIDABLE and getattr(mine, k) != getattr(src.model_cfg, k, None))
     if fixed:
-        raise ConfigError(f"model.{fixed[0]}: set by the checkpoint of train.init_from ({src.path}); remove it from the "
+        raise ConfigError(f"model.{fixed[0]}: set by the checkpoint of init.path ({src.path}); remove it from the "
                           f"config (only {', '.join(sorted(OVERRIDABLE))} may be set)")
     tree = src.model_cfg.model_dump(mode="json")  # max_seq_len already applied by the checkpoint's reader
     tree.update({k: getattr(mine, k) for k in given if k in OVERRIDABLE - {"max_seq_len"}})

@@ -20,14 +20,10 @@ from typing import Any
 
 import transformers
 
-from pretrain.errors import CheckpointError
+from pretrain.atomic import rename_if_absent
+from pretrain.errors import CheckpointError, first_line
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_tokenizer(directory: Path, where: str) -> Any | None:
@@ -37,7 +33,7 @@ def load_tokenizer(directory: Path, where: str) -> Any | None:
     try:
         return transformers.AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
     except Exception as e:  # transformers raises many types; the caller gets one line
-        raise CheckpointError(f"{where}: tokenizer does not load ({_first_line(e)})") from None
+        raise CheckpointError(f"{where}: tokenizer does not load ({first_line(e)})") from None
 
 
 def max_token_id(tok: Any) -> int:
@@ -66,15 +62,12 @@ def gguf_tokenizer_dir(path: Path) -> Path:
         tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
                                                          trust_remote_code=False)
         tok.save_pretrained(str(tmp))
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process renamed its copy first: theirs is as good as ours
-            if not (final / "tokenizer_config.json").is_file():
-                raise
+        # Another process may have renamed its copy first: theirs is as good as ours.
+        rename_if_absent(tmp, final, present=lambda d: (d / "tokenizer_config.json").is_file())
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"{path}: its tokenizer does not convert ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: its tokenizer does not convert ({first_line(e)})") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp)

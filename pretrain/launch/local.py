@@ -18,6 +18,7 @@ from pretrain.config import Config, run_dir
 from pretrain.length import total_steps
 from pretrain.load import config_from_dict
 from pretrain.metrics.console import follow_metrics
+from pretrain.train.storage import Storage
 from pretrain.urls import is_url
 
 # Quiet Ray's driver-side chatter before it is imported; workers log to files under the session dir.
@@ -32,12 +33,12 @@ def resolve_paths(cfg: Config) -> Config:
     for src in tree["data"]["train"] + ([tree["data"]["val"]] if tree["data"]["val"] else []):
         if not is_url(src["path"]):
             src["path"] = str(Path(src["path"]).resolve())
-    if tree["train"]["init_from"] and not is_url(tree["train"]["init_from"]):
-        tree["train"]["init_from"] = str(Path(tree["train"]["init_from"]).expanduser().resolve())
+    if tree["init"]["path"] and not is_url(tree["init"]["path"]):
+        tree["init"]["path"] = str(Path(tree["init"]["path"]).expanduser().resolve())
     if tree["cluster"]["storage"] and not is_url(tree["cluster"]["storage"]):  # checkpoints (train/checkpoint.py)
         tree["cluster"]["storage"] = str(Path(tree["cluster"]["storage"]).expanduser().resolve())
-    if tree["train"]["branch_from"] and not is_url(tree["train"]["branch_from"]):  # PATH[@STEP]
-        tree["train"]["branch_from"] = str(Path(tree["train"]["branch_from"]).expanduser().absolute())
+    if tree["checkpoint"]["branch_from"] and not is_url(tree["checkpoint"]["branch_from"]):  # PATH[@STEP]
+        tree["checkpoint"]["branch_from"] = str(Path(tree["checkpoint"]["branch_from"]).expanduser().absolute())
     return config_from_dict(tree)
 
 
@@ -111,7 +112,7 @@ def _init_ray(cfg: Config) -> None:
                                  "debug_dump_period_milliseconds": 600_000})
 
 
-def launch(cfg: Config, *, started_at: float, quiet: bool = False) -> None:
+def launch(cfg: Config, *, started_at: float, quiet: bool = False, steps: int | None = None) -> None:
     """Train with Ray Train workers; returns when the run has finished. A deterministic error found by a
     worker (data, config, shapes) raises `pretrain.errors.RunError` with its line after one attempt;
     anything else Ray Train retried `cluster.max_failures` times raises as Ray gives it."""
@@ -123,7 +124,9 @@ def launch(cfg: Config, *, started_at: float, quiet: bool = False) -> None:
     from pretrain.objectives.preflight import preflight
 
     objective = preflight(cfg)  # bad data or a mismatched model fails here, before Ray starts
-    steps = total_steps(cfg, objective)  # derived once, here: the workers receive it
+    if cfg.cluster.storage:
+        Storage(cfg.cluster.storage)  # an unusable location too (StorageError), before Ray resolves it its own way
+    steps = steps or total_steps(cfg, objective)  # derived once on the driver: the workers receive it
     marks = [("command", started_at), ("preflight", time.time())]  # start-up phases (pretrain/train/startup.py)
     for line in objective.data.get("commands", []):  # a `pipe:` source the user wrote: say that it runs
         print(f"notice: {line}", file=sys.stderr, flush=True)
@@ -133,32 +136,9 @@ def launch(cfg: Config, *, started_at: float, quiet: bool = False) -> None:
     _init_ray(cfg)
     importing.join()
     marks.append(("ray_init", time.time()))
-    import ray.train
-    import torch
-    from ray.train.torch import TorchConfig
-
-    from pretrain.launch.trainer import WarmUp, trainer_class
-
-    use_gpu = cfg.cluster.use_gpu if cfg.cluster.use_gpu is not None else torch.cuda.is_available()
     rdir = run_dir(cfg)
-    trainer = trainer_class(embedded=_embedded(cfg))(
-        train_loop_per_worker=_worker_main,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "started_at": started_at, "marks": marks,
-                           "steps": steps},
-        scaling_config=ray.train.ScalingConfig(
-            # (min, max) makes the group elastic: after losing a node it continues with fewer workers.
-            num_workers=(cfg.cluster.min_workers, cfg.cluster.workers) if cfg.cluster.min_workers else cfg.cluster.workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
-        ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.cluster.collective_timeout_s),
-        run_config=ray.train.RunConfig(
-            name=cfg.run.name,
-            storage_path=cfg.cluster.storage or str(rdir / "ray"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
-            callbacks=[WarmUp()],
-        ),
-    )
+    trainer = ray_trainer(cfg, {"cfg": cfg.model_dump(mode="json"), "started_at": started_at, "marks": marks,
+                                "steps": steps}, storage_path=cfg.cluster.storage or str(rdir / "ray"))
     from pretrain.launch.worker_error import ERROR_FILE, recorded_error
 
     (rdir / ERROR_FILE).unlink(missing_ok=True)  # an earlier run's: the workers' record starts empty
@@ -171,3 +151,31 @@ def launch(cfg: Config, *, started_at: float, quiet: bool = False) -> None:
         raise error from None  # a peer's deterministic error, not the collective failure it caused
     if (error := recorded_error(rdir)) is not None:
         raise error
+
+def ray_trainer(cfg: Config, loop_config: dict, *, storage_path: str):
+    """The Ray Train trainer of a run: `cluster.workers` workers (elastic down to `cluster.min_workers`), each
+    running `_worker_main(loop_config)` in a gloo or NCCL group, restarted up to `cluster.max_failures`."""
+    import ray.train
+    import torch
+    from ray.train.torch import TorchConfig
+
+    from pretrain.launch.trainer import WarmUp, trainer_class
+
+    use_gpu = cfg.cluster.use_gpu if cfg.cluster.use_gpu is not None else torch.cuda.is_available()
+    return trainer_class(embedded=_embedded(cfg))(
+        train_loop_per_worker=_worker_main,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            # (min, max) makes the group elastic: after losing a node it continues with fewer workers.
+            num_workers=(cfg.cluster.min_workers, cfg.cluster.workers) if cfg.cluster.min_workers else cfg.cluster.workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.cluster.collective_timeout_s),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
+            callbacks=[WarmUp()],
+        ),
+    )

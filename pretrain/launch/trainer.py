@@ -18,7 +18,7 @@ import importlib
 import logging
 import threading
 
-from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+from pretrain import compat
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def wait() -> None:
         _thread.join()
 
 
-class WarmUp(WorkerGroupCallback):
+class WarmUp(compat.ray_worker_group_callback()):
     """Ray Train callback (RunConfig.callbacks): starts every worker's warm-up as soon as the worker exists."""
 
     def __init__(self, modules: tuple[str, ...] = MODULES):
@@ -69,20 +69,6 @@ class WarmUp(WorkerGroupCallback):
         for w in workers:
             w.execute_async(start, self.modules)  # not awaited: the controller goes on with its own start-up
         return {}
-
-
-def _fixed_policy_without_autoscaler() -> type:
-    """Ray Train's fixed-size scaling policy without its autoscaling coordinator (see `trainer_class`)."""
-    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
-
-    class OneMachineScalingPolicy(FixedScalingPolicy):
-        def after_controller_start(self, train_run_context) -> None:
-            pass  # no coordinator to register with
-
-        def _maybe_send_resource_request(self) -> None:
-            pass  # (cancelling is a no-op already while no coordinator client exists)
-
-    return OneMachineScalingPolicy
 
 
 def trainer_class(embedded: bool) -> type:
@@ -98,25 +84,10 @@ def trainer_class(embedded: bool) -> type:
       its resizing reads the coordinator's reservations.)
 
     Ray Train 2.60 has no option for any of them, so the trainer filters the first two out of its default
-    callbacks and gives the controller a fixed-size policy that sends no resource requests."""
+    callbacks and gives the controller a fixed-size policy that sends no resource requests (both through Ray
+    Train's internals: `pretrain.compat.ray_embedded_torch_trainer`)."""
     from ray.train.torch import TorchTrainer
 
     if not embedded:
         return TorchTrainer
-    from ray.train.v2._internal.callbacks import DatasetsCallback
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
-
-    policy = _fixed_policy_without_autoscaler()
-
-    class EmbeddedTorchTrainer(TorchTrainer):
-        def _create_default_callbacks(self):
-            return [c for c in super()._create_default_callbacks()
-                    if not isinstance(c, DatasetsCallback | PlacementGroupCleanerCallback)]
-
-        def _initialize_and_run_controller(self, **kwargs):
-            if type(kwargs.get("scaling_policy")) is FixedScalingPolicy:
-                kwargs["scaling_policy"] = policy(scaling_config=kwargs["scaling_policy"].scaling_config)
-            return super()._initialize_and_run_controller(**kwargs)
-
-    return EmbeddedTorchTrainer
+    return compat.ray_embedded_torch_trainer()

@@ -36,10 +36,10 @@ from safetensors.torch import load_file, save_file
 from scipy import linalg
 from torch import nn
 
-from pretrain.atomic import atomic_path, atomic_write, fsync_dir
+from pretrain.atomic import atomic_path, atomic_write, rename_if_absent
 from pretrain.data.manifest import Source, resolve
 from pretrain.data.shards import read_shard
-from pretrain.errors import DataError
+from pretrain.errors import DataError, first_line
 
 # Bump when Classifier or the training recipe changes: old caches then stop matching instead of loading.
 ARCH_VERSION = 1
@@ -265,9 +265,8 @@ class Judge:
             with np.load(d / "stats.npz", allow_pickle=False) as stats:
                 mu, sigma = stats["mu"], stats["sigma"]
         except (OSError, ValueError, KeyError, RuntimeError) as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(f"image_quality: cannot load the classifier cache {d} ({msg}); delete it to "
-                            "retrain") from None
+            raise DataError(f"image_quality: cannot load the classifier cache {d} ({first_line(e)}); delete it "
+                            "to retrain") from None
         return cls(model, mu, sigma, info)
 
     def _save(self, final: Path) -> None:
@@ -282,14 +281,7 @@ class Judge:
             with atomic_path(tmp / "stats.npz") as p, open(p, "wb") as f:
                 np.savez(f, mu=self.mu, sigma=self.sigma)
             atomic_write(tmp / "info.json", json.dumps(self.info, indent=1, sort_keys=True) + "\n")
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not final.is_dir():
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
-                return
-            fsync_dir(final.parent)
+            rename_if_absent(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

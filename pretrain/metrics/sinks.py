@@ -62,6 +62,12 @@ def last_step(path: Path) -> int:
     return max((row.get("step", 0) for _, row in _rows(path)), default=-1)
 
 
+def wandb_mode() -> str:
+    """W&B's mode for every run we start: WANDB_MODE when set, else online with an API key and offline
+    without one (no account needed; `wandb sync` uploads later)."""
+    return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+
+
 class WandbSink(Sink):
     """One W&B run per run directory; its id is kept there so a resumed run continues the same run.
     Offline unless an API key is configured (no account needed; `wandb sync` uploads later).
@@ -80,7 +86,7 @@ class WandbSink(Sink):
         id_file = run_dir / "wandb_id"
         if not id_file.exists():
             atomic_write(id_file, uuid.uuid4().hex[:12])
-        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        mode = wandb_mode()
         self._run = wandb.init(
             project=project, name=name, id=id_file.read_text().strip(), resume="allow", dir=str(run_dir),
             config=config, mode=mode, settings=wandb.Settings(console="off", silent=True),

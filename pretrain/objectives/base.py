@@ -95,7 +95,7 @@ _OBJECTIVES: Registry[type[Objective]] = Registry("objective.type")
 
 
 def register(cls: type[Objective]) -> type[Objective]:
-    register_section("objective", cls.name, cls.Config)  # `objective.type: <name>` reads this section
+    register_section("objective", cls.name, lambda: cls.Config)  # read when a config names it
     return _OBJECTIVES.add(cls.name, cls)
 
 

@@ -17,7 +17,6 @@ share, and rank 0 gathers the images. `pretrain sample` draws grids from a finis
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pretrain.hooks import StepView
 from pretrain.objectives.sample_rng import normal
 
 # sample_rng streams of the evaluation draws, apart from the training ones.
@@ -59,19 +59,19 @@ def sample_images(objective, model, labels: torch.Tensor, noise: torch.Tensor, *
     return torch.cat(out)
 
 
-def _sample_shared(s, labels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor | None:
+def _sample_shared(s: StepView, model, labels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor | None:
     """Every rank samples an equal slice; rank 0 gets all images back (None elsewhere). Collective."""
     o = s.cfg.objective
     n, per = len(labels), math.ceil(len(labels) / s.world)
     idx = torch.arange(s.rank * per, (s.rank + 1) * per).clamp(max=n - 1)  # the last slice repeats to stay equal
-    mine = sample_images(s.objective, s.engine, labels[idx], noise[idx], steps=o.sample_steps, cfg_scale=o.cfg_scale,
+    mine = sample_images(s.objective, model, labels[idx], noise[idx], steps=o.sample_steps, cfg_scale=o.cfg_scale,
                          batch=s.cfg.train.micro_batch_size * 4, device=s.device)
     parts = [torch.empty_like(mine) for _ in range(s.world)]
     dist.all_gather(parts, mine.contiguous())
     return torch.cat(parts)[:n] if s.rank == 0 else None
 
 
-def evaluate_images(s) -> None:
+def evaluate_images(s: StepView) -> None:
     """The hook: grid and quality numbers at this step (see the module docstring)."""
     o = s.cfg.objective
     classes = s.objective.data.get("classes") or [str(i) for i in range(s.objective.data["num_classes"])]
@@ -81,14 +81,12 @@ def evaluate_images(s) -> None:
     scored = s.objective.scored()
     if not (scored or (decodable and o.grid_samples)):
         return
-    s.engine.eval()
-    with s.ema.swapped() if s.ema is not None else contextlib.nullcontext():
-        grid = _sample_shared(s, labels, grid_noise) if decodable and o.grid_samples else None
+    with s.eval_model(ema=True) as model:  # the EMA weights, when the run keeps them
+        grid = _sample_shared(s, model, labels, grid_noise) if decodable and o.grid_samples else None
         if scored:
             eval_labels = torch.arange(o.eval_samples) % len(classes)
-            samples = _sample_shared(s, eval_labels, noise_for(s.objective, o.eval_samples, s.cfg.train.seed,
-                                                               _EVAL_NOISE))
-    s.engine.train()
+            samples = _sample_shared(s, model, eval_labels, noise_for(s.objective, o.eval_samples, s.cfg.train.seed,
+                                                                      _EVAL_NOISE))
     if s.rank != 0:
         return
     if grid is not None:
@@ -97,12 +95,12 @@ def evaluate_images(s) -> None:
         path = s.rdir / "samples" / f"step-{s.step}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_grid(grid.numpy(), path, nrow=cols, labels=classes)
-        s.sink.image(s.step, "samples", path)
+        s.image(s.step, "samples", path)
     if scored:
         judge = judge_for(s.cfg)
         score = judge.score(samples.numpy(), eval_labels.numpy())
-        s.sink.log({"step": s.step, **score, s.unit: s.units})
-        s.sink.summary({"judge_test_accuracy": judge.test_accuracy})
+        s.log({"step": s.step, **score, s.unit: s.units})
+        s.summary({"judge_test_accuracy": judge.test_accuracy})
 
 
 def judge_for(cfg):

@@ -20,6 +20,7 @@ import torch
 from pydantic import Field
 
 from pretrain.config import Section
+from pretrain.hooks import Hook, StepView
 from pretrain.objectives.base import Metrics, Objective, ObjectiveError
 from pretrain.objectives.sample_rng import normal, uniform
 
@@ -101,12 +102,11 @@ class ImageObjective(Objective):
             print(f"sample judge: a classifier of the training images, test accuracy {100 * judge.test_accuracy:.1f}% "
                   f"(cached under {self.cfg.run.dir}/classifiers)", flush=True)
 
-    def hooks(self, ctx) -> list:
+    def hooks(self, ctx: StepView) -> list[Hook]:
         """The sample grid and quality numbers at every evaluation and at step 0 (`image_eval`)."""
         from pretrain.objectives.image_eval import evaluate_images
-        from pretrain.train.hooks import Hook
 
-        return [Hook(evaluate_images, every=self.cfg.train.eval_every, at_start=True)]
+        return [Hook(evaluate_images, every=self.cfg.eval.every, at_start=True)]
 
     def units_per_sample(self) -> int:
         return 1

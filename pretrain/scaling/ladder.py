@@ -10,14 +10,8 @@ steps, FLOPs per token from the family's count (the figure the runs log). The la
     runs/<name>/           each run's directory, its resolved config.yaml written before it starts
     fit/                   fit.json and the plots of `pretrain scaling fit`, from the same code path
 
-Where the runs go: without an address, one after another in this process, on one embedded Ray (the first
-`launch` starts it, the others find it). With `cluster.address` (or RAY_ADDRESS, as inside a Ray job) this
-process is the driver of one Ray job: each run is a Ray task that calls the same `launch`, and Ray Train
-inside it asks for the run's workers (CPUs, GPUs) with their placement group. The task itself holds no CPU
-(`num_cpus=0`): counting the run's CPUs in the task too would reserve them twice. How many runs are in
-flight at once is what the cluster's resources hold (Ray's "limit pending tasks" pattern with `ray.wait`),
-so no run waits on a placement group it cannot get. `--address http://HEAD:8265` submits this command
-as that job through the job API (`pretrain.launch.jobs`).
+This module plans the ladder and keeps its books (which runs are done, which to run); running it is
+pretrain.scaling.runner, fitting it pretrain.scaling.report.
 
 Interrupted, the ladder resumes: a run whose summary.json is complete (a final loss, all planned steps) is
 kept; any other starts again, from its own checkpoints where it has them (the trainer resumes). A run
@@ -28,11 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -173,14 +163,14 @@ def plan_ladder(cfg: Config, *, budgets: list[float] | None = None, sizes: list[
                               int(counts["params"]), int(counts["params_non_embedding"]), fpt, steps,
                               steps * per_step, steps * per_step * fpt))
             configs[name] = run_cfg
-    if cfg.train.schedule == "wsd" and cfg.train.ckpt_every:
-        rungs = _branches(rungs, configs, cfg.train.ckpt_every, cfg.train.decay_fraction)
+    if cfg.schedule.type == "wsd" and cfg.checkpoint.every:
+        rungs = _branches(rungs, configs, cfg.checkpoint.every, cfg.schedule.decay_fraction)
     return Ladder(out, rungs, configs, skipped)
 
 
 def _branches(rungs: list[Rung], configs: dict[str, Config], every: int, fraction: float) -> list[Rung]:
     """Under wsd, a size's shorter runs branch from its longest run (the trunk): the trunk's checkpoint at the
-    last multiple of train.ckpt_every before the shorter run's cooldown has seen exactly the steps (rate and
+    last multiple of checkpoint.every before the shorter run's cooldown has seen exactly the steps (rate and
     data) an independent run would have, so only the cooldown is trained again. Saves (1 - decay_fraction) of
     every shorter run, less up to ckpt_every steps each."""
     import dataclasses
@@ -202,7 +192,7 @@ def _branches(rungs: list[Rung], configs: dict[str, Config], every: int, fractio
         where = (f"{t_cfg.cluster.storage.rstrip('/')}/{trunk.name}" if t_cfg.cluster.storage else str(run_dir(t_cfg)))
         spec = f"{where}@{k}"
         tree = configs[r.name].model_dump(mode="json")
-        tree["train"]["branch_from"] = spec
+        tree["checkpoint"]["branch_from"] = spec
         configs[r.name] = config_from_dict(tree)
         out.append(dataclasses.replace(r, branch_from=spec))
     return out
@@ -277,212 +267,3 @@ def mark(rdir: Path, rung: Rung) -> None:
     if summary.get("budget") != rung.budget or summary.get("ladder_size") != rung.size:
         summary.update(budget=rung.budget, ladder_size=rung.size)
         atomic_write(path, json.dumps(summary, indent=2) + "\n")
-
-
-# ------------------------------------------------------------------------------------------ running
-
-
-def train_run(tree: dict) -> None:
-    """Train (or resume) one run of the ladder: the run's lock, then `launch` on the Ray this process has
-    (or starts). Takes the config as a dict: it is also the body of a Ray task."""
-    from pretrain.launch.local import launch
-    from pretrain.launch.runlock import RunLock
-
-    cfg = config_from_dict(tree)
-    lock = RunLock(run_dir(cfg))
-    lock.acquire()
-    try:
-        launch(cfg, started_at=time.time(), quiet=True)
-    finally:
-        lock.release()
-
-
-@dataclass
-class Tracker:
-    """Which runs are done, running, queued, failed; what the progress display shows."""
-
-    ladder: Ladder
-    done: list[str]
-    queued: list[str]
-    running: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    echo: Callable[[str], None] | None = None  # one line per finished run (logs, where no bar is drawn)
-
-    def start(self, name: str) -> None:
-        with self.lock:
-            self.queued.remove(name)
-            self.running.append(name)
-
-    def end(self, name: str, error: str | None) -> None:
-        with self.lock:
-            self.running.remove(name)
-            if error is None:
-                self.done.append(name)
-            else:
-                self.failed[name] = error
-        if self.echo is not None:
-            self.echo(f"{'done' if error is None else 'FAILED'} {name}{'' if error is None else ': ' + error}"
-                      f"  ({self.line()})")
-
-    def line(self) -> str:
-        with self.lock:
-            text = (f"{len(self.done)} done, {len(self.running)} running, {len(self.queued)} queued"
-                    + (f", {len(self.failed)} failed" if self.failed else ""))
-            return text
-
-
-def _error_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[-1] if text else type(e).__name__
-
-
-def _run_local(ladder: Ladder, todo: list[Rung], tracker: Tracker, run_fn: Callable[[dict], None]) -> None:
-    for rung in todo:
-        tracker.start(rung.name)
-        try:
-            run_fn(ladder.configs[rung.name].model_dump(mode="json"))
-            error = None if finished(ladder.rdir(rung), rung) else "ended without a complete summary.json"
-        except Exception as e:  # noqa: BLE001 - one failed run is reported; the others still run
-            error = _error_line(e)
-        tracker.end(rung.name, error)
-
-
-def concurrency(cfgs: list[Config], resources: dict) -> int:
-    """How many runs the cluster holds at once: its CPUs (and GPUs) over the largest run's."""
-    need_cpu = max(c.cluster.workers * c.cluster.cpus_per_worker for c in cfgs)
-    slots = int(resources.get("CPU", 0) // need_cpu)
-    gpu_runs = [c.cluster.workers for c in cfgs if c.cluster.use_gpu or (c.cluster.use_gpu is None and resources.get("GPU"))]
-    if gpu_runs:
-        slots = min(slots, int(resources.get("GPU", 0) // max(gpu_runs)))
-    return max(1, slots)
-
-
-def _run_cluster(ladder: Ladder, todo: list[Rung], tracker: Tracker, run_fn: Callable[[dict], None]) -> None:
-    if not todo:
-        return
-    import ray
-
-    from pretrain.launch.local import _init_ray
-
-    _init_ray(next(iter(ladder.configs.values())))
-    task = ray.remote(num_cpus=0, max_retries=0)(run_fn)  # the run's own workers hold its resources
-    width = concurrency([ladder.configs[r.name] for r in todo], ray.cluster_resources())
-    pending = list(todo)
-    flight: dict = {}
-    while pending or flight:
-        while pending and len(flight) < width:
-            rung = pending.pop(0)
-            tracker.start(rung.name)
-            ref = task.options(name=f"ladder:{rung.name}").remote(ladder.configs[rung.name].model_dump(mode="json"))
-            flight[ref] = rung
-        ready, _ = ray.wait(list(flight), num_returns=1)
-        for ref in ready:
-            rung = flight.pop(ref)
-            try:
-                ray.get(ref)
-                error = None if finished(ladder.rdir(rung), rung) else "ended without a complete summary.json"
-            except Exception as e:  # noqa: BLE001 - Ray wraps the run's error; report it, keep going
-                error = _error_line(e)
-            tracker.end(rung.name, error)
-
-
-def _steps_done(rdir: Path) -> int:
-    from pretrain.metrics.sinks import last_step
-
-    return max(0, last_step(rdir / "metrics.jsonl"))
-
-
-def run_ladder(ladder: Ladder, *, run_fn: Callable[[dict], None] = train_run, cluster: bool | None = None,
-               show: bool = True) -> Tracker:
-    """Run the ladder's unfinished runs (keeping the finished ones), marking each finished summary with its
-    budget. `run_fn(config_dict)` trains one run (injectable: tests pass one that writes a summary).
-    `cluster`: concurrent Ray tasks on the cluster of cluster.address / RAY_ADDRESS (default: when one is set)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    done, todo = prepare(ladder)
-    tracker = Tracker(ladder, [r.name for r in done], [r.name for r in todo])
-    if cluster is None:
-        cfg = next(iter(ladder.configs.values()))
-        cluster = bool(cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
-    by_name = {r.name: r for r in ladder.rungs}
-    stop = threading.Event()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  disable=not show) as bar:
-        total = bar.add_task("ladder", total=len(ladder.rungs))
-        tracker.echo = bar.console.print if show else None
-        steps: dict[str, int] = {}
-
-        def refresh() -> None:
-            while True:
-                with tracker.lock:
-                    running = list(tracker.running)
-                    finished_runs = len(tracker.done)
-                for name in running:  # one bar per running run, its step read from metrics.jsonl
-                    if name not in steps:
-                        steps[name] = bar.add_task(f"  {name}", total=by_name[name].steps)
-                    bar.update(steps[name], completed=_steps_done(ladder.rdir(by_name[name])))
-                for name in [n for n in steps if n not in running]:
-                    bar.remove_task(steps.pop(name))
-                bar.update(total, completed=finished_runs, description=f"ladder: {tracker.line()}")
-                if stop.wait(1.0):
-                    return
-
-        poller = threading.Thread(target=refresh, daemon=True)
-        poller.start()
-        try:
-            # Trunks and independent runs first, then the branches: each needs its trunk's checkpoint.
-            for wave in ([r for r in todo if not r.branch_from], [r for r in todo if r.branch_from]):
-                (_run_cluster if cluster else _run_local)(ladder, wave, tracker, run_fn)
-        finally:
-            stop.set()
-            poller.join(timeout=5)
-    for rung in ladder.rungs:
-        if rung.name in tracker.done:
-            mark(ladder.rdir(rung), rung)
-    return tracker
-
-
-# ------------------------------------------------------------------------------------------ the fit
-
-
-def fit_ladder(ladder: Ladder, *, bootstrap: int = 300, seed: int = 0, starts: int | None = None,
-               plots: bool = True) -> dict:
-    """`pretrain scaling fit` over the ladder's finished runs into <out>/fit/; returns fit.json's document."""
-    from pretrain.cli.scaling import fit_and_write
-    from pretrain.scaling.table import read_runs
-
-    dirs = [ladder.rdir(r) for r in ladder.rungs if finished(ladder.rdir(r), r)]
-    if not dirs:
-        raise LadderError(f"{ladder.out}: no finished runs to fit")
-    points = read_runs(dirs)
-    return fit_and_write(points, "runs", [str(d) for d in dirs], ladder.out / "fit", bootstrap=bootstrap,
-                         seed=seed, starts=starts, plots=plots)
-
-
-def log_wandb(ladder: Ladder, doc: dict, project: str, name: str) -> Path:
-    """One W&B run for the ladder (offline unless an API key is set, like the runs' own): a table of the runs,
-    the fitted exponents and predictions in its summary, the plots as images. Returns its directory."""
-    import wandb
-
-    fit_dir = ladder.out / "fit"
-    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    run = wandb.init(project=project, name=name, job_type="scaling-ladder", dir=str(fit_dir), mode=mode,
-                     config=ladder.plan_json(), settings=wandb.Settings(console="off", silent=True))
-    columns = ["name", "budget", "params", "tokens", "flops", "loss"]
-    by_path = {str(ladder.rdir(r)): r for r in ladder.rungs}
-    rows = [[Path(p["name"]).name, by_path[p["name"]].budget if p["name"] in by_path else p.get("budget"),
-             p["params"], p["tokens"], p["flops"], p["loss"]] for p in doc["runs"]]
-    images = {p.stem: wandb.Image(str(p)) for p in sorted(fit_dir.glob("*.png"))}
-    run.log({"runs": wandb.Table(columns=columns, data=rows), **images})
-    a3, target = doc["approach3"], doc["target"]
-    summary = {f"approach3/{k}": a3[k] for k in ("E", "A", "B", "alpha", "beta", "a", "b")}
-    summary.update({f"approach3/{k}_ci95": a3["ci95"][k] for k in ("a", "b") if a3["ci95"].get(k)})
-    if "skipped" not in doc["approach2"]:
-        summary.update({"approach2/a": doc["approach2"]["a"], "approach2/b": doc["approach2"]["b"]})
-    summary.update({"target/flops": target["flops"],
-                    **{f"target/{k}": v for k, v in (target.get("approach3") or {}).items() if not isinstance(v, dict)}})
-    run.summary.update(summary)
-    path = Path(run.dir).parent
-    run.finish()
-    return path

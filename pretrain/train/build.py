@@ -6,7 +6,7 @@ Values are then written straight into each rank's own partition, one parameter a
 
 - from scratch, by the family's `init_parameter` with a generator seeded by (train.seed, parameter name), so the
   initial weights are the same at any world size and stage, without a broadcast;
-- from released weights (`train.init_from`), tensor by tensor in the order the checkpoint's files hold them.
+- from released weights (`init.path`), tensor by tensor in the order the checkpoint's files hold them.
 
 Families without `init_parameter` (DiT) are built whole and initialised by their own constructor. LoRA
 adapters (the `lora` section) are added after the base weights are in place; only they stay trainable.
@@ -94,11 +94,11 @@ def build_model(cfg: Config, device: torch.device) -> tuple[nn.Module, dict]:
     if not zero3:
         model = model.to(device)
     adapters = {n for n, _ in model.named_parameters() if ".lora_" in n}
-    if cfg.train.init_from:
+    if cfg.init.path:
         from pretrain.hub.sources import open_source
 
-        src = open_source(cfg.train.init_from, cfg.model.max_seq_len)
-        load_weights(model, src.iter_tensors(), f"train.init_from {src.path}", skip=adapters)
+        src = open_source(cfg.init.path, cfg.model.max_seq_len)
+        load_weights(model, src.iter_tensors(), f"init.path {src.path}", skip=adapters)
     elif family.init_parameter is not None:
         _init_seeded(model, cfg, lambda n, v, g: family.init_parameter(cfg.model, n, v, g), skip=adapters)
     if adapters:

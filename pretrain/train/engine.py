@@ -7,13 +7,13 @@ which offload requires.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import deepspeed
 import torch
 from torch import nn
 
+from pretrain import compat
 from pretrain.config import Config, grad_accum_steps
 from pretrain.length import total_steps
 from pretrain.train.schedule import lr_lambda
@@ -40,7 +40,7 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps(cfg, world_size),
-        "gradient_clipping": 0.0 if clips_itself(cfg) else t.grad_clip,
+        "gradient_clipping": 0.0 if clips_itself(cfg) else cfg.optimizer.grad_clip,
         "bf16": {"enabled": t.precision == "bf16"},
         "zero_optimization": zero,
         # torch.optim.AdamW is not on DeepSpeed's tested list for ZeRO, but it is an ordinary optimizer.
@@ -63,21 +63,21 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    t = cfg.train
-    groups = _param_groups(model, t.weight_decay)
+    t, o = cfg.train, cfg.optimizer
+    groups = _param_groups(model, cfg.optimizer.weight_decay)
     if cfg.zero.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=t.betas, adamw_mode=True)
+        return DeepSpeedCPUAdam(groups, lr=o.lr, betas=o.betas, adamw_mode=True)
     # Compiled, the optimizer step is one graph whose learning rate is an input: a tensor the schedule fills in
     # place. A float would be a constant of the graph, and every new rate a recompile.
-    lr = torch.tensor(t.lr) if t.compile else t.lr
-    return torch.optim.AdamW(groups, lr=lr, betas=t.betas, eps=1e-8)
+    lr = torch.tensor(o.lr) if t.compile else o.lr
+    return torch.optim.AdamW(groups, lr=lr, betas=o.betas, eps=1e-8)
 
 
 def build_schedule(cfg: Config, optimizer: torch.optim.Optimizer, steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
-    """train.schedule over the run's `steps` (default: derived from the config, train.tokens / train.flops included)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train, steps or total_steps(cfg)))
+    """schedule.type over the run's `steps` (default: derived from the config, train.tokens / train.flops included)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, steps or total_steps(cfg)))
 
 
 def without_cpu_shm_op() -> None:
@@ -87,13 +87,11 @@ def without_cpu_shm_op() -> None:
     ~/.cache/torch_extensions lacks it or holds a build made with other paths or flags (measured here: the first
     demo of a session spent 29 s of its 46 s start on it), a ninja check and a library load otherwise. Only
     DeepSpeed's inference all-reduce calls it; training's collectives are torch.distributed's either way.
-    DeepSpeed keeps its op-compatibility table in one module dict whose edits persist: marked incompatible
-    there, the op is skipped."""
-    import deepspeed.ops
+    Marked incompatible in DeepSpeed's op table (`pretrain.compat.deepspeed_skip_op`), the op is skipped."""
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() == "cpu":
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        compat.deepspeed_skip_op("deepspeed_shm_comm")
 
 
 def build_engine(cfg: Config, model: nn.Module, world_size: int, load_universal: bool = False, steps: int | None = None):
@@ -130,16 +128,8 @@ def compile_engine(engine) -> None:
     stages 0-2 give whole-model graphs, stage 3 breaks the graph where parameters are gathered). The state-dict
     keys stay those of the eager module, so checkpoints of compiled and eager runs are interchangeable.
     DeepCompile is not used: it serves ZeRO-3 on GPUs and needs a native op this set-up does not build."""
-    import torch._dynamo
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    # Inductor writes its default (/tmp/torchinductor_<user>) into the environment the first time anything asks
-    # for it, imports included: only a directory the user chose is kept.
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == os.path.abspath(default_cache_dir()):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(INDUCTOR_CACHE)
-
-    torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
-    torch._logging.set_logs(recompiles=True)  # each recompile, with the guard that failed, in the worker log
+    compat.torch_inductor_cache_dir(str(INDUCTOR_CACHE))  # unless the user chose one
+    compat.torch_dynamo_recompiles(RECOMPILE_LIMIT)  # each recompile, with the guard that failed, in the worker log
     engine.compile()
     # The optimizer step too: AdamW's per-tensor loops become a few fused kernels (on a small model the step is
     # ~12% of the time, and compiled it takes about half as long). ZeRO 1-2 step the same torch optimizer over
@@ -154,10 +144,7 @@ def compile_engine(engine) -> None:
 def compile_stats() -> dict:
     """What dynamo compiled in this process (for summary.json): frames compiled (each recompile is one more),
     graphs, and graph breaks."""
-    from torch._dynamo.utils import counters
-
-    return {"compiled_frames": int(counters["frames"]["ok"]), "compiled_graphs": int(counters["stats"]["unique_graphs"]),
-            "graph_breaks": int(sum(counters["graph_break"].values()))}
+    return compat.torch_dynamo_counts()
 
 
 def backward_and_step(engine, loss: torch.Tensor, clip: float | None = None) -> float | None:

@@ -1,14 +1,14 @@
-"""Learning-rate schedules, as multipliers of the peak rate for torch's LambdaLR (`train.schedule`):
+"""Learning-rate schedules, as multipliers of the peak rate for torch's LambdaLR (`schedule.type`):
 
 - `cosine`: linear warm-up, then cosine decay to a floor (Loshchilov & Hutter 2016,
-  https://arxiv.org/abs/1608.03983) over `train.decay_steps` (default the run's steps).
+  https://arxiv.org/abs/1608.03983) over `schedule.decay_steps` (default the run's steps).
 - `wsd`: warmup-stable-decay. Linear warm-up, the peak rate until the last `decay_fraction` of the run,
   then a cooldown to the floor (Hu et al. 2024, MiniCPM, https://arxiv.org/abs/2404.06395; Hägele et al.
   2024, https://arxiv.org/abs/2405.18392). The cooldown is 1-sqrt, lr = 1 - sqrt(progress): Hägele et al.
   report it lower in final loss than a linear cooldown, and a cooldown of ~20% of the run on par with cosine.
   Because the rate before the cooldown does not depend on the run's length, a run of T steps and one of
   T' > T steps are the same run up to the first one's cooldown: a stable-phase checkpoint at step k serves
-  every total with k <= total - round(total x decay_fraction) (`train.branch_from`), so one trunk yields loss
+  every total with k <= total - round(total x decay_fraction) (`checkpoint.branch_from`), so one trunk yields loss
   points at several budgets for the price of their cooldowns.
 """
 
@@ -45,19 +45,20 @@ def warmup_stable_decay(done: int, *, warmup: int, total: int, decay: int, floor
     return floor + (1.0 - floor) * (1.0 - math.sqrt(progress))
 
 
-def lr_lambda(t, total: int):
-    """The multiplier function of `train.schedule` (t: the TrainConfig) for a run of `total` steps."""
-    if t.schedule == "cosine":
-        return functools.partial(warmup_cosine, warmup=t.warmup_steps, total=t.decay_steps or total, floor=t.min_lr_ratio)
-    if t.schedule == "wsd":
-        return functools.partial(warmup_stable_decay, warmup=t.warmup_steps, total=total,
-                                 decay=wsd_decay_steps(total, t.decay_fraction), floor=t.min_lr_ratio)
-    raise ValueError(f"train.schedule: unknown schedule {t.schedule!r} (cosine or wsd)")
+def lr_lambda(s, total: int):
+    """The multiplier function of the `schedule` section (s: the ScheduleConfig) for a run of `total` steps."""
+    if s.type == "cosine":
+        return functools.partial(warmup_cosine, warmup=s.warmup_steps, total=s.decay_steps or total, floor=s.min_lr_ratio)
+    if s.type == "wsd":
+        return functools.partial(warmup_stable_decay, warmup=s.warmup_steps, total=total,
+                                 decay=wsd_decay_steps(total, s.decay_fraction), floor=s.min_lr_ratio)
+    raise ValueError(f"schedule.type: unknown schedule {s.type!r} (cosine or wsd)")
 
 
-def describe(t, total: int) -> dict:
-    """What summary.json records of the schedule: fits compare runs of one schedule."""
-    out = {"type": t.schedule, "steps": total, "warmup_steps": t.warmup_steps, "lr": t.lr, "min_lr_ratio": t.min_lr_ratio}
-    if t.schedule == "wsd":
-        return {**out, "decay_fraction": t.decay_fraction, "decay_steps": wsd_decay_steps(total, t.decay_fraction)}
-    return {**out, "decay_steps": t.decay_steps or total}
+def describe(s, lr: float, total: int) -> dict:
+    """What summary.json records of the schedule (s: the ScheduleConfig, lr: the peak rate): fits compare runs
+    of one schedule."""
+    out = {"type": s.type, "steps": total, "warmup_steps": s.warmup_steps, "lr": lr, "min_lr_ratio": s.min_lr_ratio}
+    if s.type == "wsd":
+        return {**out, "decay_fraction": s.decay_fraction, "decay_steps": wsd_decay_steps(total, s.decay_fraction)}
+    return {**out, "decay_steps": s.decay_steps or total}

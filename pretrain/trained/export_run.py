@@ -37,10 +37,10 @@ def _merged(cfg, final: Path, weights: str):
 
 def _tokenizer_dir(cfg, scratch: Path) -> tuple[Path | None, tuple[int, ...]]:
     """The tokenizer to ship beside the weights: the released checkpoint's, or the one the data was written with."""
-    if cfg.train.init_from:
+    if cfg.init.path:
         from pretrain.hub.sources import open_source
 
-        src = open_source(cfg.train.init_from)
+        src = open_source(cfg.init.path)
         return src.tokenizer_dir, src.eos_token_ids
     from pretrain.trained.loaded import _data_tokenizer
 
@@ -65,8 +65,8 @@ def export_run(run: Path, out: Path, *, format: str = "hf", merge: bool = False,
         from pretrain.hub.peft import write_peft
 
         adapters = {k: v for k, v in _tensors(final, weights) if ".lora_" in k}
-        write_peft(out, cfg.model, cfg.lora, adapters, base_model_name_or_path=cfg.train.init_from or str(run))
-        return f"PEFT LoRA adapter, {len(adapters)} tensors, base {cfg.train.init_from}"
+        write_peft(out, cfg.model, cfg.lora, adapters, base_model_name_or_path=cfg.init.path or str(run))
+        return f"PEFT LoRA adapter, {len(adapters)} tensors, base {cfg.init.path}"
     tensors = _merged(cfg, final, weights) if cfg.lora is not None else _tensors(final, weights)
     with tempfile.TemporaryDirectory() as scratch:
         tok_dir, eos = _tokenizer_dir(cfg, Path(scratch))

@@ -2,7 +2,7 @@
 one GPU, with the tokenizer, chat template and end-of-sequence ids that belong to it.
 
 A run's weights come from its `final/` (LoRA adapters folded into the base); its tokenizer is that of the
-checkpoint it was fine-tuned from (`train.init_from`), else the one its data was written with. Released
+checkpoint it was fine-tuned from (`init.path`), else the one its data was written with. Released
 checkpoints bring their own (`pretrain.hub`).
 """
 
@@ -95,8 +95,8 @@ def load_run(run: Path, weights: str = "model") -> Loaded:
         from pretrain.models.lora import merge_lora
 
         merge_lora(model)
-    if cfg.train.init_from:
-        src = open_source(cfg.train.init_from)
+    if cfg.init.path:
+        src = open_source(cfg.init.path)
         tok = _hf_tokenizer(src.tokenizer_dir, src.path)
         eos = _eos(tok, src.eos_token_ids)
     else:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.launch import jobs
-from tests.cluster.conftest import free_port
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "gpt-tiny.yaml"
@@ -26,7 +26,7 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> 
 
 def jobs_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
     """The same five commands without the rest of the CLI, whose imports (torch, triton) cost seconds."""
-    return _run([sys.executable, "-m", "pretrain.launch.jobs", *args], env, timeout)
+    return _run([sys.executable, "-m", "pretrain.cli.jobs", *args], env, timeout)
 
 
 def _run(cmd: list[str], env: dict[str, str] | None, timeout: float) -> subprocess.CompletedProcess:
@@ -200,7 +200,7 @@ def test_submit_gpt_tiny_follow_status_and_stop(ray_head, tiny_shards, tmp_path)
     env = ray_head.env(WANDB_MODE="offline")  # a setting: passed through to the job
     common = [
         f"data.train={tiny_shards}/train", f"data.val={tiny_shards}/val", f"run.dir={tmp_path}", "model.vocab_size=50304",
-        "cluster.workers=1", "train.log_every=1", "train.eval_every=0", "objective.sample_tokens=0",
+        "cluster.workers=1", "train.log_every=1", "eval.every=0", "objective.sample_tokens=0",
     ]
     r = cli("submit", "configs/gpt-tiny.yaml", "train.steps=10", "run.name=tiny10", *common, *addr, env=env)
     assert r.returncode == 0, r.stderr

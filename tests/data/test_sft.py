@@ -20,8 +20,10 @@ from typer.testing import CliRunner
 from pretrain.cli.data import app
 from pretrain.config import DataConfig
 from pretrain.data import DataError, build_train_stream, build_val_batches, tokenizer_for, validate_data
-from pretrain.data.stream import segment_positions
-from pretrain.data.write_sft import IGNORE, encode_example, load_chat_tokenizer, pack, write_sft
+from pretrain.data.chat_tokenizer import load_chat_tokenizer
+from pretrain.data.decode import segment_positions
+from pretrain.data.sft_render import IGNORE, encode_example
+from pretrain.data.write_sft import pack, write_sft
 from pretrain.load import config_from_dict
 from tests.helpers import CHAT_WORDS, make_chat_tokenizer
 
@@ -197,8 +199,7 @@ def test_objective_loss_of_packed_rows_equals_examples_alone(tokdir, tmp_path):
     from pretrain.models.transformer import Transformer
     from pretrain.objectives import build_objective
 
-    if "segment_ids" not in Transformer.forward.__code__.co_varnames:
-        pytest.skip("Transformer.forward has no segment_ids yet")
+    assert "segment_ids" in Transformer.forward.__code__.co_varnames, "Transformer.forward lost segment_ids"
     src = write_jsonl(tmp_path / "chat.jsonl", records(12))
     write_sft([str(src)], tokenizer=str(tokdir), out=tmp_path / "d", seq_len=64)
     cfg = config_from_dict({

@@ -32,7 +32,7 @@ def engine(one_rank_group):
     from pretrain.train.engine import build_engine
 
     cfg = config_from_dict({"data": {"train": "unused"}, "cluster": {"workers": 1}, "zero": {"stage": 2},
-                            "train": {"micro_batch_size": 2, "global_batch_size": 2, "warmup_steps": 1}})
+                            "train": {"micro_batch_size": 2, "global_batch_size": 2}, "schedule": {"warmup_steps": 1}})
     torch.manual_seed(0)
     return build_engine(cfg, torch.nn.Linear(8, 8), 1)
 
@@ -122,7 +122,7 @@ def test_branch_from_another_runs_checkpoint(engine, tmp_path):
     run_dir = str(tmp_path / "runs" / "stable")
     assert ckpt.plan_resume(own, run_dir, 1) == ckpt.Plan(4, f"{other.url}/step-4", None, True)
     assert ckpt.plan_resume(own, f"{other.url}@2", 1).step_url == f"{other.url}/step-2"
-    with pytest.raises(ckpt.ResumeError, match=r"^train.branch_from: .*@3: no complete checkpoint step-3 .*2, 4\)$"):
+    with pytest.raises(ckpt.ResumeError, match=r"^checkpoint.branch_from: .*@3: no complete checkpoint step-3 .*2, 4\)$"):
         ckpt.plan_resume(own, f"{run_dir}@3", 1)
     with pytest.raises(ckpt.ResumeError, match="no complete checkpoint there"):
         ckpt.plan_resume(own, str(tmp_path / "runs" / "none"), 1)
@@ -138,19 +138,12 @@ def test_branch_from_another_runs_checkpoint(engine, tmp_path):
     assert ckpt.plan_resume(own, run_dir, 1) == ckpt.Plan(6, f"{own.url}/step-6", None, False)
 
 
-def _two_rank_save(rank: int, port: int, url: str, staging: str, out: str) -> None:
+def _two_rank_save(rank: int, world: int, url: str, staging: str, out: str) -> None:
     """A real 2-rank ZeRO-2 save (spawned): every rank's marker, rank 0 waiting for both by polling."""
-    import os
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
-    dist.init_process_group("gloo", rank=rank, world_size=2)
     from pretrain.train.engine import build_engine
 
     cfg = config_from_dict({"data": {"train": "unused"}, "cluster": {"workers": 2}, "zero": {"stage": 2},
-                            "train": {"micro_batch_size": 1, "global_batch_size": 2, "warmup_steps": 1}})
+                            "train": {"micro_batch_size": 1, "global_batch_size": 2}, "schedule": {"warmup_steps": 1}})
     torch.manual_seed(0)
     engine = build_engine(cfg, torch.nn.Linear(8, 8), 2)
     weights = _train_step(engine)
@@ -159,24 +152,15 @@ def _two_rank_save(rank: int, port: int, url: str, staging: str, out: str) -> No
     saver.close()
     if rank == 0:
         torch.save(weights, out)
-    dist.destroy_process_group()
 
 
-def test_two_ranks_save_to_s3_and_one_resumes_through_the_universal_conversion(engine, s3_bucket, tmp_path):
-    import torch.multiprocessing as mp
-
+@pytest.mark.slow
+def test_two_ranks_save_to_s3_and_one_resumes_through_the_universal_conversion(engine, s3_bucket, tmp_path,
+                                                                                 gloo_ranks):
     from pretrain.train.engine import build_engine
-    from tests.helpers import free_port
 
     store = Storage(f"{s3_bucket}/{uuid.uuid4().hex[:8]}/two/checkpoints")
-    ctx, port = mp.get_context("spawn"), free_port()
-    procs = [ctx.Process(target=_two_rank_save, args=(r, port, store.url, str(tmp_path / "st"), str(tmp_path / "w.pt")))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    assert [p.exitcode for p in procs] == [0, 0]
+    gloo_ranks(_two_rank_save, store.url, str(tmp_path / "st"), str(tmp_path / "w.pt"), timeout=300)
     marker = json.loads(store.read_text("step-3/COMPLETE"))
     assert {"rank-0.done", "rank-1.done"} <= set(store.children("step-3")) and marker["world_size"] == 2
     assert sum("optim_states" in f for f in marker["files"]) == 2  # each rank's partition
@@ -186,7 +170,7 @@ def test_two_ranks_save_to_s3_and_one_resumes_through_the_universal_conversion(e
     ckpt.prepare_universal(plan, tmp_path / "staging", 0)  # converted locally, stored beside the checkpoint
     assert store.exists("step-3/universal/COMPLETE")
     cfg = config_from_dict({"data": {"train": "unused"}, "cluster": {"workers": 1}, "zero": {"stage": 2},
-                            "train": {"micro_batch_size": 2, "global_batch_size": 2, "warmup_steps": 1}})
+                            "train": {"micro_batch_size": 2, "global_batch_size": 2}, "schedule": {"warmup_steps": 1}})
     one = build_engine(cfg, torch.nn.Linear(8, 8), 1, load_universal=True)
     with ckpt.opened(plan, tmp_path / "staging", 0) as (step_dir, universal_dir):
         assert universal_dir is not None and (universal_dir / "zero").is_dir()

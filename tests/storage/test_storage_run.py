@@ -35,13 +35,13 @@ def ray_with_s3(s3_bucket):
 
 
 def test_run_checkpoints_to_s3_and_resumes_from_it_after_a_lost_worker(tmp_path, tiny_shards, ray_with_s3):
-    common = [f"train.steps={STEPS}", "train.decay_steps=12"]
-    launch(_cfg(tmp_path, tiny_shards, "ref", *common, "train.ckpt_every=0"), started_at=time.time(), quiet=True)
+    common = [f"train.steps={STEPS}", "schedule.decay_steps=12"]
+    launch(_cfg(tmp_path, tiny_shards, "ref", *common, "checkpoint.every=0"), started_at=time.time(), quiet=True)
     reference = _losses(tmp_path / "runs" / "ref")
 
     storage = f"{ray_with_s3}/prefix"
-    cfg = _cfg(tmp_path, tiny_shards, "s3run", *common, f"cluster.storage={storage}", "train.ckpt_every=4",
-               "train.ckpt_keep=2", "cluster.max_failures=1")
+    cfg = _cfg(tmp_path, tiny_shards, "s3run", *common, f"cluster.storage={storage}", "checkpoint.every=4",
+               "checkpoint.keep=2", "cluster.max_failures=1")
     store = Storage(ckpt.location(cfg))
     assert store.url == f"{storage}/s3run/checkpoints"
     thread, errors = _run_in_thread(cfg)

@@ -1,0 +1,206 @@
+"""Every use of another library's private API in the project, in one place: Ray Train v2's `_internal` classes, DeepSpeed's
+op table, engine internals and universal-checkpoint script, torch's dynamo and inductor internals. Nothing in them
+is promised to survive a release, so each entry calls `check(lib)` with the library it touches, and `VERSIONS`
+records the version every entry was written (and tested) against.
+
+Policy, when the installed version differs from the recorded one (`check`):
+- another release (major.minor): `PrivateAPIVersionError`, one line naming the library, the version written against
+  and the version found. The code below may do the wrong thing silently, so nothing runs on it unchecked.
+- a patch release only (or another local build, `+cpu` / `+cu128`: ignored): the same line as a
+  `PrivateAPIVersionWarning`. Failing would block a bug-fix upgrade that almost never moves internals; the
+  warning says to re-run the tests (tests/test_compat.py fails on any difference) and record the new version.
+
+The libraries are imported inside the functions: this module sits in the bottom layer (pretrain.errors'), and
+importing it imports none of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import os
+import re
+import warnings
+from collections import OrderedDict
+
+# The versions each entry below was written against (ray and deepspeed: their distributions; torch: its
+# public version, without a local build tag).
+VERSIONS = {"ray": "2.60.0", "deepspeed": "0.19.8", "torch": "2.13.0"}
+
+
+class PrivateAPIVersionError(RuntimeError):
+    """An installed library is another release than the one a private use of it was written against."""
+
+
+class PrivateAPIVersionWarning(UserWarning):
+    """An installed library is another patch release than the one a private use of it was written against."""
+
+
+@functools.cache
+def installed(lib: str) -> str:
+    """The installed version of `lib`, from its distribution's metadata (the library is not imported), without
+    a local build tag (`2.13.0+cpu` -> `2.13.0`)."""
+    return importlib.metadata.version(lib).split("+", 1)[0]
+
+
+def _release(version: str) -> tuple[str, ...]:
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return m.groups() if m else (version,)
+
+
+def mismatch(lib: str, found: str | None = None) -> str | None:
+    """The one line saying that `lib`'s installed version (or `found`) is not the recorded one; None when it is."""
+    written = VERSIONS[lib]
+    found = installed(lib) if found is None else found.split("+", 1)[0]
+    if found == written:
+        return None
+    return (f"{lib} {found} is installed, but pretrain/compat.py's uses of private {lib} APIs were written "
+            f"against {lib} {written}: check them and record {found} in pretrain.compat.VERSIONS")
+
+
+def check(lib: str, found: str | None = None) -> None:
+    """Before a private use of `lib`: raise PrivateAPIVersionError when the installed version (or `found`, for the
+    tests) is another release than the recorded one; warn when it is another patch release (module docstring)."""
+    found = installed(lib) if found is None else found
+    line = mismatch(lib, found)
+    if line is None:
+        return
+    if _release(found) != _release(VERSIONS[lib]):
+        raise PrivateAPIVersionError(line)
+    warnings.warn(line, PrivateAPIVersionWarning, stacklevel=2)
+
+
+# ----------------------------------------------------------------------------- ray (Ray Train v2 internals)
+
+
+def ray_worker_group_callback() -> type:
+    """Ray Train v2's worker-group callback base class (the DeveloperAPI `RunConfig.callbacks` takes, defined in
+    `_internal`): its `before_init_train_context(workers)` runs once the worker actors exist."""
+    check("ray")
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    return WorkerGroupCallback
+
+
+def _fixed_policy_without_autoscaler() -> type:
+    """Ray Train's fixed-size scaling policy without its autoscaling coordinator (see `ray_embedded_torch_trainer`)."""
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+
+    class OneMachineScalingPolicy(FixedScalingPolicy):
+        def after_controller_start(self, train_run_context) -> None:
+            pass  # no coordinator to register with
+
+        def _maybe_send_resource_request(self) -> None:
+            pass  # (cancelling is a no-op already while no coordinator client exists)
+
+    return OneMachineScalingPolicy
+
+
+def ray_embedded_torch_trainer() -> type:
+    """Ray Train's TorchTrainer without the dataset manager and placement-group cleaner callbacks (filtered out of
+    its private `_create_default_callbacks`) and with a fixed-size policy that sends the autoscaling coordinator
+    no resource requests (swapped in by its private `_initialize_and_run_controller`); why: launch/trainer.py."""
+    check("ray")
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+
+    policy = _fixed_policy_without_autoscaler()
+
+    class EmbeddedTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, DatasetsCallback | PlacementGroupCleanerCallback)]
+
+        def _initialize_and_run_controller(self, **kwargs):
+            if type(kwargs.get("scaling_policy")) is FixedScalingPolicy:
+                kwargs["scaling_policy"] = policy(scaling_config=kwargs["scaling_policy"].scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)
+
+    return EmbeddedTorchTrainer
+
+
+def ray_auth_token_loader():
+    """Ray's own auth-token loader (env vars, then token file), from `ray._raylet`: `has_token` and `get_raw_token`.
+    (pretrain/launch/jobs.py's `find_token`.)"""
+    check("ray")
+    from ray._raylet import AuthenticationTokenLoader
+
+    return AuthenticationTokenLoader.instance()
+
+
+# ----------------------------------------------------------------------------- deepspeed
+
+
+def deepspeed_skip_op(name: str) -> None:
+    """Mark DeepSpeed's op `name` incompatible, so DeepSpeed never builds it: DeepSpeed keeps its op-compatibility
+    table in one module dict (`deepspeed.ops.__compatible_ops__`) whose edits persist."""
+    check("deepspeed")
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[name] = False
+
+
+@contextlib.contextmanager
+def deepspeed_module_state_without(engine, drop: set[str]):
+    """While inside, the DeepSpeed engine's module state (what `save_checkpoint` writes) leaves out every name in
+    `drop`. DeepSpeed's save calls `self.module_state_dict`: an instance attribute shadows the method, and
+    deleting it restores the method."""
+    check("deepspeed")
+    full = engine.module_state_dict
+    engine.module_state_dict = lambda *a, **k: OrderedDict((n, t) for n, t in full(*a, **k).items() if n not in drop)
+    try:
+        yield
+    finally:
+        del engine.module_state_dict
+
+
+def deepspeed_to_universal(input_folder: str, output_folder: str) -> None:
+    """DeepSpeed's universal-checkpoint conversion of one step directory, in this process: the `main` of its
+    `ds_to_universal` script, driven by the argparse namespace its command line would build."""
+    check("deepspeed")
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    ds_to_universal(argparse.Namespace(
+        input_folder=input_folder, output_folder=output_folder, num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True, inject_missing_state=True,
+    ))
+
+
+# ----------------------------------------------------------------------------- torch (dynamo, inductor)
+
+
+def torch_inductor_cache_dir(path: str) -> None:
+    """Inductor's caches (FX graph, AOTAutograd) in `path` unless the user chose a directory."""
+    check("torch")
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # Inductor writes its default (/tmp/torchinductor_<user>) into the environment the first time anything asks
+    # for it, imports included: only a directory the user chose is kept.
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+
+
+def torch_dynamo_recompiles(limit: int) -> None:
+    """Let dynamo compile at most `limit` graphs of one function (then it runs it eagerly), and log each
+    recompile with the guard that failed."""
+    check("torch")
+    import torch._dynamo
+    import torch._logging
+
+    torch._dynamo.config.recompile_limit = limit
+    torch._logging.set_logs(recompiles=True)
+
+
+def torch_dynamo_counts() -> dict:
+    """What dynamo compiled in this process, from its counters: frames compiled (each recompile is one more),
+    graphs, and graph breaks."""
+    check("torch")
+    from torch._dynamo.utils import counters
+
+    return {"compiled_frames": int(counters["frames"]["ok"]), "compiled_graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}

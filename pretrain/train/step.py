@@ -1,0 +1,55 @@
+"""One optimizer step: its micro-batches, forward/backward on each, and the metrics reduced over ranks.
+
+Per step the loop prepares `grad_accum` micro-batches, all-reduces their loss-unit count over ranks, and
+runs forward/backward on each with the loss sum divided by that global count, so the gradient and the
+logged loss are the sum of per-unit losses over the global batch divided by its unit count, however units
+are spread over micro-batches and ranks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from pretrain.errors import is_deterministic
+from pretrain.objectives import Metrics, add_metrics
+from pretrain.train.collectives import agree_on_errors, reduce_metrics
+from pretrain.train.engine import backward_and_step
+
+if TYPE_CHECKING:
+    from pretrain.train.parts import Run
+    from pretrain.train.startup import Marks
+
+
+def next_batches(r: Run, startup: Marks | None) -> tuple[list[dict], torch.Tensor]:
+    """The step's prepared micro-batches and their unit count over all ranks; `startup` (the first step's)
+    is marked once the raw batches are read. Collective."""
+    micro: list[dict] = []
+    try:
+        raw = [next(r.stream) for _ in range(r.accum)]
+        if startup is not None:
+            startup.mark("first_batch")
+        micro = [r.objective.prepare(b, r.device) for b in raw]
+        if r.sample_batch is None:
+            r.sample_batch = raw[0]
+        count, error = torch.stack([r.objective.count(b) for b in micro]).sum().float(), None
+    except Exception as e:
+        if not is_deterministic(e):
+            raise
+        count, error = torch.zeros((), device=r.device), e
+    return micro, agree_on_errors(count, error, r.world)
+
+
+def forward_backward(r: Run, micro: list[dict], count: torch.Tensor) -> tuple[dict[str, float], float | None]:
+    """Forward and backward on each micro-batch, the optimizer step after the last: (metrics reduced over
+    ranks, the gradient norm). Collective; it synchronises, so the step's time is complete on return."""
+    # engine.backward divides by grad_accum and the gradient all-reduce averages over ranks.
+    scale = r.world * r.accum / count.clamp(min=1)
+    local: Metrics = {}
+    grad_norm = None
+    for b in micro:
+        total, n, metrics = r.objective.loss(r.engine, b)
+        grad_norm = backward_and_step(r.engine, total * scale, r.clip)
+        add_metrics(local, {"loss": (total, n), **metrics})
+    return reduce_metrics(local, r.device), grad_norm
