@@ -48,49 +48,27 @@ class Run:
 
     def view(self, step: int, units: int, row: dict | None = None) -> RunView:
         """What hooks see at `step` (pretrain.hooks.StepView)."""
-        return RunView(self, step, units, row or {})
+        return RunView(self, step, units, row or {}, self.cfg, self.objective, self.unit, self.rank, self.world,
+                       self.device, self.rdir, self.sample_batch)
 
 
 @dataclass(frozen=True)
 class RunView:
-    """A `StepView` of a run at one step; the loop makes one per step."""
+    """A `StepView` of a run at one step; the loop makes one per step (`Run.view`). The fields are read-only
+    copies of the run's; what a hook may do goes through the methods."""
 
-    _run: Run
+    _run: Run = field(repr=False)
     step: int
     units: int
-    row: dict = field(default_factory=dict)
-
-    @property
-    def cfg(self) -> Config:
-        return self._run.cfg
-
-    @property
-    def objective(self) -> Any:
-        return self._run.objective
-
-    @property
-    def unit(self) -> str:
-        return self._run.unit
-
-    @property
-    def rank(self) -> int:
-        return self._run.rank
-
-    @property
-    def world(self) -> int:
-        return self._run.world
-
-    @property
-    def device(self) -> torch.device:
-        return self._run.device
-
-    @property
-    def rdir(self) -> Path:
-        return self._run.rdir
-
-    @property
-    def sample_batch(self) -> dict | None:
-        return self._run.sample_batch
+    row: dict
+    cfg: Config
+    objective: Any
+    unit: str
+    rank: int
+    world: int
+    device: torch.device
+    rdir: Path
+    sample_batch: dict | None
 
     def log(self, row: dict) -> None:
         self._run.sink.log(row)
