@@ -76,7 +76,7 @@ def _fit(trainer, raised: list) -> None:
 
 
 def test_pretrain_train_exits_2_with_one_line_on_a_bad_storage(tmp_path, tiny_shards):
-    """The driver opens the location before Ray starts: exit 2, one line, no restart to wait for."""
+    """The driver opens the location before anything is written or Ray starts: exit 2, one line, no run directory."""
     r = subprocess.run([sys.executable, "-m", "pretrain.cli", "train", str(ROOT / "configs/gpt-tiny.yaml"), *TINY,
                         f"run.dir={tmp_path / 'runs'}", f"data.train={tiny_shards / 'train'}",
                         f"data.val={tiny_shards / 'val'}", "cluster.max_failures=3",
@@ -84,3 +84,4 @@ def test_pretrain_train_exits_2_with_one_line_on_a_bad_storage(tmp_path, tiny_sh
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("[")]
     assert lines == ["error: nosuch://bucket/ckpts: cannot open this checkpoint location (Protocol not known: nosuch)"], r.stderr
+    assert not (tmp_path / "runs").exists()  # nothing written: no run directory, no lock

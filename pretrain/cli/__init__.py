@@ -60,6 +60,10 @@ def train(
     try:
         objective = preflight(cfg)  # the data exists, and the objective accepts it and the model
         steps = total_steps(cfg, objective)  # derived once: launch and the workers receive it
+        if cfg.cluster.storage:
+            from pretrain.train.storage import Storage
+
+            Storage(cfg.cluster.storage)  # the checkpoint location opens (StorageError), before anything is written
     except RunError as e:
         raise fail(str(e)) from None
 
