@@ -29,8 +29,15 @@ from pathlib import Path
 import yaml
 
 from pretrain.config import Config, ConfigError, dump_config, run_dir
-from pretrain.load import config_from_dict
 from pretrain.scaling import ScalingError
+
+
+def _config(tree: dict) -> Config:
+    """`pretrain.load.config_from_dict`, imported on first use: the loader imports the model and objective
+    registries (torch, 2 s), which `pretrain scaling fit` and every command's start-up do not need."""
+    from pretrain.load import config_from_dict
+
+    return config_from_dict(tree)
 
 SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*(?:x\s*(\d+))?\s*$")
 
@@ -133,7 +140,7 @@ def plan_ladder(cfg: Config, *, budgets: list[float] | None = None, sizes: list[
         tree["model"].update(d_model=shape.d_model, n_layers=shape.n_layers, n_heads=shape.n_heads)
         tree["train"]["flops"] = float(budgets[0])
         try:
-            probe = config_from_dict(tree)
+            probe = _config(tree)
         except ConfigError as e:
             raise LadderError(f"size {shape.label}: {e}") from None
         objective = preflight(probe)  # the data, and that the objective accepts this shape
@@ -157,7 +164,7 @@ def plan_ladder(cfg: Config, *, budgets: list[float] | None = None, sizes: list[
             run_tree = json.loads(json.dumps(tree))
             run_tree["run"]["name"] = name
             run_tree["train"]["flops"] = budget
-            run_cfg = resolve_paths(config_from_dict(run_tree))
+            run_cfg = resolve_paths(_config(run_tree))
             steps = steps_for(units_per_step=per_step, flops=budget, flops_per_unit=fpt)
             rungs.append(Rung(name, budget, shape.label, shape.d_model, shape.n_layers, shape.n_heads,
                               int(counts["params"]), int(counts["params_non_embedding"]), fpt, steps,
@@ -193,7 +200,7 @@ def _branches(rungs: list[Rung], configs: dict[str, Config], every: int, fractio
         spec = f"{where}@{k}"
         tree = configs[r.name].model_dump(mode="json")
         tree["checkpoint"]["branch_from"] = spec
-        configs[r.name] = config_from_dict(tree)
+        configs[r.name] = _config(tree)
         out.append(dataclasses.replace(r, branch_from=spec))
     return out
 
@@ -217,7 +224,7 @@ def _config_change(rdir: Path, cfg: Config) -> str | None:
     if not path.is_file():
         return None
     try:
-        old = _flat(config_from_dict(yaml.safe_load(path.read_text()) or {}).model_dump(mode="json"))
+        old = _flat(_config(yaml.safe_load(path.read_text()) or {}).model_dump(mode="json"))
     except (ConfigError, yaml.YAMLError) as e:
         return f"its config.yaml does not load ({e})"
     new = _flat(cfg.model_dump(mode="json"))
