@@ -18,19 +18,10 @@ from pretrain.cli.common import fail
 from pretrain.config import ConfigError, dump_config, run_dir
 from pretrain.errors import RunError
 
+# The config loader (pretrain.load) and the run length (pretrain.length) import the model and objective
+# registries, and so torch: each command imports them when it reads a config, so that the job-watching
+# commands start without torch.
 
-def load_config(path, overrides=()):
-    """`pretrain.load.load_config`, imported when a command reads a config: the loader imports the model and
-    objective registries (torch), which the job-watching commands never need."""
-    from pretrain.load import load_config as load
-
-    return load(path, overrides)
-
-
-def total_steps(cfg, objective=None):
-    from pretrain.length import total_steps as steps
-
-    return steps(cfg, objective)
 
 app = typer.Typer(
     help="Distributed pretraining of Transformers: Ray + DeepSpeed ZeRO + Triton + webdataset + W&B.",
@@ -48,6 +39,8 @@ def train(
     """Pretrain (or resume) the run a config describes, on an embedded local Ray unless cluster.address or RAY_ADDRESS names a cluster. A run with an existing checkpoint resumes."""
     started = time.time()
     try:
+        from pretrain.load import load_config
+
         cfg = load_config(config, overrides or [])
         if cfg.init.path:  # the model section comes from the released checkpoint
             from pretrain.hub.sources import resolve
@@ -59,6 +52,8 @@ def train(
 
     try:
         objective = preflight(cfg)  # the data exists, and the objective accepts it and the model
+        from pretrain.length import total_steps
+
         steps = total_steps(cfg, objective)  # derived once: launch and the workers receive it
         if cfg.cluster.storage:
             from pretrain.train.storage import Storage
@@ -234,6 +229,8 @@ def plan(
     from pretrain.plan import make_plan, render
 
     try:
+        from pretrain.load import load_config
+
         cfg = load_config(config, overrides or [])
         if cfg.init.path:  # the model section comes from the released checkpoint
             from pretrain.hub.sources import resolve
