@@ -122,6 +122,19 @@ def ray_embedded_torch_trainer() -> type:
     return EmbeddedTorchTrainer
 
 
+def ray_preemption_notice():
+    """Ray Train's preemption notice for this worker (its PreemptionInfo) or None, read from the private train
+    context without the barrier that the public `ray.train.get_preemption_info` is (every worker would have to
+    call it at the same point); None outside a Ray Train worker."""
+    check("ray")
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return get_train_context().preemption_context.preemption_info
+    except Exception:  # noqa: BLE001 - no train context in this process (yet)
+        return None
+
+
 def ray_auth_token_loader():
     """Ray's own auth-token loader (env vars, then token file), from `ray._raylet`: `has_token` and `get_raw_token`.
     (pretrain/launch/jobs.py's `find_token`.)"""
@@ -155,6 +168,20 @@ def deepspeed_module_state_without(engine, drop: set[str]):
         yield
     finally:
         del engine.module_state_dict
+
+
+@contextlib.contextmanager
+def deepspeed_checkpoint_engine(engine, make):
+    """While inside, the DeepSpeed engine saves through `make(its own checkpoint engine)` (yielded): DeepSpeed's
+    `save_checkpoint` writes every file with `self.checkpoint_engine.save(state_dict, path)` and calls its
+    create / makedirs / commit, an attribute `_configure_checkpointing` sets; the engine's own is put back."""
+    check("deepspeed")
+    own = engine.checkpoint_engine
+    engine.checkpoint_engine = make(own)
+    try:
+        yield engine.checkpoint_engine
+    finally:
+        engine.checkpoint_engine = own
 
 
 def deepspeed_to_universal(input_folder: str, output_folder: str) -> None:

@@ -39,6 +39,7 @@ from pretrain.sections import (  # noqa: F401  (the sections, importable from he
     RunConfig,
     ScheduleConfig,
     Section,
+    SpikeConfig,
     TrainConfig,
     ZeroConfig,
 )
@@ -80,6 +81,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     ema: EmaConfig = Field(default_factory=EmaConfig)
+    spike: SpikeConfig = Field(default_factory=SpikeConfig)
     init: InitConfig = Field(default_factory=InitConfig)
     zero: ZeroConfig = Field(default_factory=ZeroConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)

@@ -153,6 +153,21 @@ class EmaConfig(Section):
     warmup: bool = Field(False, description="EMA decay min(ema.decay, (1+n)/(10+n)) after n updates, for short runs")
 
 
+class SpikeConfig(Section):
+    """Loss spikes and non-finite values (pretrain/train/spike.py): a step whose loss or gradient norm is not finite, or
+    more than `sigma` standard deviations above the running window, is skipped (no weight, optimizer-state or EMA
+    update); `max_consecutive` skips in a row roll the run back to the newest checkpoint before the first of them,
+    and that data window is then skipped."""
+
+    sigma: float | None = Field(6.0, gt=0, description="skip a step whose loss (or gradient norm) exceeds the window's mean "
+                                "by this many standard deviations; none: skip non-finite steps only")
+    window: int = Field(100, gt=1, description="steps in the running window of loss and gradient norm")
+    warmup: int = Field(20, ge=2, description="steps the window must hold before the sigma test applies")
+    max_consecutive: int = Field(5, ge=0, description="skips in a row before rolling back to the checkpoint before the first; "
+                                 "0: never roll back")
+    max_rollbacks: int = Field(2, ge=0, description="rollbacks before the run stops with the step and its data positions")
+
+
 class InitConfig(Section):
     path: str | None = Field(None, description="start from released weights: a Hugging Face model directory, a .gguf file, "
                              "or another run's directory; the model section then comes from the checkpoint (keys set here override it)")
@@ -189,6 +204,17 @@ class ClusterConfig(Section):
                                 "endpoint and credentials from the client's standard variables), as <storage>/<run.name>/"
                                 "checkpoints; default <run.dir>/<run.name>/checkpoints")
     collective_timeout_s: int = Field(1800, gt=0, description="a collective hung this long fails the step")
+    # Goodput (pretrain/launch/watch.py, pretrain/train/pulse.py): hangs, stragglers, preemption.
+    hang_timeout_s: float | None = Field(None, gt=0, description="a hang: no rank advances a step or a phase for this long "
+                                         "(then every rank's stacks go to <run>/hangs/ and the group restarts from the newest "
+                                         "checkpoint, one failure of max_failures); none: 10 x the median step time, at least 120 s")
+    startup_timeout_s: float = Field(900, gt=0, description="the same for start-up, the first step, evaluation and checkpoints")
+    straggler_ratio: float = Field(1.3, gt=1, description="warn when a rank's compute time per step stays this many times the "
+                                   "median rank's for cluster.straggler_windows windows in a row")
+    straggler_every: int = Field(50, gt=0, description="steps per straggler window (one small all-gather per window)")
+    straggler_windows: int = Field(3, gt=0, description="consecutive slow windows before a rank is named a straggler")
+    preemption_grace_s: float = Field(60, gt=0, description="after SIGTERM (worker or driver) or Ray's preemption notice: "
+                                      "save a checkpoint at the current step within this long, then stop")
 
 
 class LadderConfig(Section):

@@ -32,6 +32,8 @@ def _extra(row: dict, prefix: str = "") -> str:
 
 
 def format_row(row: dict, total_steps: int, unit: str = "tokens") -> str:
+    if "warning" in row:  # a straggler named, a step skipped: said once, in the run's own words
+        return f"[yellow]warning: {row['warning']}[/]"
     if "val_loss" in row:
         return f"[bold]step {row['step']:>6}/{total_steps}  val_loss {row['val_loss']:.4f}{_extra(row, 'val_')}[/]"
     if "loss" not in row:  # an objective's evaluation (fd, class_agreement of samples)

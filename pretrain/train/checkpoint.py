@@ -3,10 +3,13 @@ RNG states, the step and the resolved config, where `<location>` is `<cluster.st
 (a shared path or an object-store URL) or by default `<run.dir>/<run.name>/checkpoints`; every location is
 read and written through `pretrain.train.storage` (fsspec), one code path for all.
 
-Saving. DeepSpeed writes to a local directory, so each rank saves into its own staging directory under the
-run directory (`.staging/rank-<R>/`), which costs training the time of that local write; a background thread
-then moves the files to the location (a rename, or an upload) and the next save, or the end of the run,
-waits for it. A save is complete only when its `COMPLETE` marker exists: each rank, once its files are in
+Saving. A save holds training only while each rank copies its DeepSpeed states to host memory
+(pretrain/train/snapshot.py: why this way, and not torch's or DeepSpeed's asynchronous checkpointing); a
+background thread then writes them (`torch.save`) into the rank's staging directory under the run directory
+(`.staging/rank-<R>/`: DeepSpeed's format is files in a local directory), moves the files to the location (a
+rename, or an upload) and writes the markers; the next save, or the end of the run, waits for it. The small
+files stay in the training thread: the RNG states, `state.json`, `meta.json`, and what `extra` writes (the
+EMA's weights, `ema-rank<R>.safetensors`: as large as the model's fp32 weights when `ema.decay` is set). A save is complete only when its `COMPLETE` marker exists: each rank, once its files are in
 place (fsynced on a file system, PUT on an object store), writes `step-<N>/rank-<R>.done` listing them; rank
 0 waits for every rank's (polling, no collective: the training thread owns the collectives), writes
 `meta.json` before that, then `COMPLETE` listing every file and its size, and only then `latest`. A crash at
@@ -60,6 +63,7 @@ from pretrain.train.rng_state import (  # noqa: F401
     save_rng,
     set_rng_state,
 )
+from pretrain.train.snapshot import HostBuffers, QueuedWriter
 from pretrain.train.storage import Storage
 
 
@@ -106,7 +110,7 @@ def prune(store: Storage, newest: int, keep: int | None, keep_every: int | None)
 
 class Checkpointer:
     """One rank's side of saving a run's checkpoints to `store` (see the module docstring). `save` is a
-    collective that returns once this rank's files are written locally; the rest runs in a thread."""
+    collective that returns once this rank's states are copied to host memory; the rest runs in a thread."""
 
     def __init__(self, store: Storage, staging: Path, rank: int, world: int, *, keep: int | None = None,
                  keep_every: int | None = None, timeout_s: float = 1800.0):
@@ -119,7 +123,9 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._pending: int | None = None
-        # Of the last save: waited_s for the one before, local_write_s (training stalls this long), upload_s.
+        self._buffers = HostBuffers()  # the host copies' memory, reused by every save
+        # Of the last save: waited_s for the one before; local_write_s, how long training stalls (the host
+        # copy, copy_s of it, and the small files); then in the thread write_s (the states' files), upload_s.
         self.stats: dict = {}
 
     def save(self, engine, step: int, client_state: dict, extra=None) -> None:
@@ -133,8 +139,16 @@ class Checkpointer:
         if self.rank == 0 and self.store.children(tag):  # an earlier attempt's incomplete step: never merge into it
             _remove_step(self.store, tag)
         dist.barrier()
+        self._buffers.recycle()  # the previous save's files are written (waited for above)
+        writer = None
+
+        def queued(own):
+            nonlocal writer
+            writer = QueuedWriter(own, self._buffers)
+            return writer
+
         # A run with frozen weights (LoRA) saves only what trains: the frozen base is rebuilt from init.path.
-        with _without_frozen(engine) as frozen:
+        with _without_frozen(engine) as frozen, compat.deepspeed_checkpoint_engine(engine, queued):
             engine.save_checkpoint(str(self.staging), tag=tag, client_state={}, save_latest=False,
                                    exclude_frozen_parameters=frozen)
         save_rng(local, self.rank)
@@ -145,18 +159,22 @@ class Checkpointer:
             meta = {"format": FORMAT, "step": step, "world_size": self.world,
                     "zero_stage": engine.zero_optimization_stage()}
             (local / META).write_text(json.dumps(meta))
-        sizes = {str(p.relative_to(local)): p.stat().st_size for p in sorted(local.rglob("*")) if p.is_file()}
-        self.stats = {"step": step, "waited_s": waited, "local_write_s": time.perf_counter() - t0}
+        self.stats = {"step": step, "waited_s": waited, "local_write_s": time.perf_counter() - t0,
+                      "copy_s": writer.copy_s}
         self._pending = step
-        self._thread = threading.Thread(target=self._run_upload, args=(step, local, sizes), daemon=True,
+        self._thread = threading.Thread(target=self._run_upload, args=(step, local, writer), daemon=True,
                                         name=f"checkpoint-upload-{tag}")
         self._thread.start()
 
-    def _run_upload(self, step: int, local: Path, sizes: dict[str, int]) -> None:
+    def _run_upload(self, step: int, local: Path, writer: QueuedWriter) -> None:
         try:
             t0 = time.perf_counter()
+            writer.write()  # DeepSpeed's files, from the host copies; the sizes once all are written
+            sizes = {str(p.relative_to(local)): p.stat().st_size for p in sorted(local.rglob("*")) if p.is_file()}
+            t1 = time.perf_counter()
+            self.stats["write_s"] = t1 - t0
             self._upload(step, local, sizes)
-            self.stats["upload_s"] = time.perf_counter() - t0
+            self.stats["upload_s"] = time.perf_counter() - t1
         except BaseException as e:  # noqa: BLE001 - raised in the training thread by wait()
             self._error = e
 
@@ -195,12 +213,12 @@ class Checkpointer:
 
     @property
     def uploading(self) -> bool:
-        """Whether this rank's last save is still moving to the location."""
+        """Whether this rank's last save is still being written or moved to the location."""
         return self._thread is not None and self._thread.is_alive()
 
     def wait(self) -> None:
-        """Until this rank's last save is in place (rank 0: complete, marker and pruning done); raises
-        CheckpointStoreError when it failed."""
+        """Until this rank's last save is written and in place (rank 0: complete, marker and pruning done);
+        raises CheckpointStoreError when it failed."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -212,6 +230,7 @@ class Checkpointer:
     def close(self) -> None:
         """End of the run: wait for the last upload; remove the staging directory (nothing stays under run.dir)."""
         self.wait()
+        self._buffers.release()
         shutil.rmtree(self.staging, ignore_errors=True)
         with contextlib.suppress(OSError):
             self.staging.parent.rmdir()  # .staging, once no rank has anything left in it

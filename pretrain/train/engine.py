@@ -16,6 +16,7 @@ from torch import nn
 from pretrain import compat
 from pretrain.config import Config, grad_accum_steps
 from pretrain.length import total_steps
+from pretrain.train.pulse import PULSE
 from pretrain.train.schedule import lr_lambda
 
 
@@ -161,6 +162,7 @@ def backward_and_step(engine, loss: torch.Tensor, clip: float | None = None) -> 
             norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
         else:
             norm = float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
+    PULSE.at("optimizer")
     engine.step()  # steps the optimizer and schedule only at the boundary
     if boundary and norm is None:
         gn = engine.get_global_grad_norm()

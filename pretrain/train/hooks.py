@@ -16,6 +16,7 @@ from pretrain.atomic import atomic_write
 from pretrain.errors import first_line
 from pretrain.hooks import Hook, StepView
 from pretrain.train.collectives import reduce_metrics
+from pretrain.train.pulse import PULSE
 
 if TYPE_CHECKING:
     from pretrain.train.ema import EMA
@@ -53,6 +54,7 @@ def validate(val: list[tuple[dict, bool]], flops_per_unit: float, v: StepView) -
     """The loss over this rank's share of the validation set (`val`: prepared (batch, counted) pairs)."""
     if not val:
         return
+    PULSE.at("evaluation")
     with v.eval_model() as model:
         local = v.objective.evaluate(model, val)
     values = reduce_metrics(local, v.device)
@@ -65,6 +67,7 @@ def update_ema(ema: EMA, v: StepView) -> None:
 
 
 def save_checkpoint(v: StepView) -> None:
+    PULSE.at("checkpoint")
     v.save_checkpoint()
 
 

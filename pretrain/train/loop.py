@@ -17,27 +17,44 @@ from pretrain.config import Config
 from pretrain.metrics.flops import mfu_field
 from pretrain.train.engine import compile_stats
 from pretrain.train.final_weights import save_final_weights
+from pretrain.train.goodput import TIMELINE, Timeline, account
 from pretrain.train.parts import Run
+from pretrain.train.pulse import PULSE, inject_signal, start_heartbeats
 from pretrain.train.run import build_run
 from pretrain.train.startup import Marks
 from pretrain.train.step import forward_backward, next_batches
+from pretrain.train.straggle import stragglers
+
+PREEMPTED = "preempted.json"  # rank 0's note that the run stopped early with a checkpoint (read by the driver)
 
 
-def train(cfg: Config, *, started_at: float | None = None, marks: list | None = None, steps: int | None = None) -> None:
+def train(cfg: Config, *, started_at: float | None = None, marks: list | None = None, steps: int | None = None,
+          watcher: str | None = None, token: str = "") -> None:
     """Run (or resume) the configured training on this rank. Collective: every rank calls it. `steps` is the
-    run's length as the driver derived it (pretrain.length.total_steps); derived here when not given."""
+    run's length as the driver derived it (pretrain.length.total_steps); derived here when not given.
+    `watcher` ("host:port", with its `token`): where this rank's heartbeats go (pretrain/launch/watch.py)."""
     started_at = started_at or time.time()
     startup = Marks(marks or [("command", started_at)])  # the driver's marks (launch/local.py), then ours
+    attempt = dict(startup.to_list()).get("worker_spawned", started_at)
+    PULSE.at("start-up", 0)
     r = build_run(cfg, startup, steps)
+    start_heartbeats(watcher, token, r.rank, f"{attempt:.6f}")
+    inject_signal(r.rank, 0)
+    timeline = Timeline(r.rdir, r.rank, started_at)
     if r.start == 0:
         r.hooks.start(r.view(r.start, r.start_units))
     startup.mark("start_hooks")  # the step-0 validation
+    timeline.attempt(attempt, r.start)
     first_step_at, units = None, r.start_units
     for step in range(r.start + 1, r.steps + 1):
         t0 = time.perf_counter()
+        PULSE.at("data", step)
+        inject_signal(r.rank, step)
         micro, count = next_batches(r, startup if first_step_at is None else None)
         values, grad_norm = forward_backward(r, micro, count)
+        stop = values.pop("stop", 0.0) > 0  # a rank was asked to stop (SIGTERM, preemption): agreed in the all-reduce
         dt = time.perf_counter() - t0
+        PULSE.step_times.append(dt)
         units += r.step_units
         if first_step_at is None:
             first_step_at = time.time()
@@ -50,12 +67,38 @@ def train(cfg: Config, *, started_at: float | None = None, marks: list | None = 
             unit: units, f"{unit}_per_s": r.step_units / dt, "flops": fpu * units,
             **mfu_field(fpu * r.step_units / dt, r.peak, r.world), "step_time_s": dt, **r.stream.stats(),
         }
-        r.hooks.after_step(r.view(step, units, row), step, last=step == r.steps)
-    _finish(r, started_at, first_step_at)
+        spent = dict(PULSE.spent)
+        view = r.view(step, units, row)
+        r.hooks.after_step(view, step, last=step == r.steps)
+        if stop and step < r.steps:
+            _stop(r, view, timeline, step, t0, spent)
+            return
+        PULSE.settle()
+        ev, ck = (PULSE.spent[k] - spent[k] for k in ("evaluation", "checkpoint"))
+        timeline.step(step, time.perf_counter() - t0 - ev - ck, ev, ck)
+    _finish(r, started_at, first_step_at, timeline)
 
 
-def _finish(r: Run, started_at: float, first_step_at: float | None) -> None:
+def _stop(r: Run, view, timeline: Timeline, step: int, t0: float, spent: dict) -> None:
+    """Asked to stop before the end (SIGTERM, preemption): a complete checkpoint at this step, then a clean
+    return; `preempted.json` tells the driver to resume (or the user to run the command again). Collective."""
+    if not (r.cfg.checkpoint.every and step % r.cfg.checkpoint.every == 0):  # not saved by its hook already
+        PULSE.at("checkpoint")
+        view.save_checkpoint()
+    r.saver.wait()  # rank 0: complete (COMPLETE marker, latest) before anyone reports it
+    PULSE.at("finish")
+    ev, ck = (PULSE.spent[k] - spent[k] for k in ("evaluation", "checkpoint"))
+    timeline.step(step, time.perf_counter() - t0 - ev - ck, ev, ck)
+    timeline.close()
+    r.stream.close()
+    if r.rank == 0:
+        atomic_write(r.rdir / PREEMPTED, json.dumps({"step": step, "reason": PULSE.stop_reason}) + "\n")
+    r.sink.close()
+
+
+def _finish(r: Run, started_at: float, first_step_at: float | None, timeline: Timeline) -> None:
     """The end of the run: the final weights, the last checkpoint's upload, summary.json. Collective."""
+    PULSE.at("finish")
     r.stream.close()  # stop its dataloader workers before the final (collective) save
     save_final_weights(r.engine, r.cfg, r.rdir / "final", r.rank, ema=r.ema, data=r.objective.data)
     r.saver.close()  # the last checkpoint's upload (it overlapped the final weights) is complete
@@ -67,7 +110,10 @@ def _finish(r: Run, started_at: float, first_step_at: float | None) -> None:
             "wall_time_s": time.time() - started_at,
             "time_to_first_step_s": (first_step_at - started_at) if first_step_at else None,
             **(compile_stats() if r.cfg.train.compile else {}),  # graphs, breaks, recompiles of train.compile
+            **stragglers(r),
         }
+        timeline.close()
+        summary["goodput"] = account(r.rdir / TIMELINE, started_at)  # last: its wall time ends here
         atomic_write(r.rdir / "summary.json", json.dumps(summary, indent=2) + "\n")
         r.sink.summary(summary)
     r.sink.close()

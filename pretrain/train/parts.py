@@ -45,6 +45,7 @@ class Run:
     val: list  # prepared (batch, counted) pairs of this rank
     sample_batch: dict | None  # a raw batch for the artefact
     hooks: Hooks
+    straggle: Any = None  # the straggler hook (pretrain/train/straggle.py), for summary.json
 
     def view(self, step: int, units: int, row: dict | None = None) -> RunView:
         """What hooks see at `step` (pretrain.hooks.StepView)."""

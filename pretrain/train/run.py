@@ -41,6 +41,7 @@ from pretrain.train.hooks import (
 )
 from pretrain.train.parts import Run
 from pretrain.train.startup import Marks
+from pretrain.train.straggle import Stragglers
 
 
 def _seed_everything(seed: int) -> None:
@@ -170,6 +171,10 @@ def build_run(cfg: Config, startup: Marks, steps: int | None = None) -> Run:
     hooks.add(log_step, every=1)
     hooks.add(partial(validate, run.val, fpu), every=cfg.eval.every, at_start=True)
     hooks.add(save_checkpoint, every=cfg.checkpoint.every)
+    c = cfg.cluster
+    if world > 1:
+        run.straggle = Stragglers(c.straggler_ratio, c.straggler_windows, world)
+        hooks.add(run.straggle, every=c.straggler_every, at_end=False)
     hooks.extend(objective.hooks(run.view(start, units)))
     hooks.add(write_artefact, every=0)
     startup.mark("resume_and_sinks")

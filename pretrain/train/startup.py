@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from pretrain.atomic import atomic_write
+from pretrain.train.pulse import PULSE
 
 
 class Marks:
@@ -24,6 +25,7 @@ class Marks:
 
     def mark(self, phase: str) -> None:
         self.marks.append((phase, time.time()))
+        PULSE.at(PULSE.phase)  # progress for the hang watcher (pretrain/train/pulse.py)
 
     def to_list(self) -> list[tuple[str, float]]:
         return list(self.marks)

@@ -16,6 +16,7 @@ from pretrain.errors import is_deterministic
 from pretrain.objectives import Metrics, add_metrics
 from pretrain.train.collectives import agree_on_errors, reduce_metrics
 from pretrain.train.engine import backward_and_step
+from pretrain.train.pulse import PULSE
 
 if TYPE_CHECKING:
     from pretrain.train.parts import Run
@@ -26,6 +27,7 @@ def next_batches(r: Run, startup: Marks | None) -> tuple[list[dict], torch.Tenso
     """The step's prepared micro-batches and their unit count over all ranks; `startup` (the first step's)
     is marked once the raw batches are read. Collective."""
     micro: list[dict] = []
+    PULSE.compute_begin()
     try:
         raw = [next(r.stream) for _ in range(r.accum)]
         if startup is not None:
@@ -38,6 +40,8 @@ def next_batches(r: Run, startup: Marks | None) -> tuple[list[dict], torch.Tenso
         if not is_deterministic(e):
             raise
         count, error = torch.zeros((), device=r.device), e
+    PULSE.compute_end()
+    PULSE.at("collective")
     return micro, agree_on_errors(count, error, r.world)
 
 
@@ -49,7 +53,15 @@ def forward_backward(r: Run, micro: list[dict], count: torch.Tensor) -> tuple[di
     local: Metrics = {}
     grad_norm = None
     for b in micro:
+        PULSE.at("forward")
+        PULSE.compute_begin(r.device)
         total, n, metrics = r.objective.loss(r.engine, b)
+        PULSE.compute_end(r.device)
+        PULSE.at("backward")
         grad_norm = backward_and_step(r.engine, total * scale, r.clip)
         add_metrics(local, {"loss": (total, n), **metrics})
+    # Whether any rank was asked to stop (SIGTERM, preemption) rides in the same all-reduce: > 0 on every rank.
+    one = torch.ones((), device=r.device)
+    local["stop"] = (one * (PULSE.stop_reason is not None), one)
+    PULSE.at("collective")
     return reduce_metrics(local, r.device), grad_norm
