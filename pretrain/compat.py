@@ -198,6 +198,24 @@ def deepspeed_to_universal(input_folder: str, output_folder: str) -> None:
     ))
 
 
+def deepspeed_pending_grad_norm(engine) -> float | None:
+    """The global gradient norm (before clipping) that the engine's ZeRO 1-3 or bf16 optimizer has taken for the
+    step under way, read while its inner optimizer steps: those optimizers keep it in their private
+    `_global_grad_norm` before calling the inner `step`, and the engine's public `get_global_grad_norm` copies it
+    only after the step. None when the engine's optimizer is the inner one (ZeRO-0 in fp32) or keeps no norm."""
+    check("deepspeed")
+    norm = getattr(engine.optimizer, "_global_grad_norm", None)
+    return None if norm is None else float(norm)
+
+
+def deepspeed_load_universal(engine, universal: bool) -> None:
+    """Whether the engine's next `load_checkpoint` reads DeepSpeed's universal format: the `checkpoint.load_universal`
+    of the config it was built with, kept in its private `_config` and read at every load (a rollback may load
+    a checkpoint of another world size than the one the run resumed from)."""
+    check("deepspeed")
+    engine._config.load_universal_checkpoint = universal
+
+
 # ----------------------------------------------------------------------------- torch (dynamo, inductor)
 
 

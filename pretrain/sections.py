@@ -162,7 +162,8 @@ class SpikeConfig(Section):
     sigma: float | None = Field(6.0, gt=0, description="skip a step whose loss (or gradient norm) exceeds the window's mean "
                                 "by this many standard deviations; none: skip non-finite steps only")
     window: int = Field(100, gt=1, description="steps in the running window of loss and gradient norm")
-    warmup: int = Field(20, ge=2, description="steps the window must hold before the sigma test applies")
+    warmup: int = Field(100, ge=2, description="steps the window must hold before the sigma test applies (early "
+                        "training's gradient norms swing widely: at 20 the CPU demo skipped ordinary steps)")
     max_consecutive: int = Field(5, ge=0, description="skips in a row before rolling back to the checkpoint before the first; "
                                  "0: never roll back")
     max_rollbacks: int = Field(2, ge=0, description="rollbacks before the run stops with the step and its data positions")

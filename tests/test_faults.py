@@ -179,3 +179,109 @@ def test_data_error_in_a_worker_ends_the_run_once(tmp_path, tiny_shards):
     assert len(errors) == 1 and isinstance(errors[0], RunError), errors
     assert shard.name in str(errors[0]) and "sha256" in str(errors[0]) and "\n" not in str(errors[0])
     assert len(seen) <= 2, f"restarted: {len(seen)} worker processes"
+
+
+def _signalled(monkeypatch, tmp_path: Path, rank: int, step: int, name: str) -> Path:
+    """A real signal the rank sends itself at the step, once per test (pretrain.train.pulse.inject_signal);
+    set before Ray starts: its workers inherit the environment."""
+    marker = tmp_path / "signalled"
+    monkeypatch.setenv("PRETRAIN_TEST_SIGNAL", f"{rank}:{step}:{name}")
+    monkeypatch.setenv("PRETRAIN_TEST_SIGNAL_MARKER", str(marker))
+    return marker
+
+
+def _timeline(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "timeline.jsonl").read_text().splitlines() if ln.strip()]
+
+
+@pytest.mark.parametrize("stop_at", [6, 0], ids=["during-training", "before-first-step"])
+def test_hung_worker_is_named_dumped_and_restarted(tmp_path, tiny_shards, reference, monkeypatch, capsys, stop_at):
+    """Rank 1 is SIGSTOPped (never continued) at a step, or before its first: the watcher declares the hang
+    within its limit + 10 s, writes every rank's stacks (rank 1's holds the frame it stopped in), names
+    rank 1 and its host in one line, and the restarted group finishes as an uninterrupted run; the
+    goodput parts add up to the wall time, with the recomputed steps as lost work."""
+    import socket
+
+    import ray
+
+    marker = _signalled(monkeypatch, tmp_path, 1, stop_at, "SIGSTOP")
+    limit = 8 if stop_at else 20  # hang_timeout_s in training; startup_timeout_s before the first step
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        cfg = _cfg(tmp_path, tiny_shards, "hung", "cluster.max_failures=1", "cluster.hang_timeout_s=8",
+                   "cluster.startup_timeout_s=20")
+        thread, errors = _run_in_thread(cfg)
+        thread.join(timeout=600)
+        assert not thread.is_alive() and not errors, errors
+    finally:
+        ray.shutdown()
+    run = tmp_path / "runs" / "hung"
+    _check(run, reference)
+    hang = json.loads((run / "hangs" / "1" / "hang.json").read_text())
+    assert hang["stuck"] == [1] and hang["limit_s"] == limit
+    assert hang["t"] - marker.stat().st_mtime <= limit + 10, "declared within the limit + 10 s"
+    stacks = (run / "hangs" / "1" / "rank-1.txt").read_text()
+    head = stacks.splitlines()[0]  # the step and phase of its last heartbeat: at most one second old
+    assert any(f"step {s} " in head for s in (max(stop_at - 1, 0), stop_at)), head
+    assert "train (pretrain/train/loop.py" in stacks or "in train\n" in stacks, stacks[:3000]  # where it stopped
+    assert (run / "hangs" / "1" / "rank-0.txt").is_file()
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if ln.startswith("hang:"))
+    assert f"rank 1 on {socket.gethostname()}" in line and "\n" not in hang["line"]
+
+    g = json.loads((run / "summary.json").read_text())["goodput"]
+    assert g["attempts"] == 2 and abs(g["unaccounted_s"]) <= 0.02 * g["wall_s"], g
+    seen: dict[int, float] = {}
+    lost = 0.0
+    for row in (r for r in _timeline(run) if "step" in r):
+        lost += seen.get(row["step"], 0.0)
+        seen[row["step"]] = row["dt"]
+    assert g["lost_s"] == pytest.approx(lost, abs=2e-3) and (lost > 0) == (stop_at > 4)  # step 5 again
+    assert g["recovery_s"] >= limit * 0.9
+
+
+def test_sigterm_to_a_worker_checkpoints_and_resumes(tmp_path, tiny_shards, reference, monkeypatch):
+    """SIGTERM to rank 1 at step 7, with checkpoints every 50 steps: a complete checkpoint at step 7, a new
+    worker group resumes at step 8, and each step appears once."""
+    import ray
+
+    _signalled(monkeypatch, tmp_path, 1, 7, "SIGTERM")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        cfg = _cfg(tmp_path, tiny_shards, "term", "checkpoint.every=50")
+        assert launch(cfg, started_at=time.time(), quiet=True) is None  # finished: not stopped by the driver
+    finally:
+        ray.shutdown()
+    run = tmp_path / "runs" / "term"
+    _check(run, reference)
+    assert (run / "checkpoints" / "step-7" / "COMPLETE").is_file()
+    attempts = [r for r in _timeline(run) if "attempt" in r]
+    assert [a["from"] for a in attempts] == [0, 7]
+
+
+def test_sigterm_to_the_driver_checkpoints_and_the_same_command_resumes(tmp_path, tiny_shards):
+    """`pretrain train` gets SIGTERM mid-run: exit 143 with a complete checkpoint at the step it stopped
+    at; the same command then resumes at the next step, and each step appears once."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "runs" / "drv"
+    args = [sys.executable, "-m", "pretrain.cli", "train", "-q", str(ROOT / "configs/gpt-tiny.yaml"), *TINY,
+            f"run.dir={tmp_path / 'runs'}", "run.name=drv", f"train.steps={STEPS}", "checkpoint.every=50",
+            f"data.train={tiny_shards / 'train'}", f"data.val={tiny_shards / 'val'}", "cluster.workers=2"]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    _wait_for_step(run, 5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 143, err[-3000:]
+    k = json.loads((run / "preempted.json").read_text())["step"]
+    assert 5 <= k < STEPS and (run / "checkpoints" / f"step-{k}" / "COMPLETE").is_file()
+    assert f"checkpoint at step {k}" in err.splitlines()[-1]
+    assert [s for s, _ in _losses(run)] == list(range(1, k + 1))
+
+    done = subprocess.run(args, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [s for s, _ in _losses(run)] == list(range(1, STEPS + 1))
+    assert [a["from"] for a in _timeline(run) if "attempt" in a] == [k]
+    assert "goodput" in done.stdout and not (run / "preempted.json").exists()

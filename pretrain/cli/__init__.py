@@ -79,7 +79,7 @@ def train(
 
         from pretrain.launch.local import launch
 
-        launch(cfg, started_at=started, quiet=quiet, steps=steps)
+        stopped = launch(cfg, started_at=started, quiet=quiet, steps=steps)
     except RunError as e:  # a deterministic error a worker found (data, config, shapes): not retried
         raise fail(str(e)) from None
     except Exception as e:  # Ray wraps worker failures; show the cause, keep the trace in a file
@@ -91,6 +91,13 @@ def train(
     finally:
         lock.release()
 
+    if stopped is not None:  # SIGTERM to the driver: a complete checkpoint, the same command resumes from it
+        from pretrain.train.pulse import PREEMPTED
+
+        note = json.loads((rdir / PREEMPTED).read_text())
+        typer.echo(f"stopped ({stopped}): checkpoint at step {note['step']}; the same command resumes at step "
+                   f"{note['step'] + 1}", err=True)
+        raise typer.Exit(143)
     summary = json.loads((rdir / "summary.json").read_text())
     unit = objective.unit
     typer.echo(
@@ -102,6 +109,12 @@ def train(
     for k in objective.summary_keys:  # the objective's own figures (fd, class_agreement)
         if k in summary:
             typer.echo(f"{k}: {summary[f'initial_{k}']:.4g} at step 0 -> {summary[k]:.4g}")
+    if summary.get("goodput"):  # where the wall time went (pretrain/train/goodput.py)
+        from pretrain.train.goodput import describe
+
+        typer.echo(describe(summary["goodput"]))
+    for s in summary.get("stragglers", []):
+        typer.echo(f"straggler: rank {s['rank']} on {s['host']} ({s['ratio']}x the median rank's compute time)")
     sample = rdir / "sample.txt"  # the objective's end-of-run artefact, when it makes one
     if sample.exists() and sample.stat().st_mtime >= started:
         typer.echo("sample:\n" + sample.read_text().strip() + "\n")

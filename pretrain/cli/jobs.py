@@ -131,6 +131,17 @@ def _stamp(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000).isoformat(sep=" ", timespec="seconds") if ms else "-"
 
 
+def _goodput_lines(client, job_id: str) -> list[str]:
+    """From the job's driver output: its goodput line, hangs and stragglers (`pretrain train` prints them)."""
+    try:
+        text = client.get_job_logs(job_id)
+    except Exception:  # noqa: BLE001 - the details above stand without them
+        return []
+    lines = [ln.strip() for ln in text.splitlines()]
+    good = [ln for ln in lines if ln.startswith("goodput ")]
+    return [ln for ln in lines if ln.startswith(("hang:", "straggler:"))] + good[-1:]
+
+
 def status(
     job_id: JobArg,
     address: AddressOpt = None,
@@ -153,6 +164,8 @@ def status(
         typer.echo(f"ended:      {_stamp(info.end_time)}")
         if info.message:
             typer.echo(f"message:    {first_line(info.message) or 'unknown error'}")
+        for line in _goodput_lines(client, job_id):  # hangs, stragglers, where the time went
+            typer.echo(line)
         state = str(info.status.value)
         typer.echo(state)
         if wait and state != "SUCCEEDED":

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pretrain.data.manifest import Source
-from pretrain.data.order import Mixer
+from pretrain.data.manifest import Source, shard_name
+from pretrain.data.order import Mixer, SourceOrder, source_salt
 from pretrain.data.reader import ShardReader
 from pretrain.data.sample_spec import SampleSpec
 from pretrain.errors import DataError
@@ -197,6 +197,30 @@ class TrainStream:
         self.close()
         self._micro = state["step"] * L.grad_accum + state["micro_in_step"]
         self._corrupt = set(state.get("corrupt_shards", []))
+
+    def skip_to(self, step: int) -> None:
+        """Continue at the start of step `step` (counted from 0): the steps before it count as consumed."""
+        self.close()
+        self._micro = step * self.layout.grad_accum
+
+    def samples_of(self, step: int) -> list[dict]:
+        """Where the global batch of step `step` (counted from 0, over all ranks) comes from: per source and
+        shard, the shard's file name and the indices of its samples in file order. A pure function of the
+        step and the config, like the order itself (a corrupt shard's substitute, chosen at read time, is
+        not shown)."""
+        G = self.layout.global_batch
+        src, q = self.mixer.locate(np.arange(step * G, (step + 1) * G, dtype=np.int64))
+        out = []
+        for i in np.unique(src).tolist():
+            source = self.sources[i]
+            order = SourceOrder([s["samples"] for s in source.shards], self.layout.seed, source_salt(source.name))
+            epoch, _, shard, off = order.locate(q[src == i])
+            for e, sh in sorted({(int(a), int(b)) for a, b in zip(epoch.tolist(), shard.tolist(), strict=True)}):
+                sel = (epoch == e) & (shard == sh)
+                idx = order.inner(e, sh)[off[sel]]
+                out.append({"source": source.name, "shard": shard_name(source.urls[sh]),
+                            "samples": sorted(int(k) for k in idx)})
+        return out
 
     def stats(self) -> dict:
         """Per source over all ranks at the last step boundary: tokens (token data) or samples (images) and

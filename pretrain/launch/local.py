@@ -7,8 +7,12 @@ console output can stay in the workers' log files instead of the user's terminal
 
 from __future__ import annotations
 
+import _thread
+import contextlib
+import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -18,6 +22,7 @@ from pretrain.config import Config, run_dir
 from pretrain.length import total_steps
 from pretrain.load import config_from_dict
 from pretrain.metrics.console import follow_metrics
+from pretrain.train.pulse import PREEMPTED
 from pretrain.train.storage import Storage
 from pretrain.urls import is_url
 
@@ -57,7 +62,8 @@ def _worker_main(config: dict) -> None:
     marks = [*map(tuple, config.get("marks", [])), ("worker_spawned", spawned), ("imports", time.time())]
     cfg = config_from_dict(config["cfg"])
     try:
-        train(cfg, started_at=config["started_at"], marks=marks, steps=config.get("steps"))
+        train(cfg, started_at=config["started_at"], marks=marks, steps=config.get("steps"),
+              watcher=config.get("watcher"), token=config.get("token", ""))
     except Exception as e:
         # A deterministic error would fail again on every restart: record its line for the driver and
         # return normally, so Ray Train does not count a failure. Leaving the group breaks the
@@ -112,10 +118,13 @@ def _init_ray(cfg: Config) -> None:
                                  "debug_dump_period_milliseconds": 600_000})
 
 
-def launch(cfg: Config, *, started_at: float, quiet: bool = False, steps: int | None = None) -> None:
-    """Train with Ray Train workers; returns when the run has finished. A deterministic error found by a
-    worker (data, config, shapes) raises `pretrain.errors.RunError` with its line after one attempt;
-    anything else Ray Train retried `cluster.max_failures` times raises as Ray gives it."""
+def launch(cfg: Config, *, started_at: float, quiet: bool = False, steps: int | None = None) -> str | None:
+    """Train with Ray Train workers; returns when the run has finished (None) or stopped early with a
+    checkpoint because the driver got SIGTERM (the reason). A deterministic error found by a worker (data,
+    config, shapes) raises `pretrain.errors.RunError` with its line after one attempt; anything else Ray
+    Train retried `cluster.max_failures` times (a hang, pretrain/launch/watch.py, is one) raises as Ray
+    gives it. A worker's SIGTERM or Ray's preemption notice stops the group with a checkpoint, and a new
+    group resumes from it."""
     # Ray Train's imports load in a thread while this one checks the run and starts Ray. Ray's own processes must
     # be started from the main thread: their parent-death signal follows the thread that started them. (Checking
     # beside Ray's start instead was measured no faster: both want the same two cores.)
@@ -137,20 +146,58 @@ def launch(cfg: Config, *, started_at: float, quiet: bool = False, steps: int | 
     importing.join()
     marks.append(("ray_init", time.time()))
     rdir = run_dir(cfg)
-    trainer = ray_trainer(cfg, {"cfg": cfg.model_dump(mode="json"), "started_at": started_at, "marks": marks,
-                                "steps": steps}, storage_path=cfg.cluster.storage or str(rdir / "ray"))
+    from pretrain.launch.watch import Watcher
     from pretrain.launch.worker_error import ERROR_FILE, recorded_error
 
     (rdir / ERROR_FILE).unlink(missing_ok=True)  # an earlier run's: the workers' record starts empty
+    watcher = Watcher(cfg.cluster, rdir, world=cfg.cluster.workers, command=started_at)
+    loop_config = {"cfg": cfg.model_dump(mode="json"), "started_at": started_at, "marks": marks, "steps": steps,
+                   "watcher": watcher.address, "token": watcher.token}
     try:
-        with follow_metrics(rdir / "metrics.jsonl", steps, unit, cfg.train.log_every, enabled=not quiet):
-            trainer.fit()
+        with follow_metrics(rdir / "metrics.jsonl", steps, unit, cfg.train.log_every, enabled=not quiet), \
+                on_sigterm(watcher, cfg.cluster.preemption_grace_s):
+            while True:
+                (rdir / PREEMPTED).unlink(missing_ok=True)
+                ray_trainer(cfg, loop_config, storage_path=cfg.cluster.storage or str(rdir / "ray")).fit()
+                if not (rdir / PREEMPTED).is_file() or watcher.stopping is not None:
+                    break
+                # A worker was told to stop (its SIGTERM, Ray's preemption notice): a new group resumes.
+                note = json.loads((rdir / PREEMPTED).read_text())
+                print(f"preempted: checkpoint at step {note['step']} ({note['reason']}); resuming on a new worker "
+                      "group", file=sys.stderr, flush=True)
     except Exception:
         if (error := recorded_error(rdir)) is None:
             raise
         raise error from None  # a peer's deterministic error, not the collective failure it caused
+    finally:
+        watcher.close()
     if (error := recorded_error(rdir)) is not None:
         raise error
+    return watcher.stopping if (rdir / PREEMPTED).is_file() else None
+
+
+@contextlib.contextmanager
+def on_sigterm(watcher, grace_s: float):
+    """While inside: the driver's SIGTERM asks every rank to save a checkpoint at its step and stop; after
+    `grace_s` without the group ending, the driver's main thread is interrupted (the group is abandoned)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if watcher.stopping is not None:
+            return
+        watcher.request_stop("SIGTERM to the driver")
+        print(f"SIGTERM: saving a checkpoint at the current step (up to {grace_s:.0f} s)", file=sys.stderr, flush=True)
+        timer = threading.Timer(grace_s, _thread.interrupt_main)
+        timer.daemon = True
+        timer.start()
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 def ray_trainer(cfg: Config, loop_config: dict, *, storage_path: str):
     """The Ray Train trainer of a run: `cluster.workers` workers (elastic down to `cluster.min_workers`), each

@@ -46,8 +46,12 @@ def _preload(modules: tuple[str, ...]) -> None:
 
 
 def start(modules: tuple[str, ...]) -> None:
-    """In a worker: begin importing `modules` on a thread."""
+    """In a worker: begin importing `modules` on a thread; SIGTERM asks the loop for a checkpoint and a stop
+    (pretrain.train.pulse: the handler must be installed on the actor's main thread, where this runs)."""
     global _thread
+    from pretrain.train.pulse import install_sigterm
+
+    install_sigterm()
     if _thread is None:
         _thread = threading.Thread(target=_preload, args=(modules,), name="pretrain-warm-up", daemon=True)
         _thread.start()

@@ -36,6 +36,8 @@ def format_row(row: dict, total_steps: int, unit: str = "tokens") -> str:
         return f"[yellow]warning: {row['warning']}[/]"
     if "val_loss" in row:
         return f"[bold]step {row['step']:>6}/{total_steps}  val_loss {row['val_loss']:.4f}{_extra(row, 'val_')}[/]"
+    if "straggle" in row and "loss" not in row:  # a straggler window (pretrain/train/straggle.py)
+        return f"[dim]step {row['step']:>6}/{total_steps}  straggle {row['straggle']:.2f} (rank {row['slowest_rank']})[/]"
     if "loss" not in row:  # an objective's evaluation (fd, class_agreement of samples)
         return f"[bold]step {row['step']:>6}/{total_steps} {_extra(row)}[/]"
     eta = (total_steps - row["step"]) * row["step_time_s"]

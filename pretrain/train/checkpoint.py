@@ -22,6 +22,9 @@ incomplete leftovers older than the newest complete one go (one writer per run: 
 The layout of the location: pretrain/train/checkpoint_layout.py. Resuming: pretrain/train/resume.py. Per-rank
 RNG states: pretrain/train/rng_state.py. Crash injection for the tests: pretrain/train/crash.py. Their names that
 the loop and the tests use are importable from here too.
+
+`Checkpointer(host_copy=False)` saves as before the host copies: DeepSpeed writes the files in the training thread,
+the background thread only moves them; tools/bench_ckpt.py measures both ways.
 """
 
 from __future__ import annotations
@@ -113,9 +116,12 @@ class Checkpointer:
     collective that returns once this rank's states are copied to host memory; the rest runs in a thread."""
 
     def __init__(self, store: Storage, staging: Path, rank: int, world: int, *, keep: int | None = None,
-                 keep_every: int | None = None, timeout_s: float = 1800.0):
+                 keep_every: int | None = None, timeout_s: float = 1800.0, host_copy: bool = True):
+        """`host_copy=False`: DeepSpeed writes the states' files in the training thread, as before host copies
+        (the thread then only moves them): the baseline of tools/bench_ckpt.py."""
         self.store, self.staging, self.rank, self.world = store, staging, rank, world
         self.keep, self.keep_every, self.timeout_s = keep, keep_every, timeout_s
+        self.host_copy = host_copy
         # A crashed attempt's leftovers (one writer per run); rank 0 also clears those of ranks that are gone.
         # Before `decide`, a collective: no rank writes into its staging directory before that.
         shutil.rmtree(staging.parent if rank == 0 and staging.parent.name == ".staging" else staging,
@@ -125,7 +131,8 @@ class Checkpointer:
         self._pending: int | None = None
         self._buffers = HostBuffers()  # the host copies' memory, reused by every save
         # Of the last save: waited_s for the one before; local_write_s, how long training stalls (the host
-        # copy, copy_s of it, and the small files); then in the thread write_s (the states' files), upload_s.
+        # copy, copy_s of it, and the small files; without host copies, every file); then in the thread
+        # write_s (the states' files; 0 without host copies) and upload_s.
         self.stats: dict = {}
 
     def save(self, engine, step: int, client_state: dict, extra=None) -> None:
@@ -148,7 +155,8 @@ class Checkpointer:
             return writer
 
         # A run with frozen weights (LoRA) saves only what trains: the frozen base is rebuilt from init.path.
-        with _without_frozen(engine) as frozen, compat.deepspeed_checkpoint_engine(engine, queued):
+        swap = compat.deepspeed_checkpoint_engine(engine, queued) if self.host_copy else contextlib.nullcontext()
+        with _without_frozen(engine) as frozen, swap:
             engine.save_checkpoint(str(self.staging), tag=tag, client_state={}, save_latest=False,
                                    exclude_frozen_parameters=frozen)
         save_rng(local, self.rank)
@@ -160,16 +168,17 @@ class Checkpointer:
                     "zero_stage": engine.zero_optimization_stage()}
             (local / META).write_text(json.dumps(meta))
         self.stats = {"step": step, "waited_s": waited, "local_write_s": time.perf_counter() - t0,
-                      "copy_s": writer.copy_s}
+                      "copy_s": writer.copy_s if writer else 0.0}
         self._pending = step
         self._thread = threading.Thread(target=self._run_upload, args=(step, local, writer), daemon=True,
                                         name=f"checkpoint-upload-{tag}")
         self._thread.start()
 
-    def _run_upload(self, step: int, local: Path, writer: QueuedWriter) -> None:
+    def _run_upload(self, step: int, local: Path, writer: QueuedWriter | None) -> None:
         try:
             t0 = time.perf_counter()
-            writer.write()  # DeepSpeed's files, from the host copies; the sizes once all are written
+            if writer is not None:
+                writer.write()  # DeepSpeed's files, from the host copies; the sizes once all are written
             sizes = {str(p.relative_to(local)): p.stat().st_size for p in sorted(local.rglob("*")) if p.is_file()}
             t1 = time.perf_counter()
             self.stats["write_s"] = t1 - t0

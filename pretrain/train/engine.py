@@ -8,6 +8,7 @@ which offload requires.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import deepspeed
 import torch
@@ -76,9 +77,50 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr, betas=o.betas, eps=1e-8)
 
 
-def build_schedule(cfg: Config, optimizer: torch.optim.Optimizer, steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+class Gate(Protocol):
+    """Whether the step under way may update the weights (pretrain/train/spike.py's `Gate`): asked where the
+    update happens, once the step's loss and gradient norm are known; told the norm the loop measured itself."""
+
+    def allows(self) -> bool: ...
+    def measured(self, norm: float) -> None: ...
+
+
+class Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR that holds still on a step its gate refuses: a skipped step moves no learning rate either.
+    (DeepSpeed skips the schedule itself when its optimizer skips on a non-finite gradient norm.)"""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, fn, gate: Gate | None = None):
+        self._gate = gate  # before LambdaLR's own first step
+        super().__init__(optimizer, fn)
+
+    def step(self, *args, **kwargs) -> None:
+        if self._gate is None or self._gate.allows():
+            super().step(*args, **kwargs)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.pop("_gate", None)  # a checkpoint holds the schedule's position, not the run's gate
+        return state
+
+
+def build_schedule(cfg: Config, optimizer: torch.optim.Optimizer, steps: int | None = None,
+                   gate: Gate | None = None) -> torch.optim.lr_scheduler.LambdaLR:
     """schedule.type over the run's `steps` (default: derived from the config, train.tokens / train.flops included)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, steps or total_steps(cfg)))
+    return Schedule(optimizer, lr_lambda(cfg.schedule, steps or total_steps(cfg)), gate)
+
+
+def gate_updates(engine, gate: Gate) -> None:
+    """The optimizer that updates the weights (the client's AdamW, or CPU Adam; inside ZeRO's wrapper under
+    ZeRO 1-3 and bf16) steps only when `gate` allows: a refused step leaves weights and optimizer state as
+    they were, at every ZeRO stage alike (ZeRO's wrapper then copies unchanged master weights back). Set after
+    `compile_engine`, so the gate stays outside the compiled step."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    step = inner.step
+
+    def gated(*args, **kwargs):
+        return step(*args, **kwargs) if gate.allows() else None
+
+    inner.step = gated
 
 
 def without_cpu_shm_op() -> None:
@@ -95,15 +137,17 @@ def without_cpu_shm_op() -> None:
         compat.deepspeed_skip_op("deepspeed_shm_comm")
 
 
-def build_engine(cfg: Config, model: nn.Module, world_size: int, load_universal: bool = False, steps: int | None = None):
-    """Wrap `model` in a DeepSpeed engine; returns the engine (optimizer and scheduler inside it)."""
+def build_engine(cfg: Config, model: nn.Module, world_size: int, load_universal: bool = False, steps: int | None = None,
+                 gate: Gate | None = None):
+    """Wrap `model` in a DeepSpeed engine; returns the engine (optimizer and scheduler inside it). With `gate`
+    (spike.py) no step it refuses updates the weights, the optimizer state or the schedule."""
     without_cpu_shm_op()
     # With bf16 enabled DeepSpeed casts the module itself and keeps fp32 master weights in the optimizer.
     optimizer = build_optimizer(cfg, model)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
-        lr_scheduler=build_schedule(cfg, optimizer, steps),
+        lr_scheduler=build_schedule(cfg, optimizer, steps, gate),
         config=deepspeed_config(cfg, world_size, load_universal),
         dist_init_required=False,
     )
@@ -113,6 +157,8 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int, load_universal:
         engine.enable_backward_allreduce = False
     if cfg.train.compile:
         compile_engine(engine)
+    if gate is not None:
+        gate_updates(engine, gate)
     return engine
 
 
@@ -148,11 +194,12 @@ def compile_stats() -> dict:
     return compat.torch_dynamo_counts()
 
 
-def backward_and_step(engine, loss: torch.Tensor, clip: float | None = None) -> float | None:
+def backward_and_step(engine, loss: torch.Tensor, clip: float | None = None, gate: Gate | None = None) -> float | None:
     """One micro-batch's backward and step; at the accumulation boundary returns the global gradient
     norm (before clipping). ZeRO stages record it themselves; stage 0 does not, so it is taken here,
     after DeepSpeed has averaged the gradients across ranks and before the optimizer consumes them, and
-    with `clip` (`clips_itself`) the same call clips them to that norm (0: measure only)."""
+    with `clip` (`clips_itself`) the same call clips them to that norm (0: measure only); `gate` is told it
+    before the optimizer asks the gate whether to step."""
     engine.backward(loss)
     boundary = engine.is_gradient_accumulation_boundary()
     norm = None
@@ -162,6 +209,8 @@ def backward_and_step(engine, loss: torch.Tensor, clip: float | None = None) -> 
             norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
         else:
             norm = float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
+        if gate is not None:
+            gate.measured(norm)
     PULSE.at("optimizer")
     engine.step()  # steps the optimizer and schedule only at the boundary
     if boundary and norm is None:

@@ -11,7 +11,8 @@ one command (its start time) and splits its wall time:
 - productive: the last computation of every step number; lost: every earlier one of the same number;
 - evaluation and checkpoint: time in those phases (`pretrain.train.pulse`), the stall only for checkpoints;
 - detection and recovery: from an attempt's last line to the next attempt's start (the hang timeout, the
-  teardown, the restart), plus in-process rollbacks (`recover` lines);
+  teardown, the restart), plus in-process rollbacks (`recover` lines); an attempt that hung before its first
+  step is known by the driver's `hang` line (its start-up ends where it stopped progressing);
 - end: from the last step to the summary.
 
 Goodput is productive / wall. The parts are measured each on its own, so their sum against the wall time
@@ -60,6 +61,13 @@ class Timeline:
             self._fh = None
 
 
+def note_hang(rdir: Path, command: float, declared: float, quiet_s: float) -> None:
+    """The driver's line (pretrain/launch/watch.py): a hang declared at `declared` after `quiet_s` without
+    progress. An attempt that hung before its own first line is known by this line alone."""
+    with open(rdir / TIMELINE, "a") as fh:  # one short O_APPEND write: whole beside rank 0's lines
+        fh.write(json.dumps({"command": command, "hang": declared, "quiet": round(quiet_s, 6)}) + "\n")
+
+
 def read(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -77,7 +85,7 @@ def account(path: Path, command: float, now: float | None = None) -> dict:
     now = time.time() if now is None else now
     rows = [r for r in read(path) if r.get("command") == command]
     parts = dict.fromkeys(PARTS, 0.0)
-    last_t, seen, restarts = command, {}, 0
+    last_t, seen, restarts, open_attempt = command, {}, 0, False
     for r in rows:
         if "attempt" in r:
             start = command
@@ -85,7 +93,13 @@ def account(path: Path, command: float, now: float | None = None) -> dict:
                 start = max(r["attempt"], last_t)
                 parts["recovery_s"] += start - last_t
             parts["startup_s"] += r["first"] - start
-            last_t, restarts = r["first"], restarts + 1
+            last_t, restarts, open_attempt = r["first"], restarts + 1, True
+        elif "hang" in r:
+            if not open_attempt:  # it hung starting: start-up until its last progress, then detection
+                stalled = max(last_t, r["hang"] - r["quiet"])
+                parts["startup_s"] += stalled - last_t
+                last_t, restarts = stalled, restarts + 1
+            open_attempt = False
         elif "step" in r:
             if r["step"] in seen:
                 parts["lost_s"] += seen[r["step"]]

@@ -63,7 +63,8 @@ def validate(val: list[tuple[dict, bool]], flops_per_unit: float, v: StepView) -
 
 
 def update_ema(ema: EMA, v: StepView) -> None:
-    ema.update()
+    if "skipped" not in v.row:  # a skipped step (pretrain/train/spike.py) moved no weight: nor does the average
+        ema.update()
 
 
 def save_checkpoint(v: StepView) -> None:

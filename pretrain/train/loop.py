@@ -12,6 +12,8 @@ import json
 import time
 from pathlib import Path
 
+import torch.distributed as dist
+
 from pretrain.atomic import atomic_write
 from pretrain.config import Config
 from pretrain.metrics.flops import mfu_field
@@ -19,13 +21,12 @@ from pretrain.train.engine import compile_stats
 from pretrain.train.final_weights import save_final_weights
 from pretrain.train.goodput import TIMELINE, Timeline, account
 from pretrain.train.parts import Run
-from pretrain.train.pulse import PULSE, inject_signal, start_heartbeats
+from pretrain.train.pulse import PREEMPTED, PULSE, inject_signal, start_heartbeats
 from pretrain.train.run import build_run
+from pretrain.train.spike import roll_back
 from pretrain.train.startup import Marks
 from pretrain.train.step import forward_backward, next_batches
 from pretrain.train.straggle import stragglers
-
-PREEMPTED = "preempted.json"  # rank 0's note that the run stopped early with a checkpoint (read by the driver)
 
 
 def train(cfg: Config, *, started_at: float | None = None, marks: list | None = None, steps: int | None = None,
@@ -37,8 +38,9 @@ def train(cfg: Config, *, started_at: float | None = None, marks: list | None = 
     startup = Marks(marks or [("command", started_at)])  # the driver's marks (launch/local.py), then ours
     attempt = dict(startup.to_list()).get("worker_spawned", started_at)
     PULSE.at("start-up", 0)
+    # Beating from here on: a rank stuck while the run is built (a dead mount, a lost peer) is seen too.
+    start_heartbeats(watcher, token, dist.get_rank() if dist.is_initialized() else 0, f"{attempt:.6f}")
     r = build_run(cfg, startup, steps)
-    start_heartbeats(watcher, token, r.rank, f"{attempt:.6f}")
     inject_signal(r.rank, 0)
     timeline = Timeline(r.rdir, r.rank, started_at)
     if r.start == 0:
@@ -46,27 +48,37 @@ def train(cfg: Config, *, started_at: float | None = None, marks: list | None = 
     startup.mark("start_hooks")  # the step-0 validation
     timeline.attempt(attempt, r.start)
     first_step_at, units = None, r.start_units
-    for step in range(r.start + 1, r.steps + 1):
+    step = r.start
+    while step < r.steps:
+        step += 1
         t0 = time.perf_counter()
         PULSE.at("data", step)
         inject_signal(r.rank, step)
+        last = r.spikes.window_at(step)
+        if last is not None:  # a rolled-back streak's steps: their data is passed, not trained on
+            step = _pass_window(r, timeline, step, last, units)
+            continue
         micro, count = next_batches(r, startup if first_step_at is None else None)
-        values, grad_norm = forward_backward(r, micro, count)
+        values, grad_norm, skipped = forward_backward(r, micro, count, step)
         stop = values.pop("stop", 0.0) > 0  # a rank was asked to stop (SIGTERM, preemption): agreed in the all-reduce
         dt = time.perf_counter() - t0
         PULSE.step_times.append(dt)
-        units += r.step_units
         if first_step_at is None:
             first_step_at = time.time()
             startup.mark("first_step")  # compiles, under train.compile
             if r.rank == 0:
                 startup.write(r.rdir / "start.json")
-        fpu, unit = r.flops_per_unit, r.unit
-        row = {
-            "step": step, **values, "lr": float(r.engine.get_lr()[0]), "grad_norm": grad_norm,
-            unit: units, f"{unit}_per_s": r.step_units / dt, "flops": fpu * units,
-            **mfu_field(fpu * r.step_units / dt, r.peak, r.world), "step_time_s": dt, **r.stream.stats(),
-        }
+        if skipped is None:
+            units += r.step_units
+            fpu, unit = r.flops_per_unit, r.unit
+            row = {
+                "step": step, **values, "lr": float(r.engine.get_lr()[0]), "grad_norm": grad_norm,
+                unit: units, f"{unit}_per_s": r.step_units / dt, "flops": fpu * units,
+                **mfu_field(fpu * r.step_units / dt, r.peak, r.world), "step_time_s": dt, **r.stream.stats(),
+            }
+        else:  # no update (pretrain/train/spike.py): the row says why and which data
+            row = r.spikes.row(step, skipped, r.stream)
+            r.spikes.save_record(r.rdir, r.rank)
         spent = dict(PULSE.spent)
         view = r.view(step, units, row)
         r.hooks.after_step(view, step, last=step == r.steps)
@@ -76,7 +88,21 @@ def train(cfg: Config, *, started_at: float | None = None, marks: list | None = 
         PULSE.settle()
         ev, ck = (PULSE.spent[k] - spent[k] for k in ("evaluation", "checkpoint"))
         timeline.step(step, time.perf_counter() - t0 - ev - ck, ev, ck)
+        if skipped is not None and r.spikes.due():
+            step, units = roll_back(r, timeline, step)
     _finish(r, started_at, first_step_at, timeline)
+
+
+def _pass_window(r: Run, timeline: Timeline, step: int, last: int, units: int) -> int:
+    """Steps `step`..`last` of a rolled-back streak: the stream moves past their data, the timeline counts
+    their earlier computation as lost, and the hooks see the last of them as a skipped step. Returns it."""
+    last = min(last, r.steps)
+    r.stream.skip_to(last)
+    for s in range(step, last + 1):
+        timeline.step(s, 0.0, 0.0, 0.0)
+    row = r.spikes.row(last, f"in the data window of a rollback ({step}-{last})", r.stream)
+    r.hooks.after_step(r.view(last, units, row), last, last=last == r.steps)
+    return last
 
 
 def _stop(r: Run, view, timeline: Timeline, step: int, t0: float, spent: dict) -> None:
@@ -111,6 +137,7 @@ def _finish(r: Run, started_at: float, first_step_at: float | None, timeline: Ti
             "time_to_first_step_s": (first_step_at - started_at) if first_step_at else None,
             **(compile_stats() if r.cfg.train.compile else {}),  # graphs, breaks, recompiles of train.compile
             **stragglers(r),
+            **r.spikes.summary(),  # skipped_steps, rollbacks
         }
         timeline.close()
         summary["goodput"] = account(r.rdir / TIMELINE, started_at)  # last: its wall time ends here

@@ -46,6 +46,8 @@ class Run:
     sample_batch: dict | None  # a raw batch for the artefact
     hooks: Hooks
     straggle: Any = None  # the straggler hook (pretrain/train/straggle.py), for summary.json
+    spikes: Any = None  # skipped steps and rollbacks (pretrain/train/spike.py's Spikes, the engine's gate)
+    quiet_through: int = -1  # after a rollback: rows of steps up to this one were logged the first time
 
     def view(self, step: int, units: int, row: dict | None = None) -> RunView:
         """What hooks see at `step` (pretrain.hooks.StepView)."""
@@ -72,13 +74,15 @@ class RunView:
     sample_batch: dict | None
 
     def log(self, row: dict) -> None:
-        self._run.sink.log(row)
+        if row["step"] > self._run.quiet_through:
+            self._run.sink.log(row)
 
     def summary(self, values: dict) -> None:
         self._run.sink.summary(values)
 
     def image(self, step: int, name: str, path: Path) -> None:
-        self._run.sink.image(step, name, path)
+        if step > self._run.quiet_through:
+            self._run.sink.image(step, name, path)
 
     @contextlib.contextmanager
     def eval_model(self, *, ema: bool = False):
@@ -91,6 +95,6 @@ class RunView:
     def save_checkpoint(self) -> None:
         r = self._run
         client = {"step": self.step, "units": self.units, "data": r.stream.state_dict(),
-                  "config": r.cfg.model_dump(mode="json")}
+                  "config": r.cfg.model_dump(mode="json"), **({"spike": r.spikes.state_dict()} if r.spikes else {})}
         extra = (lambda d: r.ema.save(d, r.rank, r.world)) if r.ema is not None else None
         r.saver.save(r.engine, self.step, client, extra=extra)  # the upload to the location runs behind

@@ -13,28 +13,32 @@ notice (read from its train context by the heartbeat thread) do the same. `stop_
 the loop agrees on it in the step's metrics all-reduce, saves a checkpoint at the step and stops
 (pretrain/train/loop.py).
 
-Compute time, for stragglers (pretrain/train/straggle.py): each rank's time reading and preparing its
-batches and running its forward passes, phases that wait on no other rank under ZeRO 0-2 (ZeRO-3's forward
-gathers parameters, so there a slow rank's wait is partly in its peers' figures too). On CUDA the forward
-is timed with events, read at the end of a window, never synchronised per step.
+Compute time, for stragglers (pretrain/train/straggle.py, which says why the backward is left out): each
+rank's time reading and preparing its batches and running its forward passes, phases that wait on no other
+rank under ZeRO 0-2. It is timed only once the straggler hook asks for it (`timing`). On CUDA the forward is
+timed with events, read at the end of a window, never synchronised per step.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import select
 import signal
 import socket
 import statistics
+import tempfile
 import threading
 import time
 from collections import deque
+from pathlib import Path
 
 # The phases a rank reports; in the long ones a hang is judged by cluster.startup_timeout_s.
 PHASES = ("start-up", "data", "forward", "backward", "optimizer", "collective", "evaluation", "checkpoint", "finish")
 LONG_PHASES = frozenset({"start-up", "evaluation", "checkpoint", "finish"})
 HEARTBEAT_S = 1.0
+PREEMPTED = "preempted.json"  # rank 0's note in the run directory: stopped early with a checkpoint (driver reads it)
 TEST_SIGNAL_ENV = "PRETRAIN_TEST_SIGNAL"  # "<rank>:<step>:<SIGNAME>": the tests' real signal to this rank at a step
 
 
@@ -48,6 +52,9 @@ class Pulse:
         self.seq = 0  # one more at every phase mark: the watcher's measure of progress
         self.stop_reason: str | None = None
         self.step_times: deque[float] = deque(maxlen=64)
+        # Off until the straggler hook (2+ ranks) turns it on: on CUDA each forward records two events, which a
+        # run without the hook would keep unread for ever.
+        self.timing = False
         self._compute = 0.0
         self._t0 = 0.0
         self._events: list = []  # CUDA (start, end) event pairs of the forward passes since the last take
@@ -70,6 +77,8 @@ class Pulse:
         self._since = now
 
     def compute_begin(self, device=None) -> None:
+        if not self.timing:
+            return
         self._t0 = time.perf_counter()
         if device is not None and device.type == "cuda":
             import torch
@@ -79,6 +88,8 @@ class Pulse:
             self._events.append([start, None])
 
     def compute_end(self, device=None) -> None:
+        if not self.timing:
+            return
         if self._events and self._events[-1][1] is None:
             import torch
 
@@ -129,30 +140,58 @@ def inject_signal(rank: int, step: int) -> None:
                 return
             open(marker, "w").close()
         os.kill(os.getpid(), getattr(signal, name))
+        if name == "SIGTERM":  # its handler runs on the main thread: the signal arrived before this step's reduce
+            deadline = time.monotonic() + 5
+            while PULSE.stop_reason is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+
+def stacks_path(pid: int) -> Path:
+    """Where a rank's faulthandler writes its stacks on SIGUSR1 (on its node: the watcher's Ray task reads it)."""
+    return Path(tempfile.gettempdir()) / f"pretrain-stacks-{pid}.txt"
+
+
+_stacks_file = None
+
+
+def arm_stacks() -> None:
+    """SIGUSR1 makes this process write every thread's Python stack to `stacks_path` (faulthandler's C-level
+    handler: it runs even while the training thread is blocked in a collective)."""
+    global _stacks_file
+    if _stacks_file is None:
+        _stacks_file = open(stacks_path(os.getpid()), "w")  # noqa: SIM115 - open for the process's life
+        faulthandler.register(signal.SIGUSR1, file=_stacks_file, all_threads=True, chain=False)
 
 
 def _node_id() -> str | None:
     try:
         import ray
 
-        return ray.get_runtime_context().get_node_id()
+        # Outside a Ray process get_runtime_context() would start a local Ray instance (~20 s, measured).
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     except Exception:  # noqa: BLE001 - outside Ray (tests of the loop alone)
         return None
 
 
-def start_heartbeats(address: str | None, token: str, rank: int, attempt: str) -> threading.Thread | None:
+def start_heartbeats(address: str | None, token: str, rank: int, attempt: str,
+                     stop: threading.Event | None = None) -> threading.Thread | None:
     """Send this rank's pulse to the watcher at `address` ("host:port") every HEARTBEAT_S seconds; none
-    without an address. `attempt` tells one start of the worker group from the next."""
+    without an address. The worker group is told by its rendezvous address (`attempt` where there is none).
+    `stop`, once set, ends the thread (a worker's is never set: it beats until the process ends). A beat
+    takes ~10 us of the GIL once a second (tools/bench_pulse.py)."""
     if not address:
         return None
+    arm_stacks()
     host, port = address.rsplit(":", 1)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    ident = {"t": token, "r": rank, "pid": os.getpid(), "host": socket.gethostname(), "node": _node_id(), "a": attempt}
+    # The worker group: its rendezvous address (Ray Train's, shared by its ranks, new at every restart).
+    group = f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}:{attempt if not os.environ.get('MASTER_PORT') else ''}"
+    ident = {"t": token, "r": rank, "pid": os.getpid(), "host": socket.gethostname(), "node": _node_id(), "g": group}
 
     def beat() -> None:
         from pretrain import compat
 
-        while True:
+        while stop is None or not stop.is_set():
             p = PULSE
             msg = {**ident, "s": p.step, "p": p.phase, "q": p.seq, "m": p.median_step_s()}
             deadline = time.monotonic() + HEARTBEAT_S
@@ -166,6 +205,7 @@ def start_heartbeats(address: str | None, token: str, rank: int, attempt: str) -
                 time.sleep(HEARTBEAT_S)  # the watcher is gone (the driver ended): nothing to report to
             if p.stop_reason is None and compat.ray_preemption_notice() is not None:
                 p.request_stop("Ray's preemption notice")
+        sock.close()
 
     thread = threading.Thread(target=beat, name="pretrain-heartbeat", daemon=True)
     thread.start()

@@ -71,9 +71,10 @@ def _branch_source(spec: str) -> tuple[Storage, int]:
     return store, step
 
 
-def plan_resume(own: Storage, branch_from: str | None, world: int) -> Plan:
-    """Rank 0's decision: this run's newest complete checkpoint, else `branch_from`'s, else none."""
-    steps = complete_steps(own)
+def plan_resume(own: Storage, branch_from: str | None, world: int, at_most: int | None = None) -> Plan:
+    """Rank 0's decision: this run's newest complete checkpoint (at or before step `at_most`, for a rollback:
+    pretrain/train/spike.py), else `branch_from`'s, else none."""
+    steps = [s for s in complete_steps(own) if at_most is None or s <= at_most]
     if steps:
         src, step, branched = own, steps[-1], False
     elif branch_from:
@@ -91,13 +92,13 @@ def plan_resume(own: Storage, branch_from: str | None, world: int) -> Plan:
     return Plan(step, f"{src.url}/{tag}", universal, branched)
 
 
-def decide(own: Storage, branch_from: str | None, rank: int, world: int) -> Plan:
-    """Collective: rank 0 decides where to resume and every rank gets its answer (or its error), so ranks
-    never disagree on a file system that shows them different states."""
+def decide(own: Storage, branch_from: str | None, rank: int, world: int, at_most: int | None = None) -> Plan:
+    """Collective: rank 0 decides where to resume (at or before step `at_most`) and every rank gets its answer
+    (or its error), so ranks never disagree on a file system that shows them different states."""
     box: list = [None]
     if rank == 0:
         try:
-            box[0] = asdict(plan_resume(own, branch_from, world))
+            box[0] = asdict(plan_resume(own, branch_from, world, at_most))
         except Exception as e:  # noqa: BLE001 - every rank raises it below, none is left in the broadcast
             # ValueError (ResumeError, StorageError, JSON): the input's; anything else: the store's.
             box[0] = {"error": first_line(e), "resume": isinstance(e, ValueError)}
@@ -203,3 +204,14 @@ def load(engine, step_dir: Path, rank: int, universal_dir: Path | None = None, *
             warnings.simplefilter("ignore")  # "step() before optimizer.step()": deliberate here
             sched.step()
     return client_state
+
+
+def restore(plan: Plan, engine, ema, stream, staging: Path, rank: int, world: int) -> dict:
+    """Collective: the checkpoint of `plan` into the engine (model, optimizer, schedule), this rank's RNG, the
+    EMA (when kept) and the data stream; returns the loop's state (`load`). A resume and a rollback alike."""
+    with opened(plan, staging, rank) as (step_dir, universal_dir):
+        state = load(engine, step_dir, rank, universal_dir, own_schedule=plan.branched)
+        if ema is not None:
+            ema.load(step_dir, rank, world)
+    stream.load_state_dict(state["data"])
+    return state

@@ -40,6 +40,8 @@ from pretrain.train.hooks import (
     write_artefact,
 )
 from pretrain.train.parts import Run
+from pretrain.train.resume import restore
+from pretrain.train.spike import Spikes
 from pretrain.train.startup import Marks
 from pretrain.train.straggle import Stragglers
 
@@ -126,7 +128,9 @@ def build_run(cfg: Config, startup: Marks, steps: int | None = None) -> Run:
     plan = ckpt.decide(store, cfg.checkpoint.branch_from, rank, world)  # rank 0's decision, broadcast
     if plan.universal_url:  # resuming at another world size
         ckpt.prepare_universal(plan, saver.staging, rank)
-    engine = build_engine(cfg, model, world, load_universal=plan.universal_url is not None, steps=steps)
+    spikes = Spikes(cfg.spike)  # the engine's gate: a skipped step updates nothing
+    engine = build_engine(cfg, model, world, load_universal=plan.universal_url is not None, steps=steps, gate=spikes)
+    spikes.engine = engine
     startup.mark("engine")
 
     accum = grad_accum_steps(cfg, world)
@@ -139,12 +143,10 @@ def build_run(cfg: Config, startup: Marks, steps: int | None = None) -> Run:
     ema = EMA(engine.module, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay else None
     start, units = 0, 0
     if plan.step is not None:
-        with ckpt.opened(plan, saver.staging, rank) as (step_dir, universal_dir):
-            state = ckpt.load(engine, step_dir, rank, universal_dir, own_schedule=plan.branched)
-            if ema is not None:
-                ema.load(step_dir, rank, world)
-        stream.load_state_dict(state["data"])
+        state = restore(plan, engine, ema, stream, saver.staging, rank, world)
         start, units = state["step"], state.get("units", state.get("tokens", 0))
+        spikes.load_state_dict(state.get("spike"))
+    spikes.load_record(rdir, start, rank)  # skips.json: the rollbacks and skips of earlier attempts
     if rank == 0:  # each step once: cut metrics.jsonl back to the checkpoint's step, or empty it without one
         truncate_after(rdir / "metrics.jsonl", start or -1)
 
@@ -163,7 +165,7 @@ def build_run(cfg: Config, startup: Marks, steps: int | None = None) -> Run:
     run = Run(cfg, objective, engine, stream, sink, saver, ema, device, rank, world, rdir, counts, unit, steps,
               start, units, accum, step_units, fpu, peak, clip=cfg.optimizer.grad_clip if clips_itself(cfg) else None,
               val=[(objective.prepare(b, device), c) for b, c in raw_val],
-              sample_batch=raw_val[0][0] if raw_val else None, hooks=Hooks())
+              sample_batch=raw_val[0][0] if raw_val else None, hooks=Hooks(), spikes=spikes)
 
     hooks = run.hooks
     if ema is not None:

@@ -23,7 +23,9 @@ from save to save (`HostBuffers`): a fresh allocation of a few hundred MB costs 
 the copy itself, and on CUDA a pinned allocation is slow while a copy into pinned memory is fast. The
 buffers stay allocated between saves (one copy of the rank's checkpoint in host memory, pinned on CUDA)
 until the checkpointer closes. Everything around the tensors (dicts, lists, the optimizer's and schedule's
-small objects) is deep-copied, so training may change anything once `save` returns.
+small objects, a tensor's own attributes) is deep-copied, so training may change anything once `save` returns.
+tests/test_async_save.py checks, at ZeRO 0-3 in fp32 and bf16, that the files are byte for byte those DeepSpeed
+writes at the save while training changes every state in place before they are written.
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ class HostBuffers:
         return buf
 
     def recycle(self) -> None:
-        """Every buffer taken so far is free again: nothing reads the last save's copies any more."""
+        """The last save's buffers are free again (nothing reads its copies any more); those the last save did
+        not take are dropped, so the memory held stays one save's, whatever sizes earlier saves had."""
+        self._free = {}
         for buf in self._used:
             self._free.setdefault(buf.nbytes(), []).append(buf)
         self._used = []
@@ -76,28 +80,34 @@ def _host_tensor(t: torch.Tensor, copies: dict, buffers: HostBuffers) -> torch.T
         return t  # no data: torch.save writes its shape alone
     if t.layout != torch.strided:
         return t.detach().to("cpu", copy=True)  # sparse states: none in DeepSpeed's, and no storage to share
+    # One copy per storage, as torch.save writes one per storage (torch keeps one Python object per storage:
+    # its identity is the storage's). The source is held with its copy until the save ends, so that no storage
+    # freed meanwhile (DeepSpeed builds some temporaries) hands its identity to another.
     src = t.untyped_storage()
-    key = (t.device, src.data_ptr())
-    if key not in copies:
+    if id(src) not in copies:
         n = src.nbytes()
         dst = buffers.take(n, pinned=t.device.type == "cuda") if n else torch.UntypedStorage(0)
         dst.copy_(src, non_blocking=t.device.type == "cuda")  # synchronised once for the whole state
-        copies[key] = dst
-    out = torch.empty(0, dtype=t.dtype).set_(copies[key], t.storage_offset(), t.size(), t.stride())
+        copies[id(src)] = (src, dst)
+    out = torch.empty(0, dtype=t.dtype).set_(copies[id(src)][1], t.storage_offset(), t.size(), t.stride())
     if isinstance(t, torch.nn.Parameter):
         return torch.nn.Parameter(out, requires_grad=t.requires_grad)
-    return out.requires_grad_(t.requires_grad) if t.is_leaf else out
+    return out.requires_grad_(t.requires_grad)  # as torch.save records it (ZeRO's fp32 partitions require grad)
 
 
 def host_copy(state, buffers: HostBuffers, copies: dict | None = None):
-    """A deep copy of `state` with every tensor in host memory; `copies` (storage -> its copy) shares the
-    storages of one save's several states."""
+    """A deep copy of `state` with every tensor in host memory; `copies` (storage id -> (it, its copy)) shares
+    the storages of one save's several states."""
     copies = {} if copies is None else copies
     memo: dict[int, object] = {}
-    for t in _tensors(state, []):
-        if id(t) not in memo:
-            memo[id(t)] = _host_tensor(t, copies, buffers)
-    if torch.cuda.is_available() and any(d.type == "cuda" for d, _ in copies):
+    tensors = list({id(t): t for t in _tensors(state, [])}.values())
+    for t in tensors:
+        memo[id(t)] = _host_tensor(t, copies, buffers)
+    for t in tensors:
+        if t.__dict__ and memo[id(t)] is not t:
+            # A tensor's own attributes, which torch.save writes with it (ZeRO-3 tags its flat groups `ds_id`).
+            memo[id(t)].__dict__.update(copy.deepcopy(t.__dict__, memo))
+    if torch.cuda.is_available() and any(t.device.type == "cuda" for t in tensors):
         torch.cuda.synchronize()  # the non-blocking copies are in host memory before training goes on
     return copy.deepcopy(state, memo)  # the tensors come from the memo: the copies above
 
@@ -105,7 +115,7 @@ def host_copy(state, buffers: HostBuffers, copies: dict | None = None):
 class QueuedWriter:
     """DeepSpeed's checkpoint engine for one save: `save` copies the state to host memory and queues it,
     `write` (the background thread) writes the queue through `inner`, the engine's own checkpoint engine;
-    everything else (create, makedirs, commit, load) is `inner`'s."""
+    everything else (create, makedirs, load; commit, once the sources are let go) is `inner`'s."""
 
     def __init__(self, inner, buffers: HostBuffers):
         self.inner, self.buffers = inner, buffers
@@ -117,6 +127,11 @@ class QueuedWriter:
         t0 = time.perf_counter()
         self.queued.append((str(path), host_copy(state_dict, self.buffers, self._copies)))
         self.copy_s += time.perf_counter() - t0
+
+    def commit(self, info):
+        """The end of DeepSpeed's save (training thread): every state is copied; the sources are let go."""
+        self._copies = {}
+        return self.inner.commit(info)
 
     def write(self) -> None:
         """Write every queued state to its file (in the order DeepSpeed saved them), dropping each copy once

@@ -45,23 +45,32 @@ def next_batches(r: Run, startup: Marks | None) -> tuple[list[dict], torch.Tenso
     return micro, agree_on_errors(count, error, r.world)
 
 
-def forward_backward(r: Run, micro: list[dict], count: torch.Tensor) -> tuple[dict[str, float], float | None]:
-    """Forward and backward on each micro-batch, the optimizer step after the last: (metrics reduced over
-    ranks, the gradient norm). Collective; it synchronises, so the step's time is complete on return."""
+def forward_backward(r: Run, micro: list[dict], count: torch.Tensor, step: int) -> tuple[dict[str, float], float | None, str | None]:
+    """Forward and backward on each micro-batch of `step`, the optimizer step after the last: (metrics reduced over
+    ranks, the gradient norm, why the step was skipped or None). The metrics all-reduce runs after the last
+    forward, before the update, so the spike gate (pretrain/train/spike.py) decides from the step's loss over
+    all ranks and the global norm, alike on every rank. Collective; it synchronises, so the step's time is
+    complete on return."""
     # engine.backward divides by grad_accum and the gradient all-reduce averages over ranks.
     scale = r.world * r.accum / count.clamp(min=1)
     local: Metrics = {}
+    values: dict[str, float] = {}
     grad_norm = None
-    for b in micro:
+    for i, b in enumerate(micro):
         PULSE.at("forward")
         PULSE.compute_begin(r.device)
         total, n, metrics = r.objective.loss(r.engine, b)
         PULSE.compute_end(r.device)
-        PULSE.at("backward")
-        grad_norm = backward_and_step(r.engine, total * scale, r.clip)
         add_metrics(local, {"loss": (total, n), **metrics})
-    # Whether any rank was asked to stop (SIGTERM, preemption) rides in the same all-reduce: > 0 on every rank.
-    one = torch.ones((), device=r.device)
-    local["stop"] = (one * (PULSE.stop_reason is not None), one)
-    PULSE.at("collective")
-    return reduce_metrics(local, r.device), grad_norm
+        if i == len(micro) - 1:
+            # Whether any rank was asked to stop (SIGTERM, preemption) rides in the same all-reduce: > 0 on every rank.
+            one = torch.ones((), device=r.device)
+            local["stop"] = (one * (PULSE.stop_reason is not None), one)
+            PULSE.at("collective")
+            values = reduce_metrics(local, r.device)
+            r.spikes.open(values["loss"])
+        PULSE.at("backward")
+        grad_norm = backward_and_step(r.engine, total * scale, r.clip, r.spikes)
+    if r.device.type == "cuda":  # the update's kernels are done: the step's time is all in this step
+        torch.cuda.synchronize(r.device)
+    return values, grad_norm, r.spikes.close(step, grad_norm)

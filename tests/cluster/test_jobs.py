@@ -212,6 +212,7 @@ def test_submit_gpt_tiny_follow_status_and_stop(ray_head, tiny_shards, tmp_path)
     assert followed.returncode == 0, followed.stderr
     r = cli("status", first, *addr, env=env)
     assert r.returncode == 0 and _last_line(r) == "SUCCEEDED", followed.stdout[-3000:]
+    assert re.search(r"^goodput \d+% of [\d.]+ s over 1 attempt", r.stdout, re.M), r.stdout  # where the time went
     logged = cli("logs", first, *addr, env=env).stdout
     for text in (followed.stdout, logged):
         steps = {int(s) for s in re.findall(r"step\s+(\d+)/10\s+loss", text)}
