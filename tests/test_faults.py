@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -221,10 +222,10 @@ def test_hung_worker_is_named_dumped_and_restarted(tmp_path, tiny_shards, refere
     assert hang["stuck"] == [1] and hang["limit_s"] == limit
     assert hang["t"] - marker.stat().st_mtime <= limit + 10, "declared within the limit + 10 s"
     stacks = (run / "hangs" / "1" / "rank-1.txt").read_text()
-    head = stacks.splitlines()[0]  # the step and phase of its last heartbeat: at most one second old
-    assert any(f"step {s} " in head for s in (max(stop_at - 1, 0), stop_at)), head
+    head = stacks.splitlines()[0]  # the step and phase of its last heartbeat: up to a second (~5 steps) old
+    assert stop_at - 6 <= int(re.search(r"step (\d+) ", head)[1]) <= stop_at and "phase " in head, head
     assert "train (pretrain/train/loop.py" in stacks or "in train\n" in stacks, stacks[:3000]  # where it stopped
-    assert (run / "hangs" / "1" / "rank-0.txt").is_file()
+    assert (run / "hangs" / "1" / "rank-0.txt").is_file() and not (run / "hangs" / ".live").exists()
     err = capsys.readouterr().err
     line = next(ln for ln in err.splitlines() if ln.startswith("hang:"))
     assert f"rank 1 on {socket.gethostname()}" in line and "\n" not in hang["line"]
@@ -257,6 +258,7 @@ def test_sigterm_to_a_worker_checkpoints_and_resumes(tmp_path, tiny_shards, refe
     assert (run / "checkpoints" / "step-7" / "COMPLETE").is_file()
     attempts = [r for r in _timeline(run) if "attempt" in r]
     assert [a["from"] for a in attempts] == [0, 7]
+    assert not (run / "hangs").exists()  # no hang: the ranks' faulthandler files are gone with the run
 
 
 def test_sigterm_to_the_driver_checkpoints_and_the_same_command_resumes(tmp_path, tiny_shards):

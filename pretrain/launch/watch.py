@@ -24,11 +24,13 @@ evaluation, checkpoint, finish) or before the attempt's first step. Then:
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import os
 import secrets
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,7 +41,7 @@ from pathlib import Path
 
 from pretrain.atomic import atomic_write
 from pretrain.train.goodput import note_hang
-from pretrain.train.pulse import HEARTBEAT_S, LONG_PHASES, stacks_path
+from pretrain.train.pulse import HEARTBEAT_S, LONG_PHASES
 
 SILENT_S = 3 * HEARTBEAT_S  # a rank this long without a beat has stopped beating
 FLOOR_S = 120.0  # the automatic hang timeout's floor, and its multiple of the median step
@@ -141,7 +143,7 @@ class Watcher:
         stacks = dump_stacks(ranks, first=[r for r in ranks if r not in silent])
         for rank, v in sorted(ranks.items()):
             head = (f"rank {rank}  pid {v['pid']}  host {v['host']}  step {v.get('s')}  phase {v.get('p')}  "
-                    f"last beat {now - v['seen']:.1f} s ago  {'STUCK' if rank in stuck else 'waiting'}\n\n")
+                    f"(at its last heartbeat, {now - v['seen']:.1f} s ago)  {'STUCK' if rank in stuck else 'waiting'}\n\n")
             atomic_write(out / f"rank-{rank}.txt", head + stacks.get(rank, "(no stacks: the dump failed)\n"))
         missing = sorted(set(range(self.world)) - set(ranks))
         names = ", ".join(f"rank {r} on {ranks[r]['host']} (pid {ranks[r]['pid']}, step {ranks[r].get('s')}, "
@@ -160,9 +162,13 @@ class Watcher:
         kill(ranks)
 
     def close(self) -> None:
+        """Stop watching; the ranks' faulthandler files go (the run's `hangs/` stays only if a hang was written)."""
         self._closed.set()
         self._thread.join(timeout=2)
         self.sock.close()
+        shutil.rmtree(self.rdir / "hangs" / ".live", ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (self.rdir / "hangs").rmdir()  # empty: no hang
 
 
 def _node_ip() -> str:
@@ -195,19 +201,18 @@ def _py_spy(pid: int) -> str | None:
     return done.stdout if done.returncode == 0 and done.stdout.strip() else None
 
 
-def _faulthandler(pid: int, timeout_s: float = 5.0) -> str | None:
+def _faulthandler(pid: int, path: str | None, timeout_s: float = 5.0) -> str | None:
     """The rank's own dump: SIGUSR1 makes its faulthandler (pretrain.train.pulse.arm_stacks) write every
     thread's stack to its file; a stopped process is continued so that it can."""
-    path = stacks_path(pid)
-    if not path.is_file():
+    if not path or not os.path.isfile(path):
         return None
-    size = path.stat().st_size
+    size = os.path.getsize(path)
     os.kill(pid, signal.SIGUSR1)
     if _stopped(pid):
         os.kill(pid, signal.SIGCONT)
     deadline, last = time.monotonic() + timeout_s, -1
     while time.monotonic() < deadline:
-        now = path.stat().st_size
+        now = os.path.getsize(path)
         if now > size and now == last:  # written, and no longer growing
             break
         last = now
@@ -217,22 +222,22 @@ def _faulthandler(pid: int, timeout_s: float = 5.0) -> str | None:
         return f.read() or None
 
 
-def stacks_here(pids: list[int]) -> dict[int, str]:
-    """Python stacks of these processes on this node, in order (the running ones first: continuing a
-    stopped one for its faulthandler lets the others move on)."""
+def stacks_here(procs: list[tuple[int, str | None]]) -> dict[int, str]:
+    """Python stacks of these processes (pid, faulthandler file) on this node, in order (the running ones
+    first: continuing a stopped one for its faulthandler lets the others move on)."""
     out = {}
-    for pid in pids:
+    for pid, path in procs:
         text = _py_spy(pid)
         if text is not None:
             out[pid] = "py-spy dump:\n" + text
             continue
-        text = _faulthandler(pid)
+        text = _faulthandler(pid, path)
         out[pid] = ("faulthandler (py-spy could not read the process):\n" + text) if text else "(no stacks)\n"
     return out
 
 
-def kill_here(pids: list[int]) -> None:
-    for pid in pids:
+def kill_here(procs: list[tuple[int, str | None]]) -> None:
+    for pid, _ in procs:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -244,9 +249,9 @@ def _on_nodes(fn, ranks: dict[int, dict], order: list[int]) -> dict[int, object]
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    by_node: dict[str | None, list[int]] = {}
+    by_node: dict[str | None, list[tuple[int, str | None]]] = {}
     for rank in order:
-        by_node.setdefault(ranks[rank].get("node"), []).append(int(ranks[rank]["pid"]))
+        by_node.setdefault(ranks[rank].get("node"), []).append((int(ranks[rank]["pid"]), ranks[rank].get("sf")))
     remote = ray.remote(num_cpus=0, max_retries=0)(fn)
     pending = [remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(pids)
                if node else remote.remote(pids) for node, pids in by_node.items()]

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from pretrain.atomic import atomic_write
-from pretrain.config import Config
+from pretrain.config import Config, run_dir
 from pretrain.metrics.flops import mfu_field
 from pretrain.train.engine import compile_stats
 from pretrain.train.final_weights import save_final_weights
@@ -39,7 +39,8 @@ def train(cfg: Config, *, started_at: float | None = None, marks: list | None = 
     attempt = dict(startup.to_list()).get("worker_spawned", started_at)
     PULSE.at("start-up", 0)
     # Beating from here on: a rank stuck while the run is built (a dead mount, a lost peer) is seen too.
-    start_heartbeats(watcher, token, dist.get_rank() if dist.is_initialized() else 0, f"{attempt:.6f}")
+    start_heartbeats(watcher, token, dist.get_rank() if dist.is_initialized() else 0, f"{attempt:.6f}",
+                     stacks=run_dir(cfg) / "hangs" / ".live")
     r = build_run(cfg, startup, steps)
     inject_signal(r.rank, 0)
     timeline = Timeline(r.rdir, r.rank, started_at)

@@ -28,7 +28,6 @@ import select
 import signal
 import socket
 import statistics
-import tempfile
 import threading
 import time
 from collections import deque
@@ -146,21 +145,20 @@ def inject_signal(rank: int, step: int) -> None:
                 time.sleep(0.01)
 
 
-def stacks_path(pid: int) -> Path:
-    """Where a rank's faulthandler writes its stacks on SIGUSR1 (on its node: the watcher's Ray task reads it)."""
-    return Path(tempfile.gettempdir()) / f"pretrain-stacks-{pid}.txt"
-
-
 _stacks_file = None
 
 
-def arm_stacks() -> None:
-    """SIGUSR1 makes this process write every thread's Python stack to `stacks_path` (faulthandler's C-level
-    handler: it runs even while the training thread is blocked in a collective)."""
+def arm_stacks(directory: Path) -> Path:
+    """SIGUSR1 makes this process write every thread's Python stack to a file of its own in `directory` (the
+    run's `hangs/.live/`, which the driver removes at its end), returned (faulthandler's C-level handler: it
+    runs even while the training thread is blocked in a collective)."""
     global _stacks_file
+    path = directory / f"{socket.gethostname()}-{os.getpid()}.txt"
     if _stacks_file is None:
-        _stacks_file = open(stacks_path(os.getpid()), "w")  # noqa: SIM115 - open for the process's life
+        directory.mkdir(parents=True, exist_ok=True)
+        _stacks_file = open(path, "w")  # noqa: SIM115 - open for the process's life
         faulthandler.register(signal.SIGUSR1, file=_stacks_file, all_threads=True, chain=False)
+    return path
 
 
 def _node_id() -> str | None:
@@ -174,19 +172,19 @@ def _node_id() -> str | None:
 
 
 def start_heartbeats(address: str | None, token: str, rank: int, attempt: str,
-                     stop: threading.Event | None = None) -> threading.Thread | None:
+                     stop: threading.Event | None = None, stacks: Path | None = None) -> threading.Thread | None:
     """Send this rank's pulse to the watcher at `address` ("host:port") every HEARTBEAT_S seconds; none
     without an address. The worker group is told by its rendezvous address (`attempt` where there is none).
-    `stop`, once set, ends the thread (a worker's is never set: it beats until the process ends). A beat
+    `stacks`: the directory of its faulthandler's file (`arm_stacks`). `stop`, once set, ends the thread (a worker's is never set: it beats until the process ends). A beat
     takes ~10 us of the GIL once a second (tools/bench_pulse.py)."""
     if not address:
         return None
-    arm_stacks()
     host, port = address.rsplit(":", 1)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     # The worker group: its rendezvous address (Ray Train's, shared by its ranks, new at every restart).
     group = f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}:{attempt if not os.environ.get('MASTER_PORT') else ''}"
-    ident = {"t": token, "r": rank, "pid": os.getpid(), "host": socket.gethostname(), "node": _node_id(), "g": group}
+    ident = {"t": token, "r": rank, "pid": os.getpid(), "host": socket.gethostname(), "node": _node_id(), "g": group,
+             "sf": str(arm_stacks(stacks)) if stacks is not None else None}
 
     def beat() -> None:
         from pretrain import compat
