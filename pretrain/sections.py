@@ -10,8 +10,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class Section(BaseModel):
-    # Unknown keys are errors, not silently ignored: a typo must never train the wrong model.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors, not silently ignored: a typo must never train the wrong model. No float anywhere
+    # in the tree may be NaN or infinite (YAML's .inf, an override's `inf`): a bound such as gt=0 lets inf through.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+SEED_LIMIT = 2**32  # np.random.seed (pretrain/train/run.py) takes only [0, 2**32): refuse it here, not on every worker
+Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
+Beta = Annotated[float, Field(ge=0, lt=1)]  # an AdamW moment decay: 1 would never forget, above 1 diverges
 
 
 class RunConfig(Section):
@@ -77,7 +83,7 @@ class TrainConfig(Section):
                                  "images for diffusion) instead of train.steps: ceil(tokens / (global batch x units per sample)) steps")
     flops: float | None = Field(None, gt=0, description="run length in training FLOPs instead of train.steps: the steps "
                                 "whose tokens x the family's FLOPs per token reach it (rounded up)")
-    seed: int = Field(1234, description="seed of model init, data order and dropout")
+    seed: Seed = Field(1234, description="seed of model init, data order and dropout, in [0, 2**32)")
     micro_batch_size: int = Field(8, gt=0, description="sequences per rank per forward pass")
     global_batch_size: int = Field(16, gt=0, description="sequences per optimizer step over all ranks")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="compute precision (bf16 is for GPUs)")
@@ -108,7 +114,7 @@ class OptimizerConfig(Section):
 
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.1, ge=0, description="decoupled weight decay (matrices only)")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="AdamW betas (beta1, beta2), each in [0, 1)")
     grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 disables")
 
 

@@ -14,7 +14,8 @@ error) is tried again, `PRETRAIN_READ_ATTEMPTS` times in all (4), after 0.5, 1, 
 plus up to 0.5 s of jitter so ranks that fail together do not retry together). Each socket read of s3
 and http(s) times out after `PRETRAIN_READ_TIMEOUT_S` (60 s), so a stalled read ends in about 4 minutes,
 well before a rank's collective timeout. A missing or forbidden object is not retried. The clients' own
-retry loops are turned off, so the number of attempts is this one.
+retry loops are turned off, so the number of attempts is this one. The retry log and ReadFailed's line show a
+URL redacted (pretrain.redact): no password, signature or token.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import tenacity
 
 from pretrain.errors import first_line  # also re-exported: `from pretrain.urls import first_line`
+from pretrain.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -52,32 +54,35 @@ def is_command(path: str) -> bool:
     return path.startswith("pipe:")
 
 
-def read_bytes(url: str) -> bytes:
+def read_bytes(url: str, limit: int | None = None) -> bytes:
     """The whole content of a local path, a `scheme://` URL or a `pipe:` command's output. Transient
     failures are retried (module docstring); raises ReadFailed with one line: "cannot read: <why>" for
-    a permanent failure, "unreadable after N attempts: <why>" when every attempt failed."""
+    a permanent failure, "unreadable after N attempts: <why>" when every attempt failed. With `limit`, a
+    file or a `scheme://` object is read only up to `limit + 1` bytes (a ranged GET), enough for a caller
+    expecting `limit` to see that it is larger without fetching it whole; a `pipe:` command is the user's
+    own and is read whole."""
     attempts = max(1, int(_env_number("PRETRAIN_READ_ATTEMPTS", ATTEMPTS)))
     timeout = _env_number("PRETRAIN_READ_TIMEOUT_S", TIMEOUT_S)
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_attempt(attempts),
         wait=tenacity.wait_exponential(multiplier=BACKOFF_S[0], max=BACKOFF_S[1]) + tenacity.wait_random(0, 0.5),
         retry=tenacity.retry_if_not_exception_type(_PERMANENT),
-        before_sleep=lambda state: log.warning("read %s failed (attempt %d of %d: %s); retrying", url,
+        before_sleep=lambda state: log.warning("read %s failed (attempt %d of %d: %s); retrying", redact(url),
                                                state.attempt_number, attempts,
-                                               first_line(state.outcome.exception())),
+                                               redact(first_line(state.outcome.exception()))),
         reraise=True,
     )
     try:
-        return retrying(_read_once, url, timeout)
+        return retrying(_read_once, url, timeout, limit)
     except FileNotFoundError as e:  # s3fs and fsspec's http say only the path: say what it means
-        raise ReadFailed(f"cannot read: not found ({first_line(e)})") from None
+        raise ReadFailed(redact(f"cannot read: not found ({first_line(e)})")) from None
     except _PERMANENT as e:
-        raise ReadFailed(f"cannot read: {first_line(e)}") from None
+        raise ReadFailed(redact(f"cannot read: {first_line(e)}")) from None
     except Exception as e:  # every attempt failed in a way that might have passed
-        raise ReadFailed(f"unreadable after {attempts} attempts: {first_line(e)}") from None
+        raise ReadFailed(redact(f"unreadable after {attempts} attempts: {first_line(e)}")) from None
 
 
-def _read_once(url: str, timeout: float) -> bytes:
+def _read_once(url: str, timeout: float, limit: int | None) -> bytes:
     if is_command(url):
         import webdataset as wds
 
@@ -87,14 +92,15 @@ def _read_once(url: str, timeout: float) -> bytes:
         finally:
             stream.close()  # webdataset's Pipe raises here when the command failed
     if "://" not in url:
-        return Path(url).read_bytes()
+        with Path(url).open("rb") as f:
+            return f.read(-1 if limit is None else limit + 1)
     import fsspec
 
     protocol = url.split("://", 1)[0]
     fs, path = fsspec.core.url_to_fs(url, **_client_options(protocol, timeout))
     if protocol in ("s3", "s3a"):
         fs.retries = 1  # s3fs's own loop (5 tries on timeouts) is not a constructor option; counted here
-    return fs.cat_file(path)
+    return fs.cat_file(path) if limit is None else fs.cat_file(path, start=0, end=limit + 1)
 
 
 def _client_options(protocol: str, timeout: float) -> dict:

@@ -50,6 +50,16 @@ def test_mixture_sources():
         ("nosection.x=1", "nosection"),
         ("train.global_batch_size=15", "train.global_batch_size"),
         ("model.n_heads=5", "model.n_heads"),
+        # Seeds are unsigned 32-bit; no float in the tree is NaN or infinite; AdamW betas lie in [0, 1).
+        ("train.seed=-1", "train.seed"),
+        ("train.seed=4294967296", "train.seed"),
+        ("optimizer.lr=inf", "optimizer.lr"),
+        ("optimizer.lr=nan", "optimizer.lr"),
+        ("optimizer.lr=.inf", "optimizer.lr"),
+        ("optimizer.betas=[0.9,1.5]", "optimizer.betas"),
+        ("optimizer.betas=[0.9,nan]", "optimizer.betas"),
+        ("model.init_std=inf", "model.init_std"),
+        ("data.train=[{path: a, weight: .nan}]", "data.train.weight"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
@@ -57,6 +67,12 @@ def test_bad_values_name_the_key(override, key):
         load_config(ROOT / "configs/gpt-tiny.yaml", [override])
     msg = str(e.value)
     assert key in msg and "\n" not in msg
+
+
+def test_seed_and_beta_bounds_are_inclusive_where_they_should_be():
+    cfg = load_config(ROOT / "configs/gpt-tiny.yaml", ["train.seed=0", "optimizer.betas=[0.0, 0.999]"])
+    assert cfg.train.seed == 0 and cfg.optimizer.betas == (0.0, 0.999)
+    assert load_config(ROOT / "configs/gpt-tiny.yaml", ["train.seed=4294967295"]).train.seed == 2**32 - 1
 
 
 def test_missing_file_and_bad_override_form():
@@ -103,6 +119,12 @@ def test_cli_errors_exit_2_with_one_line_and_no_run_dir(tmp_path, tiny_shards, o
     line = _refused("gpt-tiny.yaml", tmp_path, f"data.train={tiny_shards / 'train'}",
                     f"data.val={tiny_shards / 'val'}", "model.vocab_size=50304", override)
     assert expect in line
+
+
+def test_cli_refuses_a_negative_seed_before_ray(tmp_path):
+    """A bad value fails in the config, before preflight or Ray: no shards are needed to see it."""
+    line = _refused("gpt-tiny.yaml", tmp_path, "train.seed=-1")
+    assert line.startswith("error: train.seed:"), line
 
 
 # configs/dit-fashion.yaml with a model or objective that does not fit its images.

@@ -17,6 +17,7 @@ import typer
 from pretrain.cli.common import fail
 from pretrain.config import ConfigError, dump_config, run_dir
 from pretrain.errors import RunError
+from pretrain.redact import redact, redact_yaml
 
 # The config loader (pretrain.load) and the run length (pretrain.length) import the model and objective
 # registries, and so torch: each command imports them when it reads a config, so that the job-watching
@@ -73,7 +74,8 @@ def train(
     except RunError as e:
         raise fail(str(e)) from None
     try:
-        (rdir / "config.yaml").write_text(dump_config(cfg))
+        # Redacted: the run and its resume read the config of the command line, never this copy's secrets.
+        (rdir / "config.yaml").write_text(redact_yaml(dump_config(cfg)))
         typer.echo(f"run {cfg.run.name}: {rdir}  ({cfg.cluster.workers} workers, ZeRO-{cfg.zero.stage}, "
                    f"{cfg.train.precision}, {steps} steps)")
 
@@ -85,7 +87,7 @@ def train(
     except Exception as e:  # Ray wraps worker failures; show the cause, keep the trace in a file
         import traceback
 
-        (rdir / "error.log").write_text("".join(traceback.format_exception(e)))
+        (rdir / "error.log").write_text(redact("".join(traceback.format_exception(e))))
         cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise fail(f"training failed: {cause} (full trace: {rdir / 'error.log'})", code=1) from None
     finally:

@@ -34,6 +34,7 @@ from pretrain.launch.jobs import (
     one_line_errors,
     quiet_ray,
 )
+from pretrain.redact import redact
 
 AddressOpt = Annotated[
     str | None,
@@ -93,7 +94,7 @@ def submit(
             typer.echo(f"warning: {w}", err=True)
         with one_line_errors(addr), quiet_ray():
             jid = client.submit_job(submission_id=job_id, **spec)
-        typer.echo(f"submitted to {addr}: {spec['entrypoint']}", err=True)
+        typer.echo(f"submitted to {addr}: {redact(spec['entrypoint'])}", err=True)
         typer.echo(f"follow it with: pretrain logs {jid} --follow --address {addr}", err=True)
         # The id alone on stdout, so that JOB=$(pretrain submit ...) works.
         typer.echo(jid)

@@ -15,8 +15,9 @@ tokenizer file name) must be a plain file name inside the source directory or pr
 letters, digits, `.`, `_`, `-`, no leading dot, ending `.tar`); anything else (a path separator, `..`, an
 absolute path, a scheme, `pipe:`, whitespace, shell metacharacters, control characters) is refused with
 one line naming the manifest and the name, wherever a manifest is read (the driver's `validate_data`,
-every worker, `data inspect`). A `pipe:` source runs a command only because the user wrote it in their own
-config; `commands` lists such sources so the run can say so.
+every worker, `data inspect`). Every shard entry must give its byte count and sha256, which every read of
+the shard checks (`pretrain.data.shards.read_shard`). A `pipe:` source runs a command only because the user
+wrote it in their own config; `commands` lists such sources so the run can say so.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ MANIFEST = "index.json"
 _FILE_NAME = r"[A-Za-z0-9_-][A-Za-z0-9._-]*"
 _SHARD_NAME = re.compile(_FILE_NAME + r"\.tar")
 _TOKENIZER_NAME = re.compile(_FILE_NAME + r"\.json")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass
@@ -95,6 +97,10 @@ def _parse(text: bytes | str, where: str, setting: str) -> dict:
         for key in ("samples", "bytes"):
             if not isinstance(s.get(key), int) or isinstance(s[key], bool) or s[key] < 0:
                 raise DataError(f"{setting}: manifest {where}: shard {name} has no '{key}' count")
+        sha = s.get("sha256")
+        if not (isinstance(sha, str) and _SHA256.fullmatch(sha)):  # training would read the shard unchecked
+            raise DataError(f"{setting}: manifest {where}: shard {name} has no sha256 (64 hex digits), so its "
+                            f"bytes cannot be checked")
     tok = m.get("tokenizer")
     if tok is not None and tok != "gpt2" and not (isinstance(tok, str) and _TOKENIZER_NAME.fullmatch(tok)
                                                   and ".." not in tok):

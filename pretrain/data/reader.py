@@ -38,7 +38,7 @@ class ShardReader:
         if label in self.corrupt:
             return None
         try:
-            samples = read_shard(label, sha256=entry.get("sha256"), nbytes=entry.get("bytes"), label=label)
+            samples = read_shard(label, sha256=entry.get("sha256"), nbytes=entry["bytes"], label=label)
             hit = decode(samples, self.spec, entry["samples"], label)
         except DataError as e:
             if not self.skip_corrupt or isinstance(e, UnreadableShard):  # a failed read is never "corrupt"

@@ -46,6 +46,14 @@ def tokenizer_hash(tok: Tokenizer) -> str:
     return hashlib.sha256(tok.to_str().encode()).hexdigest()
 
 
+def id_bound(tok: Tokenizer) -> int:
+    """One past the largest id of the vocabulary and the added tokens: taken from the ids themselves, since
+    `get_vocab_size` counts tokens and misses ids past a gap (a vocabulary 0..99 plus <|endoftext|> = 70000
+    counts 101)."""
+    ids = tok.get_vocab(with_added_tokens=True).values()
+    return max(tok.get_vocab_size(with_added_tokens=True), max(ids, default=-1) + 1)
+
+
 def eos_id(tok: Tokenizer) -> int:
     """The document separator: <|endoftext|>, or the tokenizer's own end-of-text special token."""
     for name in (GPT2_EOT, "</s>", "<eos>", "<|end_of_text|>", "[SEP]"):

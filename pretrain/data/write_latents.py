@@ -57,7 +57,7 @@ def _images(src: Source, start: int) -> Iterator[Item]:
         if done + entry["samples"] <= start:
             done += entry["samples"]
             continue
-        samples = read_shard(url, sha256=entry.get("sha256"), nbytes=entry.get("bytes"), label=url)
+        samples = read_shard(url, sha256=entry.get("sha256"), nbytes=entry["bytes"], label=url)
         if len(samples) != entry["samples"]:
             raise DataError(f"shard {url}: {len(samples)} samples, the manifest says {entry['samples']}")
         for key, members in samples:

@@ -35,7 +35,7 @@ import numpy as np
 from pretrain.atomic import atomic_write
 from pretrain.data.manifest import FORMAT, MANIFEST, write_manifest
 from pretrain.data.shards import ShardWriter, token_ext
-from pretrain.data.tokenizer import eos_id, load_tokenizer, tokenizer_hash
+from pretrain.data.tokenizer import eos_id, id_bound, load_tokenizer, tokenizer_hash
 from pretrain.errors import DataError
 
 PIECE_BYTES = 1 << 20
@@ -235,6 +235,10 @@ class _SplitWriter:
         drop = skip - cum
         index, writer = done_samples, None
         for k, (ids, nbytes) in enumerate(_encoded(self.pieces[first:], spec, workers), start=first):
+            if len(ids) and int(ids.max()) >= self.header["vocab_size"]:
+                if writer is not None:
+                    writer.abort()  # no partial shard left; finished ones stay journaled, and no manifest
+                raise self._id_error(int(ids.max()), self.pieces[k], spec)
             self.piece_tokens.append(int(len(ids)))
             progress(self.pieces[k].end - self.pieces[k].start)
             if drop:
@@ -262,6 +266,12 @@ class _SplitWriter:
             self._finish(writer)
         self._journal()
         return self._manifest()
+
+    def _id_error(self, top: int, piece: Piece, spec: str) -> DataError:
+        # Checked before any id is cast to the shards' dtype (chosen from vocab_size): a larger one would wrap
+        # around in uint16 and train on another token without a word.
+        return DataError(f"input {piece.path}: tokenizer {spec} gave token id {top}, outside its vocabulary of "
+                         f"{self.header['vocab_size']} ids (shards store {np.dtype(self.dtype).name})")
 
     def _finish(self, writer: ShardWriter) -> None:
         entry = writer.close()
@@ -343,7 +353,7 @@ def write_text(
     train, val, corpus_sha = plan_pieces(files, val_fraction)
     if val_fraction > 0 and not val:
         raise DataError(f"--val-fraction {val_fraction}: the corpus is too small to hold anything out")
-    vocab = tok.get_vocab_size(with_added_tokens=True)
+    vocab = id_bound(tok)  # not the token count: the storage dtype must hold the largest id
     ext, dtype = token_ext(vocab)
     spec = "gpt2" if tokenizer == "gpt2" else "tokenizer.json"
     total = sum(p.end - p.start for p in train + val)

@@ -2,12 +2,23 @@
 
 Thin helpers over Ray's job API (`ray.job_submission.JobSubmissionClient`, the dashboard's HTTP port,
 usually 8265): `connect` to a head, `build_job` (validate the config locally, upload the project directory
-as the job's working directory without .venv, runs/, data/, .git and caches, and start
+as the job's working directory without .venv, runs/, data/, .git, caches and secret files, and start
 `pretrain train CONFIG overrides...` on the head node; there `pretrain train` finds the cluster through
 the RAY_ADDRESS Ray sets for every job), `job_state`. No secret of the submitting shell travels with a job
 unless `--env NAME` asks for it, with a warning: a job's runtime_env is readable by anyone with the
 cluster token. The cluster provides secrets itself. The commands `pretrain submit | status | logs | stop |
 jobs` are pretrain.cli.jobs.
+
+No secret file of the project directory travels either: the upload leaves out, at any depth, the files that
+commonly hold credentials (SECRET_EXCLUDES: dotenv files, .netrc, .aws/, .ssh/, keys and certificates,
+`*key*.json`, `secrets.*`, `credentials*`, .ray/ with the cluster token...), on top of the user's
+.gitignore and .rayignore, which Ray also applies. A list of what to leave out, not one of what to send:
+an allowlist (the package, configs/, pyproject.toml) would break every user whose config names a
+tokenizer, a data list or a module of their own beside the project, and the working directory is the
+user's to choose (`--working-dir`). The patterns spare code (`credentials.py`, `secrets.py` travel), so
+no module the job imports goes missing; anything else private goes in .rayignore. A config value that carries a credential
+(a presigned URL, `https://user:pw@host`) is sent as written, in the entrypoint and the uploaded config,
+with a warning (pretrain.redact decides what is one); what submit prints is redacted.
 
 Ray 2.60 heads run with token authentication by default. The token is read from the same places Ray reads
 it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) and sent as a bearer header whatever
@@ -29,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from pretrain.errors import first_line
+from pretrain.redact import leaked, redact
 from pretrain.urls import is_url
 
 if TYPE_CHECKING:
@@ -66,8 +78,24 @@ UPLOAD_EXCLUDES = [
     ".ruff_cache/",
     ".mypy_cache/",
     ".cache/",
-    ".env",  # dotenv files hold secrets: never part of an upload
-    "*.env",
+]
+# Files that commonly hold credentials, at any depth: never part of an upload, whatever the user's .gitignore
+# says (module docstring: why a list of what to leave out rather than one of what to send).
+SECRET_EXCLUDES = [
+    ".env", ".env*", "*.env", ".envrc",  # dotenv and direnv
+    ".netrc", "_netrc", ".git-credentials", ".npmrc", ".pypirc", ".yarnrc*", ".docker/", ".dockercfg",
+    ".aws/", ".boto", ".s3cfg", ".config/gcloud/", ".azure/", ".kube/", ".terraformrc", "*.tfvars", "*.tfstate*",
+    ".ssh/", ".gnupg/", ".ray/", ".huggingface/", ".wandb/",  # .ray/auth_token is the cluster's token itself
+    "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*",
+    "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore", "*.ppk", "*.kdbx",
+    "*key*.json", "service-account*.json", "auth_token", "*.token", ".htpasswd",
+    # Named like credentials or secrets: by extension, so that code (a module `credentials.py`) still travels.
+    # No "!*.py" exception instead: Ray matches each file, not the directories above it, so a negation
+    # would bring back every .py file under .venv/.
+    "credentials", ".credentials*", "*credentials*.json", "credentials.csv", "*accessKeys.csv",
+    "secrets", ".secrets*", "client_secret*.json", "*secret*.json",
+    *(f"{stem}.{ext}" for stem in ("credentials", "secrets", "*secret*")
+      for ext in ("y*ml", "toml", "ini", "txt", "env")),
 ]
 
 
@@ -210,6 +238,13 @@ def locality_warnings(cfg) -> list[str]:
     return out
 
 
+def credential_warnings(cfg) -> list[str]:
+    """Config values (from the file or an override) that carry a credential: they travel as written."""
+    return [f"{key} carries a credential ({value}): the job's entrypoint and uploaded config are readable by "
+            "anyone with the cluster token; let the cluster provide it (cluster/README.md, \"Secrets for the run\")"
+            for key, value in leaked(cfg.model_dump(mode="json"))]
+
+
 def build_job(
     config: Path,
     overrides: list[str],
@@ -242,14 +277,14 @@ def build_job(
                             "it (cluster/README.md, \"Secrets for the run\")")
     # No pip/conda/uv here: the cluster image already has the project's dependencies
     # (torch included); reinstalling torch per job would take minutes and gigabytes.
-    runtime_env: dict = {"working_dir": str(wd), "excludes": list(UPLOAD_EXCLUDES)}
+    runtime_env: dict = {"working_dir": str(wd), "excludes": [*UPLOAD_EXCLUDES, *SECRET_EXCLUDES]}
     if env_vars:
         runtime_env["env_vars"] = env_vars
     return {
         "entrypoint": shlex.join(["pretrain", "train", rel.as_posix(), *overrides]),
         "runtime_env": runtime_env,
         "metadata": {"run": cfg.run.name, "config": rel.as_posix()},
-        "warnings": [*warnings, *locality_warnings(cfg)],
+        "warnings": [redact(w) for w in (*warnings, *credential_warnings(cfg), *locality_warnings(cfg))],
     }
 
 

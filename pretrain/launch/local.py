@@ -22,6 +22,7 @@ from pretrain.config import Config, run_dir
 from pretrain.length import total_steps
 from pretrain.load import config_from_dict
 from pretrain.metrics.console import follow_metrics
+from pretrain.redact import redact
 from pretrain.train.pulse import PREEMPTED
 from pretrain.train.storage import Storage
 from pretrain.urls import is_url
@@ -138,7 +139,7 @@ def launch(cfg: Config, *, started_at: float, quiet: bool = False, steps: int | 
     steps = steps or total_steps(cfg, objective)  # derived once on the driver: the workers receive it
     marks = [("command", started_at), ("preflight", time.time())]  # start-up phases (pretrain/train/startup.py)
     for line in objective.data.get("commands", []):  # a `pipe:` source the user wrote: say that it runs
-        print(f"notice: {line}", file=sys.stderr, flush=True)
+        print(f"notice: {redact(line)}", file=sys.stderr, flush=True)
     objective.setup()
     unit = objective.unit
     cfg = resolve_paths(cfg)

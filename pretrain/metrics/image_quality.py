@@ -63,7 +63,7 @@ def load_image_arrays(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, 
     src = _source(path)
     images, labels = [], []
     for url, entry in zip(src.urls, src.shards, strict=True):
-        for key, members in read_shard(url, sha256=entry.get("sha256"), nbytes=entry.get("bytes"), label=url):
+        for key, members in read_shard(url, sha256=entry.get("sha256"), nbytes=entry["bytes"], label=url):
             if "image.npy" not in members or "label.cls" not in members:
                 raise DataError(f"shard {url}: sample {key} lacks image.npy or label.cls")
             arr = np.load(io.BytesIO(members["image.npy"]), allow_pickle=False)

@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from pretrain.atomic import atomic_write
+from pretrain.redact import redacted_tree
 
 
 class Sink:
@@ -89,7 +90,7 @@ class WandbSink(Sink):
         mode = wandb_mode()
         self._run = wandb.init(
             project=project, name=name, id=id_file.read_text().strip(), resume="allow", dir=str(run_dir),
-            config=config, mode=mode, settings=wandb.Settings(console="off", silent=True),
+            config=redacted_tree(config), mode=mode, settings=wandb.Settings(console="off", silent=True),
         )
         # Scaling-law views: loss against compute and against units of data (tokens, images), not only steps.
         self.unit = unit

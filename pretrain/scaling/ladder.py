@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from pretrain.config import Config, ConfigError, dump_config, run_dir
+from pretrain.redact import redact_yaml, redacted_tree
 from pretrain.scaling import ScalingError
 
 
@@ -224,10 +225,10 @@ def _config_change(rdir: Path, cfg: Config) -> str | None:
     if not path.is_file():
         return None
     try:
-        old = _flat(_config(yaml.safe_load(path.read_text()) or {}).model_dump(mode="json"))
+        old = _flat(redacted_tree(_config(yaml.safe_load(path.read_text()) or {}).model_dump(mode="json")))
     except (ConfigError, yaml.YAMLError) as e:
         return f"its config.yaml does not load ({e})"
-    new = _flat(cfg.model_dump(mode="json"))
+    new = _flat(redacted_tree(cfg.model_dump(mode="json")))  # both redacted: config.yaml is written so
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             return f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
@@ -260,7 +261,7 @@ def prepare(ladder: Ladder) -> tuple[list[Rung], list[Rung]]:
     for rung in todo:
         rdir = ladder.rdir(rung)
         rdir.mkdir(parents=True, exist_ok=True)
-        atomic_write(rdir / "config.yaml", dump_config(ladder.configs[rung.name]))
+        atomic_write(rdir / "config.yaml", redact_yaml(dump_config(ladder.configs[rung.name])))
     return done, todo
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from pretrain.atomic import atomic_path, atomic_write
 from pretrain.config import Config, dump_config
+from pretrain.redact import redact_yaml
 
 MAX_SHARD_BYTES = 5e9  # as Hugging Face's save_pretrained
 
@@ -54,7 +55,8 @@ def save_final_weights(engine, cfg: Config, out: Path, rank: int, *, ema=None, d
         # Shards of at most MAX_SHARD_BYTES, written as they fill: rank 0 holds one shard, never the model.
         write_shards(out, itertools.chain(values, buffers.items()), MAX_SHARD_BYTES)
         atomic_write(out / "model.yaml", yaml.safe_dump(cfg.model.model_dump(mode="json"), sort_keys=False))
-        atomic_write(out / "config.yaml", dump_config(cfg))  # the whole run's: objective, seed, data
+        # The whole run's (objective, seed, data), its credentials masked: readers take its model and objective.
+        atomic_write(out / "config.yaml", redact_yaml(dump_config(cfg)))
         if data is not None:
             atomic_write(out / "data.json", json.dumps(data, indent=1, sort_keys=True) + "\n")
     else:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from pretrain.atomic import atomic_write
 from pretrain.config import Config, run_dir
 from pretrain.metrics.flops import mfu_field
+from pretrain.redact import redacted_tree
 from pretrain.train.engine import compile_stats
 from pretrain.train.final_weights import save_final_weights
 from pretrain.train.goodput import TIMELINE, Timeline, account
@@ -177,4 +178,5 @@ def fit_fields(cfg: Config, steps: int, fpu: float, unit: str) -> dict:
 
     t = cfg.train
     return {"schedule": describe(cfg.schedule, cfg.optimizer.lr, steps), "length": {k: getattr(t, k) for k in ("steps", "tokens", "flops")},
-            f"flops_per_{unit.rstrip('s')}": fpu, **identity(cfg.model_dump(mode="json"))}
+            # redacted: a data source that is a URL names itself in the identity, presigned signature and all
+            f"flops_per_{unit.rstrip('s')}": fpu, **redacted_tree(identity(cfg.model_dump(mode="json")))}

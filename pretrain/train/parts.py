@@ -13,6 +13,7 @@ import torch
 from pretrain.config import Config
 from pretrain.metrics.sinks import Sink
 from pretrain.objectives import Objective
+from pretrain.redact import redacted_tree
 from pretrain.train.ema import EMA
 from pretrain.train.hooks import Hooks
 
@@ -95,6 +96,6 @@ class RunView:
     def save_checkpoint(self) -> None:
         r = self._run
         client = {"step": self.step, "units": self.units, "data": r.stream.state_dict(),
-                  "config": r.cfg.model_dump(mode="json"), **({"spike": r.spikes.state_dict()} if r.spikes else {})}
+                  "config": redacted_tree(r.cfg.model_dump(mode="json")), **({"spike": r.spikes.state_dict()} if r.spikes else {})}
         extra = (lambda d: r.ema.save(d, r.rank, r.world)) if r.ema is not None else None
         r.saver.save(r.engine, self.step, client, extra=extra)  # the upload to the location runs behind

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,66 @@ def test_job_spec_rejects_a_config_outside_the_working_dir(tmp_path):
 def test_no_warning_for_shared_paths(tmp_path):
     spec = jobs.build_job(TINY, [f"data.train={tmp_path}/t", "data.val=s3://b/v", f"run.dir={tmp_path}"])
     assert spec["warnings"] == []
+
+
+SECRET_FILES = [".env.local", ".env", "prod.env", ".envrc", ".netrc", ".aws/credentials", ".ssh/id_ed25519",
+                "key.json", "gcp-service-key.json", "secrets.yaml", "configs/secrets.yaml", "credentials.json",
+                "tls/server.pem", ".git-credentials", ".npmrc", ".pypirc", ".ray/auth_token", "nested/.env.prod",
+                ".config/gcloud/application_default_credentials.json", "secrets.toml"]
+LEFT_OUT = [".venv/lib/site.py", "runs/r/config.yaml", ".git/config"]  # not secrets, never uploaded either
+NORMAL_FILES = ["configs/x.yaml", "train_extra.py", "mypkg/__init__.py", "mypkg/keys.py", "mypkg/credentials.py", "secrets.py", "pyproject.toml",
+                "constraints.txt", "tokenizer/tokenizer.json", "README.md"]
+
+
+def _uploaded(tmp_path: Path) -> tuple[set[str], dict]:
+    """A project holding secret files beside normal ones; the names in the package Ray would upload for the
+    runtime_env submit builds (Ray's own packaging function, offline)."""
+    from ray._private.runtime_env.packaging import create_package
+
+    proj = tmp_path / "proj"
+    for name in SECRET_FILES + LEFT_OUT + NORMAL_FILES:
+        (proj / name).parent.mkdir(parents=True, exist_ok=True)
+        (proj / name).write_text("SECRET\n" if name in SECRET_FILES else "x: 1\n")
+    (proj / "configs" / "x.yaml").write_text(TINY.read_text())
+    spec = jobs.build_job(proj / "configs" / "x.yaml", [f"data.train={tmp_path}/t", "data.val=null",
+                                                        f"run.dir={tmp_path}"])
+    renv = spec["runtime_env"]
+    assert renv["working_dir"] == str(proj)
+    pkg = tmp_path / "pkg.zip"
+    create_package(renv["working_dir"], pkg, include_gitignore=True, excludes=renv["excludes"])
+    return {n.rstrip("/") for n in zipfile.ZipFile(pkg).namelist()}, spec
+
+
+def test_upload_leaves_out_secret_files(tmp_path):
+    names, spec = _uploaded(tmp_path)
+    assert not set(SECRET_FILES + LEFT_OUT) & names, sorted(set(SECRET_FILES + LEFT_OUT) & names)
+    assert set(NORMAL_FILES) <= names, sorted(set(NORMAL_FILES) - names)
+    assert spec["warnings"] == []
+
+
+def test_upload_keeps_every_file_of_this_project(tmp_path):
+    """The secret patterns leave out no code or config of the project itself (Ray's matcher, per path and per
+    directory above it, as Ray walks the tree)."""
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    match = _get_excludes(ROOT, [*jobs.UPLOAD_EXCLUDES, *jobs.SECRET_EXCLUDES])
+    files = [p for d in ("pretrain", "configs", "cluster", "tools", "tests") for p in (ROOT / d).rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts]
+    files += [ROOT / "pyproject.toml", ROOT / "constraints.txt"]
+    rels = [p.relative_to(ROOT) for p in files]
+    dropped = [str(r) for r in rels if any(match(ROOT / q) for q in [r, *r.parents[:-1]])]
+    assert not dropped, dropped[:10]
+
+
+def test_a_credential_in_the_config_travels_with_a_redacted_warning():
+    signed = "s3://b/v?X-Amz-Signature=SECRET"
+    spec = jobs.build_job(TINY, ["data.train=/shared/t", f"data.val={signed}", "run.dir=/shared/runs"])
+    assert signed in spec["entrypoint"]  # the job needs it as written
+    assert spec["warnings"] == [
+        "data.val.path carries a credential (s3://b/v?X-Amz-Signature=***): the job's entrypoint and uploaded "
+        "config are readable by anyone with the cluster token; let the cluster provide it (cluster/README.md, "
+        '"Secrets for the run")'
+    ]
 
 
 def test_bad_config_fails_before_contacting_a_cluster():

@@ -7,7 +7,9 @@ import shutil
 import time
 
 import pytest
+from typer.testing import CliRunner
 
+from pretrain.cli.data import app
 from pretrain.config import DataConfig
 from pretrain.data import DataError, build_train_stream, tokenizer_for, validate_data
 from tests.data.conftest import write_source
@@ -61,6 +63,29 @@ def test_manifest_not_matching_shards(sources, tmp_path, change):
         shard.unlink()
     with pytest.raises(DataError, match="shard-000003.tar"):
         validate_data(DataConfig(train=str(d)))
+
+
+@pytest.mark.parametrize("sha256", [None, "", "0" * 63, 12])
+def test_shard_without_sha256_is_refused_everywhere(sources, tmp_path, sha256):
+    """Without a sha256 a changed shard would be read unchecked: the driver, a worker and `data inspect
+    --verify` refuse the manifest with one line naming the shard (inspect used to end in a KeyError)."""
+    d = _copy(sources["prose"], tmp_path)
+    m = json.loads((d / "index.json").read_text())
+    if sha256 is None:
+        del m["shards"][1]["sha256"]
+    else:
+        m["shards"][1]["sha256"] = sha256
+    (d / "index.json").write_text(json.dumps(m))
+    want = r"data.train: manifest .*index.json: shard shard-000001.tar has no sha256 \(64 hex digits\)"
+    cfg = DataConfig(train=str(d))
+    with pytest.raises(DataError, match=want):
+        validate_data(cfg)
+    with pytest.raises(DataError, match=want):
+        build_train_stream(cfg, seed=0, rank=0, world_size=1, micro_batch_size=4, grad_accum=1)
+    result = CliRunner().invoke(app, ["inspect", str(d), "--verify"])
+    assert result.exit_code == 2 and result.exception is not None and not isinstance(result.exception, KeyError)
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "shard shard-000001.tar has no sha256" in lines[0], result.output
 
 
 def test_flipped_bytes_named_within_seconds(sources, tmp_path):

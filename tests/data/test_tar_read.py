@@ -1,10 +1,14 @@
 """Shard reading: the fast ustar walk gives exactly what webdataset's tar iterator gives, and hands every other
-kind of tar (pax, GNU, compressed, directories, a bad checksum) to it."""
+kind of uncompressed tar (pax, GNU, directories, a bad checksum) to tarfile, which reads it as that iterator
+does; compressed tars and a manifest entry without sha256 are refused. Mutated shards: test_shard_fuzz.py."""
 
 from __future__ import annotations
 
+import bz2
 import gzip
+import hashlib
 import io
+import lzma
 import tarfile
 
 import pytest
@@ -12,6 +16,12 @@ from webdataset.tariterators import tar_file_iterator
 
 from pretrain.data.shards import ShardWriter, _plain_ustar, read_shard
 from pretrain.errors import DataError
+
+
+def _read(path, data: bytes):
+    """read_shard of `data` written at `path`, with a manifest entry that matches it."""
+    path.write_bytes(data)
+    return read_shard(str(path), sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data), label="s")
 
 
 def _members(data: bytes) -> list[tuple[str, bytes]]:
@@ -58,25 +68,42 @@ def test_ustar_with_prefix_and_meta_members_matches_webdataset():
     assert not any(n.startswith("__") for n, _ in _plain_ustar(data))
 
 
-@pytest.mark.parametrize("case", ["pax", "gnu", "gzip", "directory"])
-def test_other_tars_go_to_webdataset_with_the_same_result(tmp_path, case):
+@pytest.mark.parametrize("case", ["pax", "gnu", "directory"])
+def test_other_tars_go_to_tarfile_with_webdatasets_result(tmp_path, case):
     if case == "pax":
         data = _tar({"é" * 120 + ".bin": b"x", **FILES}, fmt=tarfile.PAX_FORMAT)
     elif case == "gnu":
         data = _tar({"b" * 150 + ".bin": b"x", **FILES}, fmt=tarfile.GNU_FORMAT)
-    elif case == "gzip":
-        data = gzip.compress(_tar(FILES))
     else:
         data = _tar(FILES, dirs=("d",))
     assert _plain_ustar(data) is None
-    path = tmp_path / "s.tar"
-    path.write_bytes(data)
-    got = read_shard(str(path), sha256=None, nbytes=None, label="s")
+    got = _read(tmp_path / "s.tar", data)
     want: dict[str, dict[str, bytes]] = {}
     for name, payload in _members(data):
         key, _, ext = name.partition(".")
         want.setdefault(key, {})[ext] = payload
     assert dict(got) == want
+
+
+@pytest.mark.parametrize("kind,compress", [("gzip", gzip.compress), ("bzip2", bz2.compress), ("xz", lzma.compress)])
+def test_compressed_tar_is_refused(tmp_path, kind, compress):
+    with pytest.raises(DataError, match=rf"^shard s: a {kind}-compressed tar; shards are read as uncompressed tar only$"):
+        _read(tmp_path / "s.tar", compress(_tar(FILES)))
+
+
+def test_shard_without_sha256_is_refused(tmp_path):
+    data = _tar(FILES)
+    (tmp_path / "s.tar").write_bytes(data)
+    with pytest.raises(DataError, match=r"^shard s: the manifest gives no sha256 \(64 hex digits\) for it"):
+        read_shard(str(tmp_path / "s.tar"), sha256=None, nbytes=len(data), label="s")
+
+
+def test_local_shard_of_another_size_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    data = _tar(FILES)
+    (tmp_path / "s.tar").write_bytes(data + bytes(512))
+    monkeypatch.setattr("pretrain.data.shards.read_bytes", lambda url: pytest.fail("read a shard of the wrong size"))
+    with pytest.raises(DataError, match=rf"^shard s: {len(data) + 512} bytes, the manifest says {len(data)} "):
+        read_shard(str(tmp_path / "s.tar"), sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data), label="s")
 
 
 @pytest.mark.parametrize("damage", ["checksum", "truncated", "no-end"])
@@ -89,11 +116,13 @@ def test_damaged_tar_is_corrupt(tmp_path, damage):
         data = data[: last.offset_data + last.size // 2]  # the last payload cut short
     else:
         data = data[: last.offset_data + -(-last.size // 512) * 512]  # members whole, no end-of-archive blocks
-    assert _plain_ustar(bytes(data)) is None
-    path = tmp_path / "s.tar"
-    path.write_bytes(bytes(data))
+    if damage == "truncated":  # the walk sees the last member run past the end
+        with pytest.raises(ValueError, match=r"member 11 at byte \d+: size 5000 runs past the end of the \d+-byte tar"):
+            _plain_ustar(bytes(data))
+    else:
+        assert _plain_ustar(bytes(data)) is None
     if damage == "no-end":  # tarfile reads what is whole: so does read_shard
-        assert len(read_shard(str(path), sha256=None, nbytes=None, label="s")) == len(FILES) // 2
+        assert len(_read(tmp_path / "s.tar", bytes(data))) == len(FILES) // 2
         return
     with pytest.raises(DataError, match="corrupt or truncated"):
-        read_shard(str(path), sha256=None, nbytes=None, label="s")
+        _read(tmp_path / "s.tar", bytes(data))

@@ -132,6 +132,44 @@ def test_interrupted_write_keeps_finished_shards(tmp_path, monkeypatch):
     assert _files(tmp_path / "x") == _files(tmp_path / "clean")
 
 
+def _gap_tokenizer(path) -> str:
+    """Words a..z and [UNK] at ids 0..26, <|endoftext|> at 70000: a vocabulary of 28 tokens whose largest id
+    needs uint32."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {chr(97 + i): i for i in range(26)} | {"[UNK]": 26, "<|endoftext|>": 70000}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return str(path)
+
+
+def test_the_storage_dtype_holds_the_largest_id_not_the_token_count(tmp_path):
+    (tmp_path / "doc.txt").write_text("a b c d e f g h\n" * 20)
+    tok = _gap_tokenizer(tmp_path / "tokenizer.json")
+    m = wt.write_text([str(tmp_path / "doc.txt")], tokenizer=tok, out=tmp_path / "out", seq_len=8, workers=1)["train"]
+    assert (m["vocab_size"], m["dtype"], m["member"], m["eos_id"]) == (70001, "uint32", "tokens.u32", 70000)
+    d = tmp_path / "out" / "train"
+    rows = [np.frombuffer(members["tokens.u32"], dtype="<u4") for s in m["shards"]
+            for _, members in read_shard(str(d / s["name"]), sha256=s["sha256"], nbytes=s["bytes"], label=s["name"])]
+    assert np.concatenate(rows).max() == 70000  # the separator, whole (uint16 would have stored 4464)
+
+
+def test_an_id_past_the_vocabulary_is_refused_before_it_is_stored(tmp_path, monkeypatch):
+    """With the vocabulary taken as the token count (28: uint16), the separator 70000 would wrap around: the
+    writer stops with one line naming the file, the tokenizer and the id, leaving no shard and no manifest."""
+    (tmp_path / "doc.txt").write_text("a b c d e f g h\n" * 100)
+    tok = _gap_tokenizer(tmp_path / "tokenizer.json")
+    monkeypatch.setattr(wt, "id_bound", lambda t: t.get_vocab_size(with_added_tokens=True))
+    monkeypatch.setattr(wt, "PIECE_BYTES", 256)  # the separator comes in a later piece, a shard being written
+    with pytest.raises(wt.DataError) as e:
+        wt.write_text([str(tmp_path / "doc.txt")], tokenizer=tok, out=tmp_path / "out", seq_len=8, workers=1)
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path / "doc.txt") in msg and tok in msg and "70000" in msg and "uint16" in msg
+    d = tmp_path / "out" / "train"
+    assert not (d / "index.json").exists() and not list(d.glob("shard-*"))
+
+
 @pytest.mark.parametrize("case", ["missing", "tokenizer", "val_fraction", "binary", "seq_len"])
 def test_cli_bad_input_is_one_line(tmp_path, case):
     good = write_corpus(tmp_path / "c", n_docs=1, words_per_doc=50)[0]
