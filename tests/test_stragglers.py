@@ -21,6 +21,7 @@ import pytest
 
 from pretrain.launch.local import launch
 from pretrain.load import load_config
+from tests.test_faults import _run_in_thread
 from tests.test_train import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,20 +77,6 @@ def _hog(cpu: int, nice: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code])
 
 
-def _launch(cfg) -> tuple[threading.Thread, list]:
-    errors: list = []
-
-    def target():
-        try:
-            launch(cfg, started_at=time.time(), quiet=True)
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            errors.append(e)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, errors
-
-
 def _wait(predicate, thread: threading.Thread, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not predicate():
@@ -101,7 +88,7 @@ def _wait(predicate, thread: threading.Thread, timeout: float = 300) -> None:
 def test_hogged_worker_is_named(tmp_path, tiny_shards, ray_local):
     cfg = _cfg(tmp_path, tiny_shards, "hogged", steps=35)
     run = tmp_path / "runs" / "hogged"
-    thread, errors = _launch(cfg)
+    thread, errors = _run_in_thread(cfg)
     hogs: list[subprocess.Popen] = []
     try:
         _wait(lambda: _last_step(run) >= EVERY + 1, thread)  # past the first window (its warm-up step)

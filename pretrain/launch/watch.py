@@ -61,7 +61,6 @@ class Watcher:
         self.address = f"{host}:{port}"
         self.attempts: list[str] = []  # rendezvous addresses of the worker groups seen, in order
         self.ranks: dict[int, dict] = {}  # the current attempt's: the last beat of each rank, and when it moved
-        self.hangs: list[dict] = []
         self.stopping: str | None = None  # why the driver asked the ranks to stop
         self._declared = False
         self._closed = threading.Event()
@@ -156,7 +155,6 @@ class Watcher:
                   "ranks": {str(r): {k: v.get(k) for k in ("pid", "host", "s", "p")} for r, v in ranks.items()},
                   "line": line, "t": time.time()}
         atomic_write(out / "hang.json", json.dumps(record, indent=2) + "\n")
-        self.hangs.append(record)
         note_hang(self.rdir, self.command, time.time(), quiet)  # for the goodput accounting
         self.say(line)
         kill(ranks)
