@@ -49,9 +49,16 @@ def start(modules: tuple[str, ...]) -> None:
     """In a worker: begin importing `modules` on a thread; SIGTERM asks the loop for a checkpoint and a stop
     (pretrain.train.pulse: the handler must be installed on the actor's main thread, where this runs)."""
     global _thread
+    import torch  # noqa: F401  (see below)
+
     from pretrain.train.pulse import install_sigterm
 
     install_sigterm()
+    # torch is imported here, on the actor's main thread, before the thread starts: the next task this thread runs
+    # (Ray Train's init_train_context) unpickles ray.train.torch, which imports torch too, and two threads importing
+    # torch's circular package at once meet Python's import-deadlock detector: one gets a half-built module and
+    # the worker dies (SIGABRT), which Ray Train counts as a machine failure. That task needs torch anyway, so
+    # importing it first costs the start-up nothing.
     if _thread is None:
         _thread = threading.Thread(target=_preload, args=(modules,), name="pretrain-warm-up", daemon=True)
         _thread.start()
