@@ -33,6 +33,19 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def make_dirs(path: str | os.PathLike) -> None:
+    """`mkdir -p` that makes each directory it creates durable: the parent of every new directory is fsynced
+    (a new directory's entry is in its parent, which a power loss could otherwise forget)."""
+    path = Path(path)
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+        fsync_dir(d.parent)
+
+
 def _read_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

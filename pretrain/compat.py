@@ -1,7 +1,7 @@
 """Every use of another library's private API in the project, in one place: Ray Train v2's `_internal` classes, DeepSpeed's
-op table, engine internals and universal-checkpoint script, torch's dynamo and inductor internals. Nothing in them
-is promised to survive a release, so each entry calls `check(lib)` with the library it touches, and `VERSIONS`
-records the version every entry was written (and tested) against.
+op table, engine internals and universal-checkpoint script, torch's dynamo and inductor internals, W&B's transaction log
+(its format and `Record` protos). Nothing in them is promised to survive a release, so each entry calls `check(lib)`
+with the library it touches, and `VERSIONS` records the version every entry was written (and tested) against.
 
 Policy, when the installed version differs from the recorded one (`check`):
 - another release (major.minor): `PrivateAPIVersionError`, one line naming the library, the version written against
@@ -19,14 +19,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.metadata
+import mmap
 import os
 import re
+import struct
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
 
-# The versions each entry below was written against (ray and deepspeed: their distributions; torch: its
+# The versions each entry below was written against (ray, deepspeed and wandb: their distributions; torch: its
 # public version, without a local build tag).
-VERSIONS = {"ray": "2.60.0", "deepspeed": "0.19.8", "torch": "2.13.0"}
+VERSIONS = {"ray": "2.60.0", "deepspeed": "0.19.8", "torch": "2.13.0", "wandb": "0.31.0"}
 
 
 class PrivateAPIVersionError(RuntimeError):
@@ -249,3 +253,64 @@ def torch_dynamo_counts() -> dict:
 
     return {"compiled_frames": int(counters["frames"]["ok"]), "compiled_graphs": int(counters["stats"]["unique_graphs"]),
             "graph_breaks": int(sum(counters["graph_break"].values()))}
+
+
+# ----------------------------------------------------------------------------- wandb (its transaction log)
+
+# A run's `run-<id>.wandb`: a 7-byte header (":W&B", 0xBEE1, version 0), then LevelDB-log records in 32 KiB
+# blocks. Each chunk has a 7-byte header (crc32c, length, type: 1 full, 2 first, 3 middle, 4 last); a block's
+# tail too short for a header is padding, so every block starts with a chunk. The records are wandb's private
+# `Record` protos (wandb >= 0.20 writes the log from its Go core and ships no Python reader).
+_WANDB_BLOCK, _WANDB_CHUNK, _WANDB_HEADER = 32768, 7, b":W&B\xe1\xbe\x00"
+
+
+def _wandb_records(data, pos: int) -> Iterator[bytes]:
+    """The whole records from offset `pos` (a block's start) on; chunks that continue a record begun before `pos`
+    are passed over, and a torn or garbled tail (a writer killed mid-record) ends the iteration."""
+    pending = None
+    while pos + _WANDB_CHUNK <= len(data):
+        room = _WANDB_BLOCK - pos % _WANDB_BLOCK
+        if room < _WANDB_CHUNK:
+            pos += room
+            continue
+        _, length, kind = struct.unpack_from("<IHB", data, pos)
+        end = pos + _WANDB_CHUNK + length
+        if kind not in (1, 2, 3, 4) or length > room - _WANDB_CHUNK or end > len(data):
+            return
+        chunk, pos = bytes(data[pos + _WANDB_CHUNK:end]), end
+        if kind == 1:
+            yield chunk
+        elif kind == 2:
+            pending = chunk
+        elif pending is not None:
+            pending += chunk
+            if kind == 4:
+                yield pending
+                pending = None
+
+
+def wandb_last_step(path: str | Path) -> int:
+    """The last history step a W&B run's transaction log (`run-<id>.wandb`) holds: what W&B has persisted of it;
+    -1 for none (or not a transaction log). Read from the last block back, so a long run's log is not read
+    whole: its history steps only grow (wandb drops a step below the current one)."""
+    check("wandb")
+    from google.protobuf.message import DecodeError
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    with open(path, "rb") as f:
+        if f.read(len(_WANDB_HEADER)) != _WANDB_HEADER:
+            return -1
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            for block in range((len(data) - 1) // _WANDB_BLOCK, -1, -1):
+                last = -1
+                for raw in _wandb_records(data, max(block * _WANDB_BLOCK, len(_WANDB_HEADER))):
+                    rec = pb.Record()
+                    try:
+                        rec.ParseFromString(raw)
+                    except DecodeError:
+                        break  # garbled (a torn write the length did not show): what came before stands
+                    if rec.WhichOneof("record_type") == "history":
+                        last = rec.history.step.num
+                if last >= 0:
+                    return last
+    return -1

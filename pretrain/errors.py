@@ -61,6 +61,11 @@ class RunLockedError(RunError):
     """Another live run holds the run directory or the storage prefix (`pretrain.launch.runlock`)."""
 
 
+class LockLostError(RunLockedError):
+    """This run's lock was taken over while it ran (it stalled past the stale limit): it stops and writes nothing
+    more (`pretrain.train.owner`)."""
+
+
 def is_deterministic(e: BaseException) -> bool:
     """Whether `e` is an error of the input, which a restart would only repeat."""
     return isinstance(e, RunError)

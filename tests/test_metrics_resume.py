@@ -1,5 +1,5 @@
 """Each step once after a restart: metrics.jsonl is cut back to the checkpoint, and the W&B run is not sent
-the steps an earlier attempt sent."""
+the steps it already holds (tests/test_wandb_once.py: nor does it miss the ones it never got)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,9 @@ def test_restarted_run_sends_each_step_once(tmp_path, monkeypatch):
     first.close()
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(f'{{"step": {r["step"]}}}\n' for r in rows[:5]) + '{"step": 6, "lo')  # torn tail
-    again = WandbSink(tmp_path, "p", "r", {}, unit="tokens", logged_through=last_step(metrics))
+    assert last_step(metrics) == 5
+    again = WandbSink(tmp_path, "p", "r", {}, unit="tokens")
+    assert again.held == 5  # read back from the first attempt's transaction log, not from metrics.jsonl
     for r in rows:  # no checkpoint: the restart trains from step 1 again
         again.log(r)
     again.close()
@@ -121,3 +123,74 @@ def test_deferred_sink_raises_what_its_construction_raised(tmp_path):
     failed.set_exception(RuntimeError("wandb: no service"))
     with pytest.raises(RuntimeError, match="no service"):
         sink.log({"step": 2})
+
+
+def test_every_hook_of_a_step_runs_before_its_checkpoint():
+    """Registered as build_run does: the checkpoint before the objective's evaluation and the artefact, which
+    still run first at a checkpoint step and at the last one; the order of the others is kept."""
+    from pretrain.hooks import Hook
+    from pretrain.train.hooks import Hooks
+
+    ran: list[str] = []
+    hooks = Hooks()
+
+    def hook(name: str, every: int, **kw) -> None:
+        hooks.add(lambda v: ran.append(name), every, **kw)
+
+    hook("ema", 1)
+    hook("log", 1)
+    hook("validate", 2, at_start=True)
+    hook("save", 4, checkpoint=True)
+    hooks.extend([Hook(lambda v: ran.append("evaluate"), 2, at_start=True)])  # the objective's
+    hook("artefact", 0)
+    for step, last in ((3, False), (4, False), (6, True)):
+        ran.clear()
+        hooks.after_step(None, step, last)
+        ran.append("|")
+        assert ran == {3: ["ema", "log", "|"],
+                       4: ["ema", "log", "validate", "evaluate", "save", "|"],
+                       6: ["ema", "log", "validate", "evaluate", "artefact", "save", "|"]}[step]
+    ran.clear()
+    hooks.start(None)
+    assert ran == ["validate", "evaluate"]
+
+
+def test_a_checkpoint_save_fsyncs_metrics_jsonl_first(tmp_path, monkeypatch):
+    """Through the run's save path (the checkpoint hook, RunView.save_checkpoint): metrics.jsonl is fsynced,
+    with the step's row in it, before the checkpointer is handed the save."""
+    import os
+
+    import torch
+
+    from pretrain.load import load_config
+    from pretrain.metrics.sinks import Fanout, JsonlSink
+    from pretrain.train.hooks import Hooks, log_step, save_checkpoint
+    from pretrain.train.parts import Run
+
+    metrics, events = tmp_path / "metrics.jsonl", []
+    fsync = os.fsync
+
+    def fsync_noted(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    class Saver:  # the checkpointer's side: what was on disk when it was handed the save
+        def save(self, engine, step, client, extra=None):
+            events.append(("save", step, last_step(metrics)))
+
+    class Stream:
+        def state_dict(self):
+            return {}
+
+    monkeypatch.setattr(os, "fsync", fsync_noted)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/gpt-tiny.yaml", [f"run.dir={tmp_path}"])
+    run = Run(cfg=cfg, objective=None, engine=None, stream=Stream(), sink=Fanout([JsonlSink(metrics)]), saver=Saver(),
+              ema=None, device=torch.device("cpu"), rank=0, world=1, rdir=tmp_path, counts={}, unit="tokens", steps=4,
+              start=0, start_units=0, accum=1, step_units=8, flops_per_unit=1.0, peak=1.0, clip=None, val=[],
+              sample_batch=None, hooks=Hooks())
+    run.hooks.add(log_step, every=1)
+    run.hooks.add(save_checkpoint, every=2, checkpoint=True)
+    for step in (1, 2):
+        run.hooks.after_step(run.view(step, 8 * step, {"step": step, "loss": 1.0}), step, last=False)
+    assert events == [("fsync", str(metrics.resolve())), ("save", 2, 2)]
+    run.sink.close()

@@ -4,8 +4,13 @@ its line; at the command line the same error is exit code 2 and one line."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import shutil
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -13,8 +18,11 @@ from pathlib import Path
 import pytest
 
 from pretrain import errors
-from pretrain.errors import LengthError, RunError, StorageError, is_deterministic
+from pretrain.data.manifest import MANIFEST, write_manifest
+from pretrain.data.shards import read_shard
+from pretrain.errors import DataError, LengthError, RunError, StorageError, is_deterministic
 from pretrain.load import load_config
+from tests.data.test_token_range import rewrite_sample, set_value
 from tests.test_faults import workers_seen_while
 from tests.test_train import TINY
 
@@ -65,6 +73,76 @@ def test_a_storage_error_in_a_worker_ends_the_run_once(tmp_path, tiny_shards):
     assert isinstance(error, RunError)
     assert str(error) == ("nosuch://bucket/ckpts/bad/checkpoints: cannot open this checkpoint location "
                           "(Protocol not known: nosuch)")
+    assert len(seen) <= 2, f"restarted: {len(seen)} worker processes"
+
+
+def _negative_member_size(train: Path) -> str:
+    """Give the second member of the first shard of `train` a negative size (header checksum fixed), with the
+    manifest's sha256 updated to the new bytes, as a crafted manifest would; returns the shard's path."""
+    m = json.loads((train / MANIFEST).read_text())
+    entry = m["shards"][0]
+    path = train / entry["name"]
+    data = path.read_bytes()
+    at = tarfile.open(fileobj=io.BytesIO(data)).getmembers()[1].offset
+    h = bytearray(data[at:at + 512])
+    h[124:136], h[148:156] = b"-0000001000\0", b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h)
+    data = data[:at] + bytes(h) + data[at + 512:]
+    path.write_bytes(data)
+    entry["sha256"] = hashlib.sha256(data).hexdigest()
+    write_manifest(train, m)
+    return str(path)
+
+
+def _bad_shards(tmp_path: Path, tiny_shards: Path, case: str) -> tuple[Path, str]:
+    """A copy of the tiny shards whose training shard holds a token id past every vocabulary ("id") or a
+    corrupt tar ("tar"), and the line reading it gives."""
+    root = tmp_path / "shards"
+    shutil.copytree(tiny_shards / "val", root / "val")
+    if case == "id":
+        path, key = rewrite_sample(tiny_shards / "train", root / "train", 0, 3, set_value("tokens.u16", "<u2", 5, 60000))
+        return root, (f"shard {path}: sample {key} has token id 60000 at position 5, outside [0, 50257) of the "
+                      f"manifest's vocab_size")
+    shutil.copytree(tiny_shards / "train", root / "train")
+    path = _negative_member_size(root / "train")
+    entry = json.loads((root / "train" / MANIFEST).read_text())["shards"][0]
+    with pytest.raises(DataError) as e:
+        read_shard(path, sha256=entry["sha256"], nbytes=entry["bytes"], label=path)
+    return root, str(e.value)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.parametrize("case", ["id", "tar"])
+def test_a_bad_shard_in_a_worker_ends_the_run_once(tmp_path, tiny_shards, case):
+    """A token id past the model's embedding (a device-side assert on a GPU, which Ray would retry as a lost
+    machine) or a tar with a negative member size, in the one training shard both workers read: each worker
+    raises DataError; the group is not restarted although 3 restarts are allowed, and the run's error is
+    the reader's line."""
+    import ray
+
+    from pretrain.config import run_dir
+    from pretrain.launch.local import ray_trainer, resolve_paths
+    from pretrain.launch.worker_error import recorded_error
+
+    shards, line = _bad_shards(tmp_path, tiny_shards, case)
+    assert line.startswith(f"shard {shards / 'train'}/shard-")
+    cfg = resolve_paths(_cfg(tmp_path, shards))
+    run_dir(cfg).mkdir(parents=True)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        trainer = ray_trainer(cfg, {"cfg": cfg.model_dump(mode="json"), "started_at": time.time(), "marks": [],
+                                    "steps": 4}, storage_path=str(tmp_path / "ray"))
+        raised: list = []
+        thread = threading.Thread(target=lambda: _fit(trainer, raised), daemon=True)
+        thread.start()
+        seen = workers_seen_while(thread)
+    finally:
+        ray.shutdown()
+    assert raised == [], raised  # returned normally: Ray Train counted no failure
+    error = recorded_error(run_dir(cfg))
+    assert isinstance(error, RunError)
+    assert str(error) == line
     assert len(seen) <= 2, f"restarted: {len(seen)} worker processes"
 
 

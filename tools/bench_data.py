@@ -1,6 +1,7 @@
 """Benchmark the data layer: writer tokenization speed, reader throughput with 1, 2 and 4 dataloader
-workers beside the raw webdataset read speed of the same tar files (the ceiling), and what one training
-step of gpt-tiny and gpt2-124m consumes on this machine. Prints a table and writes JSON.
+workers beside the raw webdataset read speed of the same tar files (the ceiling), what the decoder's check
+of token ids against the vocabulary costs (every shard decoded in memory with and without it), and what one
+training step of gpt-tiny and gpt2-124m consumes on this machine. Prints a table and writes JSON.
 
     .venv/bin/python tools/bench_data.py [--tokens 2000000] [--seq-len 128] [--out bench-out/bench_data.json]
                                          [--model-steps-124m 0]   # skip the slow 124M step
@@ -27,6 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers, w
 
 from pretrain.config import DataConfig  # noqa: E402
 from pretrain.data import build_train_stream  # noqa: E402
+from pretrain.data.decode import check_ids, decode  # noqa: E402
+from pretrain.data.manifest import resolve  # noqa: E402
+from pretrain.data.sample_spec import spec_of  # noqa: E402
+from pretrain.data.shards import read_shard  # noqa: E402
 from pretrain.data.write_text import write_text  # noqa: E402
 from pretrain.load import load_config
 from tests.helpers import write_corpus  # noqa: E402
@@ -72,6 +77,30 @@ def bench_reader(shard_dir: Path, workers: int, samples: int, micro_batch: int, 
             best, startup = rate, t - t0
         s.close()
     return {"workers": workers, "samples_per_s": best, "tokens_per_s": best * s.seq_len, "first_batch_s": startup}
+
+
+def bench_id_check(shard_dir: Path, repeats: int) -> dict:
+    """What checking token ids against the manifest's vocab_size adds to decoding, on shards already read
+    into memory: the best of `repeats` passes of decoding every shard without the check, and of the check
+    alone over the decoded arrays (timed apart: on a shared machine, the noise of two whole decode passes
+    is larger than the check)."""
+    src = resolve(str(shard_dir), None, "data.train")
+    spec, vocab = spec_of(src, "data.train"), int(src.manifest["vocab_size"])
+    shards = [(read_shard(u, sha256=e["sha256"], nbytes=e["bytes"], label=u), e["samples"], u)
+              for e, u in zip(src.shards, src.urls, strict=True)]
+    decoded = [(decode(samples, spec, n, u), u) for samples, n, u in shards]
+    t_decode = t_check = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for samples, n, u in shards:
+            decode(samples, spec, n, u)
+        t_decode = min(t_decode, time.perf_counter() - t)
+        t = time.perf_counter()
+        for (keys, out), u in decoded:
+            check_ids(keys, out["input_ids"], vocab, u)
+        t_check = min(t_check, time.perf_counter() - t)
+    return {"samples": src.samples, "off_samples_per_s": src.samples / t_decode,
+            "on_samples_per_s": src.samples / (t_decode + t_check), "check_s": t_check, "cost": t_check / t_decode}
 
 
 def bench_model(config: Path, steps: int, threads: int, peak: float) -> dict:
@@ -131,6 +160,7 @@ def main() -> None:
         samples = int(n * args.epochs)
         print(f"{n:,} samples in {len(writer[0]['manifest']['shards'])} shards; reading ...", flush=True)
         raw = bench_raw(shard_dir, args.repeats)
+        id_check = bench_id_check(shard_dir, max(args.repeats, 30))
         readers = [bench_reader(shard_dir, w, samples, args.micro_batch, args.repeats) for w in (0, 1, 2, 4)]
     print("training steps ...", flush=True)
     from pretrain.metrics.flops import measured_cpu_peak
@@ -156,6 +186,8 @@ def main() -> None:
         label = f"TrainStream, {r['workers']} workers" if r["workers"] else "TrainStream, in-process"
         print(f"  {label:<22}{r['samples_per_s']:>12,.0f}{r['tokens_per_s']:>14,.0f}{r['of_raw']:>9.0%}"
               f"{r['x_gpt2_124m']:>13,.0f}{r['first_batch_s']:>10.2f}s")
+    print(f"\ndecode, {id_check['samples']:,} samples in memory: {id_check['off_samples_per_s']:,.0f} samples/s "
+          f"without the id check, {id_check['on_samples_per_s']:,.0f} with it (the check: {id_check['cost']:+.1%} time)")
     print(f"\nmodel consumption (fp32 forward + backward + AdamW, micro-batch 1, {args.threads} threads; "
           f"estimate: FLOPs/token at the measured matmul rate {peak / 1e9:.0f} GFLOP/s)")
     for m in models:
@@ -166,7 +198,7 @@ def main() -> None:
     print(f"  x gpt2-124m above is against {gpt2:,.0f} tokens/s (the larger of measured and estimate)")
     for w in writer:
         w.pop("manifest")
-    result = {"writer": writer, "raw": raw, "readers": readers, "models": models,
+    result = {"writer": writer, "raw": raw, "id_check": id_check, "readers": readers, "models": models,
               "settings": {**vars(args), "out": str(args.out)}, "cpus": os.cpu_count()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

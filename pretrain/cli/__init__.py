@@ -65,33 +65,30 @@ def train(
 
     # Only now, with the config and the data known good, does the run directory appear; one writer per
     # run: its lock comes before anything in it is written or deleted, and is held to the end.
-    from pretrain.launch.runlock import RunLock
+    from pretrain.launch.local import launch
+    from pretrain.launch.storelock import run_locks
 
     rdir = run_dir(cfg)
-    lock = RunLock(rdir)
     try:
-        lock.acquire()
+        # The run directory's lock, and the checkpoint location's in cluster.storage; a lock lost while the run
+        # trains ends it with its LockLostError.
+        with run_locks(cfg) as owner:
+            # Redacted: the run and its resume read the config of the command line, never this copy's secrets.
+            (rdir / "config.yaml").write_text(redact_yaml(dump_config(cfg)))
+            typer.echo(f"run {cfg.run.name}: {rdir}  ({cfg.cluster.workers} workers, ZeRO-{cfg.zero.stage}, "
+                       f"{cfg.train.precision}, {steps} steps)")
+            try:
+                stopped = launch(cfg, started_at=started, quiet=quiet, steps=steps, owner=owner)
+            except RunError:
+                raise  # a deterministic error a worker found (data, config, shapes): not retried
+            except Exception as e:  # Ray wraps worker failures; show the cause, keep the trace in a file
+                import traceback
+
+                (rdir / "error.log").write_text(redact("".join(traceback.format_exception(e))))
+                cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                raise fail(f"training failed: {cause} (full trace: {rdir / 'error.log'})", code=1) from None
     except RunError as e:
         raise fail(str(e)) from None
-    try:
-        # Redacted: the run and its resume read the config of the command line, never this copy's secrets.
-        (rdir / "config.yaml").write_text(redact_yaml(dump_config(cfg)))
-        typer.echo(f"run {cfg.run.name}: {rdir}  ({cfg.cluster.workers} workers, ZeRO-{cfg.zero.stage}, "
-                   f"{cfg.train.precision}, {steps} steps)")
-
-        from pretrain.launch.local import launch
-
-        stopped = launch(cfg, started_at=started, quiet=quiet, steps=steps)
-    except RunError as e:  # a deterministic error a worker found (data, config, shapes): not retried
-        raise fail(str(e)) from None
-    except Exception as e:  # Ray wraps worker failures; show the cause, keep the trace in a file
-        import traceback
-
-        (rdir / "error.log").write_text(redact("".join(traceback.format_exception(e))))
-        cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise fail(f"training failed: {cause} (full trace: {rdir / 'error.log'})", code=1) from None
-    finally:
-        lock.release()
 
     if stopped is not None:  # SIGTERM to the driver: a complete checkpoint, the same command resumes from it
         from pretrain.train.pulse import PREEMPTED

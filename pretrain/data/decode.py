@@ -1,8 +1,10 @@
 """Decoding a shard's raw samples into its keys and one compact, fixed-shape array per field of the
 `SampleSpec`: token rows, packed supervised rows (with the positions their segment ids imply), images
 (pixels or latents, channels-first) and labels. Each sample is checked against the manifest; the first
-that is wrong is named. Nothing read is executed or unpickled: `.npy` payloads go through numpy's header
-parser with pickles refused.
+that is wrong is named. Token ids must lie in [0, vocab_size) of the manifest, and supervised targets there
+or at the ignore index: an id past the embedding is a device-side assert on a GPU, which Ray would retry as
+a lost machine. Nothing read is executed or unpickled: `.npy` payloads go through numpy's header parser
+with pickles refused.
 """
 
 from __future__ import annotations
@@ -13,20 +15,50 @@ import math
 import numpy as np
 
 from pretrain.data.sample_spec import BYTES_MEMBER, SFT_MEMBERS, TOKEN_DTYPES, SampleSpec
+from pretrain.data.sft_render import IGNORE
 from pretrain.errors import DataError, first_line
 
 Decoded = tuple[list[str], dict[str, np.ndarray]]  # a shard's keys and one array per field, in file order
 
 
-def decode(samples, spec: SampleSpec, expected: int, label: str) -> Decoded:
-    """Raw samples -> keys and one compact array per field."""
+def decode(samples, spec: SampleSpec, expected: int, label: str, vocab: int | None = None) -> Decoded:
+    """Raw samples -> keys and one compact array per field; token ids (and targets) checked against `vocab`,
+    the manifest's vocab_size, when given."""
     if len(samples) != expected:
         raise DataError(f"shard {label}: {len(samples)} samples, the manifest says {expected}")
     if spec.kind == "tokens":
-        return _decode_tokens(samples, spec, label)
-    if spec.kind == "sft":
-        return _decode_sft(samples, spec, label)
-    return _decode_images(samples, spec, label)
+        keys, out = _decode_tokens(samples, spec, label)
+    elif spec.kind == "sft":
+        keys, out = _decode_sft(samples, spec, label)
+    else:
+        return _decode_images(samples, spec, label)
+    if vocab is not None:
+        check_ids(keys, out["input_ids"], vocab, label)
+        if "targets" in out:
+            check_ids(keys, out["targets"], vocab, label, ignore=IGNORE)
+    return keys, out
+
+
+def check_ids(keys: list[str], ids: np.ndarray, vocab: int, label: str, ignore: int | None = None) -> None:
+    """DataError naming the first sample (and position) of (R, N) `ids` outside [0, vocab), `ignore` aside.
+    One min and one max over the shard decide; only a shard that fails them is searched."""
+    if ids.size == 0:
+        return
+    lo, hi = 0 if ids.dtype.kind == "u" else int(ids.min()), int(ids.max())  # token rows are unsigned
+    if lo >= 0 and hi < vocab:
+        return
+    bad = (ids < 0) | (ids >= vocab)
+    if ignore is not None:
+        bad &= ids != ignore
+    if not bad.any():  # only ignored targets below 0
+        return
+    r, c = np.unravel_index(int(np.argmax(bad)), bad.shape)
+    where = f"shard {label}: sample {keys[r]} has"
+    if ignore is None:
+        raise DataError(f"{where} token id {int(ids[r, c])} at position {c}, outside [0, {vocab}) of the "
+                        f"manifest's vocab_size")
+    raise DataError(f"{where} target {int(ids[r, c])} at position {c}, neither {ignore} nor in [0, {vocab}) of "
+                    f"the manifest's vocab_size")
 
 
 def _decode_tokens(samples, spec: SampleSpec, label: str) -> Decoded:

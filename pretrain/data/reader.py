@@ -39,7 +39,8 @@ class ShardReader:
             return None
         try:
             samples = read_shard(label, sha256=entry.get("sha256"), nbytes=entry["bytes"], label=label)
-            hit = decode(samples, self.spec, entry["samples"], label)
+            vocab = self.sources[i].manifest.get("vocab_size")  # token and sft manifests have one
+            hit = decode(samples, self.spec, entry["samples"], label, None if vocab is None else int(vocab))
         except DataError as e:
             if not self.skip_corrupt or isinstance(e, UnreadableShard):  # a failed read is never "corrupt"
                 raise

@@ -4,6 +4,10 @@
 the softmax normaliser near 1 (PaLM, https://arxiv.org/abs/2204.02311, section 5). The row kernels
 stream the vocabulary in blocks with an online log-sum-exp, so V never has to fit one tile; they are
 also the per-chunk workers of `linear_cross_entropy`, which is why the gradient kernel may write in place.
+
+A target outside [0, V) counts as ignored (no load, loss 0, gradient 0, not in the mean's count), in the
+kernels and the reference alike: the kernels never read past a row, whatever the targets hold. The data
+layer refuses such targets with a line naming the shard (`pretrain.data.decode`); this is the backstop.
 """
 
 from __future__ import annotations
@@ -15,10 +19,15 @@ from torch import Tensor
 from pretrain.kernels._runtime import cdiv, kernel, new_empty, next_pow2, rows, staged, upcast, use_triton
 
 
+def kept(targets: Tensor, ignore_index: int, vocab: int) -> Tensor:
+    """The targets that count: not `ignore_index` and inside [0, vocab)."""
+    return (targets != ignore_index) & (targets >= 0) & (targets < vocab)
+
+
 def cross_entropy_reference(logits: Tensor, targets: Tensor, ignore_index: int = -100, z_loss: float = 0.0) -> Tensor:
     lf = upcast(logits)
     lse = torch.logsumexp(lf, dim=-1)
-    valid = targets != ignore_index
+    valid = kept(targets, ignore_index, logits.shape[-1])
     picked = lf.gather(-1, torch.where(valid, targets, 0)[:, None])[:, 0]
     per_row = lse - picked
     if z_loss:
@@ -45,7 +54,7 @@ def _ce_fwd_kernel(X, T, LOSS, LSE, n_rows, V, sx, ignore_index, z_loss,
         m = m_new
     lse = m + tl.log(acc)
     t = tl.load(T + r64)
-    valid = rmask & (t != ignore_index)
+    valid = rmask & (t != ignore_index) & (t >= 0) & (t < V)  # an out-of-range target is never loaded
     xt = tl.load(X + r64 * sx + tl.where(valid, t, 0), mask=valid, other=0.0).to(tl.float32)
     loss = tl.where(valid, lse - xt + z_loss * lse * lse, 0.0)
     tl.store(LOSS + r, loss, mask=rmask)
@@ -59,7 +68,7 @@ def _ce_bwd_kernel(X, T, LSE, SCALE, DX, n_rows, V, sx, sdx, ignore_index, z_los
     rmask = r < n_rows
     r64 = tl.where(rmask, r, 0).to(tl.int64)
     t = tl.load(T + r64)
-    valid = rmask & (t != ignore_index)
+    valid = rmask & (t != ignore_index) & (t >= 0) & (t < V)
     lse = tl.load(LSE + r64)
     # grad_output / n_valid read from memory: no host sync on the count of kept targets.
     scale = tl.load(SCALE)
@@ -110,7 +119,7 @@ def ce_rows_backward(logits: Tensor, targets: Tensor, lse: Tensor, scale: Tensor
 @torch.library.custom_op("pretrain_kernels::cross_entropy_fwd", mutates_args=())
 def _ce_fwd(logits: Tensor, targets: Tensor, ignore_index: int, z_loss: float) -> tuple[Tensor, Tensor]:
     loss_rows, lse = ce_rows_forward(logits, targets, ignore_index, z_loss)
-    return loss_rows.sum() / (targets != ignore_index).sum(), lse
+    return loss_rows.sum() / kept(targets, ignore_index, logits.shape[-1]).sum(), lse
 
 
 @_ce_fwd.register_fake
@@ -120,7 +129,7 @@ def _(logits, targets, ignore_index, z_loss):
 
 @torch.library.custom_op("pretrain_kernels::cross_entropy_bwd", mutates_args=())
 def _ce_bwd(dloss: Tensor, logits: Tensor, targets: Tensor, lse: Tensor, ignore_index: int, z_loss: float) -> Tensor:
-    scale = (dloss.float() / (targets != ignore_index).sum()).reshape(1)
+    scale = (dloss.float() / kept(targets, ignore_index, logits.shape[-1]).sum()).reshape(1)
     return ce_rows_backward(logits, targets, lse, scale, ignore_index, z_loss).view(logits.shape)
 
 
@@ -154,7 +163,8 @@ torch.library.register_autograd(
 
 def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100, z_loss: float = 0.0, *,
                   backend: str = "auto") -> Tensor:
-    """Mean cross-entropy of (N, V) `logits` against (N,) `targets`, skipping `ignore_index`; fp32 scalar."""
+    """Mean cross-entropy of (N, V) `logits` against (N,) `targets`, skipping `ignore_index` and targets
+    outside [0, V); fp32 scalar."""
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"cross_entropy: want logits (N, V) and targets (N,), got {tuple(logits.shape)}, "
                          f"{tuple(targets.shape)}")

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from pretrain.kernels._runtime import cdiv, next_pow2, upcast, use_triton
-from pretrain.kernels.cross_entropy import ce_rows_backward, ce_rows_forward, cross_entropy_reference
+from pretrain.kernels.cross_entropy import ce_rows_backward, ce_rows_forward, cross_entropy_reference, kept
 
 
 def linear_cross_entropy_unfused(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100,
@@ -37,7 +37,7 @@ def chunk_rows(n: int, vocab: int, hidden: int) -> int:
 def _chunk_reference(logits: Tensor, targets: Tensor, ignore_index: int, z_loss: float, want_grad: bool):
     lf = upcast(logits)
     lse = torch.logsumexp(lf, dim=-1)
-    valid = targets != ignore_index
+    valid = kept(targets, ignore_index, logits.shape[-1])  # an out-of-range target counts as ignored
     tgt = torch.where(valid, targets, 0)
     per_row = lse - lf.gather(-1, tgt[:, None])[:, 0] + z_loss * lse.square()
     loss = torch.where(valid, per_row, 0.0).sum()
@@ -77,7 +77,8 @@ def _fused_forward(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index
                 gw.addmm_(dlogits.t(), hc)
             else:
                 gw += dlogits.t() @ hc
-    return loss / (targets != ignore_index).sum().clamp(min=1), gh, gw  # no target: loss 0, gradients 0
+    n_kept = kept(targets, ignore_index, weight.shape[0]).sum().clamp(min=1)
+    return loss / n_kept, gh, gw  # no target: loss 0, gradients 0
 
 
 @torch.library.custom_op("pretrain_kernels::linear_cross_entropy_fwd", mutates_args=())
@@ -106,14 +107,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         hidden, weight, targets, ignore_index, _, want_grad, _ = inputs
         if not want_grad and (hidden.requires_grad or weight.requires_grad):
             raise RuntimeError("linear_cross_entropy: gradients were not gathered in the forward")
-        ctx.ignore_index = ignore_index
+        ctx.ignore_index, ctx.vocab = ignore_index, weight.shape[0]
         ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.save_for_backward(targets, output[1], output[2])
 
     @staticmethod
     def backward(ctx, dloss, _dgh, _dgw):
         targets, gh, gw = ctx.saved_tensors
-        scale = dloss.float() / (targets != ctx.ignore_index).sum().clamp(min=1)
+        scale = dloss.float() / kept(targets, ctx.ignore_index, ctx.vocab).sum().clamp(min=1)
         dh = (gh * scale.to(gh.dtype)).to(ctx.dtypes[0])
         dw = (gw * scale).to(ctx.dtypes[1])
         return dh, dw, None, None, None, None, None

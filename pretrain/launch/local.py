@@ -23,6 +23,7 @@ from pretrain.length import total_steps
 from pretrain.load import config_from_dict
 from pretrain.metrics.console import follow_metrics
 from pretrain.redact import redact
+from pretrain.train.owner import Owner
 from pretrain.train.pulse import PREEMPTED
 from pretrain.train.storage import Storage
 from pretrain.urls import is_url
@@ -64,7 +65,7 @@ def _worker_main(config: dict) -> None:
     cfg = config_from_dict(config["cfg"])
     try:
         train(cfg, started_at=config["started_at"], marks=marks, steps=config.get("steps"),
-              watcher=config.get("watcher"), token=config.get("token", ""))
+              watcher=config.get("watcher"), token=config.get("token", ""), owner=config.get("owner"))
     except Exception as e:
         # A deterministic error would fail again on every restart: record its line for the driver and
         # return normally, so Ray Train does not count a failure. Leaving the group breaks the
@@ -119,13 +120,15 @@ def _init_ray(cfg: Config) -> None:
                                  "debug_dump_period_milliseconds": 600_000})
 
 
-def launch(cfg: Config, *, started_at: float, quiet: bool = False, steps: int | None = None) -> str | None:
+def launch(cfg: Config, *, started_at: float, quiet: bool = False, steps: int | None = None,
+           owner: Owner | None = None) -> str | None:
     """Train with Ray Train workers; returns when the run has finished (None) or stopped early with a
     checkpoint because the driver got SIGTERM (the reason). A deterministic error found by a worker (data,
     config, shapes) raises `pretrain.errors.RunError` with its line after one attempt; anything else Ray
     Train retried `cluster.max_failures` times (a hang, pretrain/launch/watch.py, is one) raises as Ray
     gives it. A worker's SIGTERM or Ray's preemption notice stops the group with a checkpoint, and a new
-    group resumes from it."""
+    group resumes from it. `owner`: the lock the caller holds (pretrain/launch/storelock.py `run_locks`), which
+    every save checks; none for callers that hold none (tests)."""
     # Ray Train's imports load in a thread while this one checks the run and starts Ray. Ray's own processes must
     # be started from the main thread: their parent-death signal follows the thread that started them. (Checking
     # beside Ray's start instead was measured no faster: both want the same two cores.)
@@ -153,7 +156,7 @@ def launch(cfg: Config, *, started_at: float, quiet: bool = False, steps: int | 
     (rdir / ERROR_FILE).unlink(missing_ok=True)  # an earlier run's: the workers' record starts empty
     watcher = Watcher(cfg.cluster, rdir, world=cfg.cluster.workers, command=started_at)
     loop_config = {"cfg": cfg.model_dump(mode="json"), "started_at": started_at, "marks": marks, "steps": steps,
-                   "watcher": watcher.address, "token": watcher.token}
+                   "watcher": watcher.address, "token": watcher.token, "owner": (owner or Owner()).to_dict()}
     try:
         with follow_metrics(rdir / "metrics.jsonl", steps, unit, cfg.train.log_every, enabled=not quiet), \
                 on_sigterm(watcher, cfg.cluster.preemption_grace_s):

@@ -12,9 +12,12 @@ hosts; a pid can be reused, a heartbeat cannot). Taking over is itself exclusive
 `run.lock.takeover` with O_EXCL, looks at the lock again (another taker may have replaced it
 meanwhile), and only then removes and recreates it, so two takers never both believe they hold the run.
 
-When checkpoints live in `cluster.storage` (an object-store prefix) the same holder record belongs there
-too, created with the store's conditional put (fsspec's exclusive create): a second `RunLock`-like
-holder over that prefix, taken beside this one.
+Before each heartbeat the holder reads the lock: when it holds another token (this run stalled past `stale_s`,
+say a suspended VM, and another took the lock over), the run has lost it and `on_lost` is called once with the
+line to stop on; the workers check the same file before every write of a save (pretrain/train/owner.py).
+
+When checkpoints live in `cluster.storage` the same holder record goes there too (pretrain/launch/storelock.py),
+taken beside this one: two clusters with different `run.dir`s share that prefix, not this directory.
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ import socket
 import threading
 import time
 import uuid
-from datetime import datetime
+from collections.abc import Callable
 from pathlib import Path
 
 from pretrain.atomic import fsync_dir
 from pretrain.errors import RunLockedError
+from pretrain.train.checkpoint_layout import holders
+from pretrain.train.owner import Owner, describe, parse_holder
+from pretrain.train.storage import Storage
 
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 10.0
@@ -56,21 +62,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def describe(holder: dict) -> str:
-    """`host pid N since 2026-01-02 03:04:05 (Ray job raysubmit_x)`."""
-    since = datetime.fromtimestamp(holder.get("started", 0)).isoformat(sep=" ", timespec="seconds")
-    job = f" (Ray job {holder['ray_job']})" if holder.get("ray_job") else ""
-    return f"{holder.get('host', '?')} pid {holder.get('pid', '?')} since {since}{job}"
-
-
 class RunLock:
     """The lock of one run directory. `with RunLock(rdir):` or `acquire()` / `release()`."""
 
-    def __init__(self, rdir: Path, *, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S):
+    def __init__(self, rdir: Path, *, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S,
+                 on_lost: Callable[[str], None] | None = None):
+        """`on_lost(line)`: called once, from the heartbeat thread, when the lock turns out taken over."""
         self.path = Path(rdir) / LOCK_FILE
-        self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+        self.heartbeat_s, self.stale_s, self.on_lost = heartbeat_s, stale_s, on_lost
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
-                       "ray_job": _ray_job(), "token": uuid.uuid4().hex}
+                       "ray_job": _ray_job(), "token": uuid.uuid4().hex, "trusts": []}
+        self.lost: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -100,7 +102,12 @@ class RunLock:
     def acquire(self) -> RunLock:
         """Take the lock, or raise RunLockedError naming the live holder."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        inherited: list[str] | None = None
         for _ in range(5):
+            # Which earlier holders' checkpoints this run may prune (pretrain/train/owner.py): taking a free lock,
+            # all whose markers are there; after a takeover, those the stale holder trusted (and it, when dead).
+            self.holder["trusts"] = inherited if inherited is not None else sorted(
+                holders(Storage(str(self.path.parent / "checkpoints"))))
             if self._create():
                 self._thread = threading.Thread(target=self._beat, daemon=True, name="run-lock-heartbeat")
                 self._thread.start()
@@ -113,8 +120,12 @@ class RunLock:
                 raise RunLockedError(f"run.name {self.path.parent.name}: the run directory {self.path.parent} is in "
                                      f"use by a live run, {describe(holder or {})}; wait for it, stop it, or choose "
                                      f"another run.name (lock: {self.path})")
-            self._take_over()
+            inherited = self._take_over()
         raise RunLockedError(f"{self.path}: could not take the lock (others keep taking it)")
+
+    def owner(self) -> Owner:
+        """What the workers check before each write of a save (pretrain/train/owner.py)."""
+        return Owner(str(self.path.parent), LOCK_FILE, self.holder["token"], tuple(self.holder["trusts"]))
 
     def _create(self) -> bool:
         try:
@@ -128,9 +139,9 @@ class RunLock:
         fsync_dir(self.path.parent)
         return True
 
-    def _take_over(self) -> None:
+    def _take_over(self) -> list[str] | None:
         """Remove a stale lock, exclusively: only the taker that holds the takeover file may, and only
-        after it has seen that the lock is still stale."""
+        after it has seen that the lock is still stale. Returns the trusts it hands on (None: nothing removed)."""
         guard = self.path.with_name(LOCK_FILE + ".takeover")
         try:
             fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -141,20 +152,35 @@ class RunLock:
             except FileNotFoundError:
                 pass
             time.sleep(0.1)
-            return
+            return None
         os.close(fd)
         try:
             seen = self._read()
             if seen is not None and not self._live(*seen):
+                old = seen[0] or {}
+                dead = old.get("host") == self.holder["host"] and not _pid_alive(int(old.get("pid", -1)))
                 self.path.unlink(missing_ok=True)
+                return sorted(set(old.get("trusts", [])) | ({old["token"]} if dead and old.get("token") else set()))
+            return None
         finally:
             guard.unlink(missing_ok=True)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             try:
-                os.utime(self.path)
+                holder = parse_holder(self.path.read_text())
             except FileNotFoundError:  # removed by hand: nothing left to keep fresh
+                return
+            if holder is not None and holder.get("token") != self.holder["token"]:
+                self.lost = (f"run.name {self.path.parent.name}: this run's lock {self.path} was taken over (now held "
+                             f"by {describe(holder)}); it stalled past the lock's stale limit ({self.stale_s:.0f} s) "
+                             "and stops without writing anything more")
+                if self.on_lost is not None:
+                    self.on_lost(self.lost)
+                return
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:
                 return
 
     def release(self) -> None:

@@ -2,8 +2,11 @@
 
 Every sink takes one flat dict per event (`{"step": ..., "loss": ...}` or `{"step": ..., "val_loss": ...}`).
 The JSONL file is the source of truth for resume: `truncate_after(step)` drops lines past a checkpoint
-(all of them without one) so a restarted run writes each step exactly once; the W&B sink skips the
-steps an earlier attempt already sent (`last_step`).
+(all of them without one) so a restarted run writes each step exactly once, and `sync` makes it durable
+before a checkpoint can make its step resumable. The W&B run gets each step once too, decided from what
+W&B holds (`WandbSink.held`), not from metrics.jsonl: rows an attempt wrote to the file but never got into
+W&B (still waiting for `wandb.init`, or lost with the process) are sent again from the file (`Deferred`'s
+backlog). A W&B that cannot start never fails the run (`open_wandb`).
 """
 
 from __future__ import annotations
@@ -11,18 +14,22 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import uuid
 from concurrent.futures import Future
 from pathlib import Path
 
 from pretrain.atomic import atomic_write
-from pretrain.redact import redacted_tree
+from pretrain.compat import wandb_last_step
+from pretrain.errors import first_line
+from pretrain.redact import redact, redacted_tree
 
 
 class Sink:
     def log(self, row: dict) -> None: ...
     def image(self, step: int, name: str, path: Path) -> None: ...  # a PNG already written to the run dir
     def summary(self, values: dict) -> None: ...
+    def sync(self) -> None: ...  # what was logged so far is on disk (before a checkpoint makes its step resumable)
     def close(self) -> None: ...
 
 
@@ -33,6 +40,12 @@ class JsonlSink(Sink):
 
     def log(self, row: dict) -> None:
         self._f.write(json.dumps(row) + "\n")
+
+    def sync(self) -> None:
+        """Every line written so far on disk, not only in the page cache: a power loss after a checkpoint of
+        step N then cannot leave metrics.jsonl without the rows up to N (the resumed run starts at N + 1)."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
 
     def close(self) -> None:
         self._f.close()
@@ -58,6 +71,11 @@ def truncate_after(path: Path, step: int) -> None:
     atomic_write(path, "".join(ln + "\n" for ln in keep))
 
 
+def rows(path: Path) -> list[dict]:
+    """The whole rows of a metrics file, in order."""
+    return [row for _, row in _rows(path)]
+
+
 def last_step(path: Path) -> int:
     """The highest step the file records (-1 for none): what an earlier attempt of the run has logged."""
     return max((row.get("step", 0) for _, row in _rows(path)), default=-1)
@@ -69,29 +87,40 @@ def wandb_mode() -> str:
     return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
 
 
+def held_offline(run_dir: Path, run_id: str) -> int:
+    """The last step this run's local W&B transaction logs hold (every attempt's, offline or online); -1 for none."""
+    logs = (run_dir / "wandb").glob(f"*-{run_id}/run-{run_id}.wandb")
+    return max((wandb_last_step(f) for f in logs), default=-1)
+
+
 class WandbSink(Sink):
     """One W&B run per run directory; its id is kept there so a resumed run continues the same run.
     Offline unless an API key is configured (no account needed; `wandb sync` uploads later).
 
-    W&B keeps what it was sent: metrics.jsonl can be cut back to the checkpoint, a W&B run cannot (and
-    an offline one does not even know its earlier steps). So after a restart the steps up to
-    `logged_through` (the last one an earlier attempt logged) are not sent again; a resumed run
-    reproduces them exactly, so nothing is lost, and each step appears once, in step order."""
+    W&B keeps what it was sent, and a step can only follow the steps before it. So the sink sends only steps
+    past `held`, the last one W&B holds of this run: for an online run the resumed run's last step on the
+    server, for an offline one the last step its local transaction logs hold (`held_offline`; W&B writes a
+    step there once a later one starts it or the run finishes). A restarted run replays its steps past the
+    checkpoint; the steps W&B lacks below it come from metrics.jsonl (`Deferred`'s backlog), so each step
+    reaches W&B once, in step order. Images are not in metrics.jsonl: one W&B lost below the checkpoint is
+    not sent again."""
 
     def __init__(self, run_dir: Path, project: str, name: str, config: dict, unit: str = "tokens",
-                 logged_through: int = -1):
+                 mode: str | None = None):
         import wandb
-
-        self.logged_through = logged_through
 
         id_file = run_dir / "wandb_id"
         if not id_file.exists():
             atomic_write(id_file, uuid.uuid4().hex[:12])
-        mode = wandb_mode()
+        run_id, mode = id_file.read_text().strip(), mode or wandb_mode()
+        offline = mode in ("offline", "dryrun")
+        self.held = held_offline(run_dir, run_id) if offline else -1  # read before this attempt's log exists
         self._run = wandb.init(
-            project=project, name=name, id=id_file.read_text().strip(), resume="allow", dir=str(run_dir),
+            project=project, name=name, id=run_id, resume="allow", dir=str(run_dir),
             config=redacted_tree(config), mode=mode, settings=wandb.Settings(console="off", silent=True),
         )
+        if not offline and mode != "disabled":  # the server's: a resumed run starts at the step after its last
+            self.held = self._run.starting_step - 1
         # Scaling-law views: loss against compute and against units of data (tokens, images), not only steps.
         self.unit = unit
         for x in ("flops", unit):
@@ -99,7 +128,7 @@ class WandbSink(Sink):
             self._run.define_metric(x)
 
     def log(self, row: dict) -> None:
-        if row["step"] <= self.logged_through:
+        if row["step"] <= self.held:
             return
         data = {k: v for k, v in row.items() if k != "step"}
         if "loss" in row:
@@ -109,7 +138,7 @@ class WandbSink(Sink):
     def image(self, step: int, name: str, path: Path) -> None:
         import wandb
 
-        if step > self.logged_through:
+        if step > self.held:
             self._run.log({name: wandb.Image(str(path))}, step=step)
 
     def summary(self, values: dict) -> None:
@@ -119,13 +148,40 @@ class WandbSink(Sink):
         self._run.finish()
 
 
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+def open_wandb(run_dir: Path, project: str, name: str, config: dict, unit: str = "tokens") -> Sink:
+    """The run's W&B sink, and never an error: a W&B that cannot start online (no network, a bad key) logs
+    offline instead, one that cannot start at all leaves the run without W&B; either with one warning line."""
+    mode = wandb_mode()
+    for attempt in dict.fromkeys((mode, "offline")):  # online, then offline; offline once
+        try:
+            sink = WandbSink(run_dir, project, name, config, unit, mode=attempt)
+        except Exception as e:  # noqa: BLE001 - W&B is a view of the run: no failure of it may stop the training
+            why = f"{type(e).__name__}: {redact(first_line(e))}"
+            if attempt == "offline":
+                _warn(f"W&B could not start ({why}); this run logs to metrics.jsonl only")
+                return Sink()
+            _warn(f"W&B could not start {attempt} ({why}); logging offline instead (`wandb sync {run_dir}/wandb` "
+                  "uploads it later)")
+            continue
+        return sink
+    return Sink()
+
+
 class Deferred(Sink):
     """A sink still being made on another thread (W&B's: wandb.init waits on its service process). Calls made
     before it is ready are kept in order and replayed once it is, so the first steps never wait for it;
-    `close` waits for it, and an error its construction raised comes out of the first call after it failed."""
+    `close` waits for it, and an error its construction raised comes out of the first call after it failed.
 
-    def __init__(self, future: Future):
-        self._future, self._sink, self._pending = future, None, []
+    `backlog`: rows logged before this attempt (metrics.jsonl, cut back to the checkpoint), logged first: the
+    sink keeps those it lacks (`WandbSink.held`), so rows an earlier attempt never got into W&B are sent."""
+
+    def __init__(self, future: Future, backlog: list[dict] = ()):
+        self._future, self._sink = future, None
+        self._pending: list[tuple[str, tuple]] = [("log", (row,)) for row in backlog]
 
     def _call(self, name: str, *args) -> None:
         if self._sink is None and self._future.done():
@@ -171,6 +227,10 @@ class Fanout(Sink):
     def summary(self, values: dict) -> None:
         for s in self.sinks:
             s.summary(values)
+
+    def sync(self) -> None:
+        for s in self.sinks:
+            s.sync()
 
     def close(self) -> None:
         for s in self.sinks:

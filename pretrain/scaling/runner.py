@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.config import Config, run_dir
+from pretrain.config import Config
 from pretrain.load import config_from_dict
 from pretrain.scaling.ladder import Ladder, Rung, finished, mark, prepare
 
@@ -29,15 +29,11 @@ def train_run(tree: dict) -> None:
     """Train (or resume) one run of the ladder: the run's lock, then `launch` on the Ray this process has
     (or starts). Takes the config as a dict: it is also the body of a Ray task."""
     from pretrain.launch.local import launch
-    from pretrain.launch.runlock import RunLock
+    from pretrain.launch.storelock import run_locks
 
     cfg = config_from_dict(tree)
-    lock = RunLock(run_dir(cfg))
-    lock.acquire()
-    try:
-        launch(cfg, started_at=time.time(), quiet=True)
-    finally:
-        lock.release()
+    with run_locks(cfg) as owner:
+        launch(cfg, started_at=time.time(), quiet=True, owner=owner)
 
 
 @dataclass

@@ -32,8 +32,10 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import torch.distributed as dist
@@ -45,18 +47,22 @@ from pretrain.train.checkpoint_layout import (  # noqa: F401
     FORMAT,
     LATEST,
     META,
+    OWNER,
     POLL_S,
     STATE,
     CheckpointStoreError,
     all_steps,
     complete_steps,
+    done_marker,
     has_frozen,
     is_complete,
     location,
+    nonce_of,
     staging_dir,
     step_tag,
 )
 from pretrain.train.crash import CRASH_ENV, CRASH_POINTS, InjectedCrash, crash_point  # noqa: F401
+from pretrain.train.owner import Owner
 from pretrain.train.resume import Plan, decide, load, opened, parse_branch, plan_resume, prepare_universal  # noqa: F401
 from pretrain.train.rng_state import (  # noqa: F401
     TRUST_PICKLES,
@@ -89,11 +95,12 @@ def _remove_step(store: Storage, tag: str) -> None:
     store.remove(tag)
 
 
-def prune(store: Storage, newest: int, keep: int | None, keep_every: int | None) -> list[int]:
+def prune(store: Storage, newest: int, keep: int | None, keep_every: int | None, owner: Owner = Owner()) -> list[int]:
     """After `newest` is complete: remove complete checkpoints beyond the newest `keep` (none: keep all) that
     are not multiples of `keep_every`, incomplete ones older than `newest`, and the universal conversions of
-    a checkpoint branched from (`branch-step-<N>`). Returns the steps removed."""
-    steps = all_steps(store)
+    a checkpoint branched from (`branch-...`). Only what `owner` trusts is counted and removed: the checkpoints
+    of a holder whose lock was taken over all stay (pretrain/train/owner.py). Returns the steps removed."""
+    steps = [s for s in all_steps(store) if owner.trusted(nonce_of(store, s))]
     complete = [s for s in steps if is_complete(store, s)]
     kept = set(complete if keep is None else complete[-keep:]) | {newest}
     if keep_every:
@@ -103,7 +110,7 @@ def prune(store: Storage, newest: int, keep: int | None, keep_every: int | None)
         _remove_step(store, step_tag(s))
         crash_point("pruning")
     for name in store.children():
-        if name.startswith("branch-step-") or (name.endswith(".tmp") and name.startswith("step-")):
+        if name.startswith("branch-") or (name.endswith(".tmp") and name.startswith("step-")):
             store.remove(name)  # a branch's conversion, no longer needed; an earlier version's debris
     return doomed
 
@@ -116,12 +123,17 @@ class Checkpointer:
     collective that returns once this rank's states are copied to host memory; the rest runs in a thread."""
 
     def __init__(self, store: Storage, staging: Path, rank: int, world: int, *, keep: int | None = None,
-                 keep_every: int | None = None, timeout_s: float = 1800.0, host_copy: bool = True):
-        """`host_copy=False`: DeepSpeed writes the states' files in the training thread, as before host copies
-        (the thread then only moves them): the baseline of tools/bench_ckpt.py."""
+                 keep_every: int | None = None, timeout_s: float = 1800.0, host_copy: bool = True,
+                 owner: Owner = Owner()):
+        """Collective (every rank gets rank 0's attempt nonce). `host_copy=False`: DeepSpeed writes the states'
+        files in the training thread, as before host copies (the thread then only moves them): the baseline of
+        tools/bench_ckpt.py. `owner`: the run's lock, checked before every write (pretrain/train/owner.py)."""
         self.store, self.staging, self.rank, self.world = store, staging, rank, world
         self.keep, self.keep_every, self.timeout_s = keep, keep_every, timeout_s
-        self.host_copy = host_copy
+        self.host_copy, self.owner = host_copy, owner
+        box = [f"{owner.token or 'run'}.{uuid.uuid4().hex[:12]}"]
+        dist.broadcast_object_list(box, src=0)
+        self.nonce = box[0]  # every marker of this attempt's saves carries it
         # A crashed attempt's leftovers (one writer per run); rank 0 also clears those of ranks that are gone.
         # Before `decide`, a collective: no rank writes into its staging directory before that.
         shutil.rmtree(staging.parent if rank == 0 and staging.parent.name == ".staging" else staging,
@@ -143,9 +155,16 @@ class Checkpointer:
         tag = step_tag(step)
         local = self.staging / tag
         shutil.rmtree(local, ignore_errors=True)
-        if self.rank == 0 and self.store.children(tag):  # an earlier attempt's incomplete step: never merge into it
-            _remove_step(self.store, tag)
-        dist.barrier()
+        self.owner.check()  # a run whose lock was taken over writes nothing more (LockLostError)
+        box = [None]
+        if self.rank == 0:
+            box[0] = self._claim(step)
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:  # another holder's save of this step is in the location: it stays
+            if self.rank == 0:
+                print(f"warning: checkpoint {tag} not saved: {box[0]}", file=sys.stderr, flush=True)
+            self.stats = {"step": step, "skipped": box[0]}
+            return
         self._buffers.recycle()  # the previous save's files are written (waited for above)
         writer = None
 
@@ -174,6 +193,19 @@ class Checkpointer:
                                         name=f"checkpoint-upload-{tag}")
         self._thread.start()
 
+    def _claim(self, step: int) -> str | None:
+        """Rank 0: make the step directory this attempt's (`owner.json`), removing an earlier attempt's unfinished
+        save of it when this run trusts that attempt; else the reason it cannot (returned, not raised)."""
+        tag = step_tag(step)
+        if self.store.children(tag):  # an earlier attempt's incomplete step: never merge into it
+            nonce = nonce_of(self.store, step)
+            if not self.owner.trusted(nonce):
+                return (f"{self.store.url}/{tag} was written by another holder of this location ({nonce}), "
+                        "whose lock this run took over; it is left as it is")
+            _remove_step(self.store, tag)
+        self.store.write_text(f"{tag}/{OWNER}", json.dumps({"nonce": self.nonce}))
+        return None
+
     def _run_upload(self, step: int, local: Path, writer: QueuedWriter | None) -> None:
         try:
             t0 = time.perf_counter()
@@ -189,35 +221,43 @@ class Checkpointer:
 
     def _upload(self, step: int, local: Path, sizes: dict[str, int]) -> None:
         tag, store = step_tag(step), self.store
+        self.owner.check()
         store.put(local, [f for f in sizes if f != META], tag)
         crash_point("after-rank-files")
         if META in sizes:  # rank 0's meta.json after its other files
             store.put(local, [META], tag)
             crash_point("after-meta")
-        store.write_text(f"{tag}/rank-{self.rank}.done", json.dumps(sizes))
+        store.write_text(f"{tag}/rank-{self.rank}.done", json.dumps({"nonce": self.nonce, "files": sizes}))
         shutil.rmtree(local, ignore_errors=True)
         if self.rank != 0:
             return
         files = self._every_rank(tag)
+        self.owner.check()
         store.write_text(f"{tag}/{COMPLETE}", json.dumps({"format": FORMAT, "step": step, "world_size": self.world,
-                                                          "files": files}))
+                                                          "nonce": self.nonce, "files": files}))
         crash_point("before-latest")
         store.write_text(LATEST, tag)
         crash_point("after-latest")
-        prune(store, step, self.keep, self.keep_every)
+        self.owner.check()
+        prune(store, step, self.keep, self.keep_every, self.owner)
 
     def _every_rank(self, tag: str) -> dict[str, int]:
-        """Rank 0: wait for every rank's marker; the union of the files they list."""
-        want = {f"rank-{r}.done" for r in range(self.world)}
-        deadline = time.monotonic() + self.timeout_s
-        while not want <= set(self.store.children(tag)):
-            if time.monotonic() > deadline:
-                missing = sorted(want - set(self.store.children(tag)))
-                raise TimeoutError(f"no {', '.join(missing)} after {self.timeout_s:.0f} s")
-            time.sleep(POLL_S)
+        """Rank 0: wait for every rank's marker of this attempt; the union of the files they list."""
         files: dict[str, int] = {}
-        for name in sorted(want):
-            files.update(json.loads(self.store.read_text(f"{tag}/{name}")))
+        waiting = {f"rank-{r}.done" for r in range(self.world)}
+        deadline = time.monotonic() + self.timeout_s
+        while waiting:
+            for name in sorted(waiting & set(self.store.children(tag))):
+                text = self.store.read_text(f"{tag}/{name}")
+                nonce, listed = done_marker(text) if text is not None else (None, {})
+                if nonce == self.nonce:  # another attempt's marker is no marker of this save
+                    files.update(listed)
+                    waiting.discard(name)
+            if not waiting:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {', '.join(sorted(waiting))} of this attempt after {self.timeout_s:.0f} s")
+            time.sleep(POLL_S)
         return dict(sorted(files.items()))
 
     @property

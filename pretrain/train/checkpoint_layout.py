@@ -10,9 +10,11 @@ import re
 from pathlib import Path
 
 from pretrain.config import Config, run_dir
+from pretrain.train.owner import holder_of
 from pretrain.train.storage import Storage
 
 LATEST, COMPLETE, META = "latest", "COMPLETE", "meta.json"
+OWNER = "owner.json"  # the nonce of the attempt whose save began in a step directory (pretrain/train/owner.py)
 # The loop's own state (step, units, the data streams' positions, the resolved config) is JSON beside
 # DeepSpeed's files, not DeepSpeed's pickled client state: resuming never unpickles it.
 STATE = "state.json"
@@ -63,6 +65,57 @@ def is_complete(store: Storage, step: int) -> bool:
     with contextlib.suppress(ValueError):
         return meta is not None and "format" not in json.loads(meta)
     return False
+
+
+def _json(store: Storage, rel: str) -> dict | None:
+    text = store.read_text(rel)
+    with contextlib.suppress(ValueError):
+        value = json.loads(text) if text is not None else None
+        return value if isinstance(value, dict) else None
+    return None
+
+
+def nonce_of(store: Storage, step: int) -> str | None:
+    """The nonce of the attempt that wrote (or began writing) a step: its `COMPLETE`'s, else its `owner.json`'s;
+    None for a step without either (an earlier version's)."""
+    tag = step_tag(step)
+    for name in (COMPLETE, OWNER):
+        marker = _json(store, f"{tag}/{name}")
+        if marker is not None and marker.get("nonce"):
+            return marker["nonce"]
+    return None
+
+
+def done_marker(text: str) -> tuple[str | None, dict[str, int]]:
+    """(nonce, files with their sizes) of a `rank-<R>.done` (an earlier version's holds the files only)."""
+    value = json.loads(text)
+    if "files" in value and isinstance(value.get("files"), dict):
+        return value.get("nonce"), value["files"]
+    return None, value
+
+
+def verified(store: Storage, step: int) -> bool:
+    """Whether a complete step's files are all one attempt's: every rank's marker carries the nonce of its
+    `COMPLETE`. A rank marker of another attempt (a second writer of the location saved the same step) means its
+    files may be that attempt's: resume does not trust the step. Earlier versions' steps carry no nonce."""
+    tag = step_tag(step)
+    complete = _json(store, f"{tag}/{COMPLETE}")
+    if complete is None or not complete.get("nonce"):
+        return complete is not None or is_complete(store, step)
+    for r in range(int(complete.get("world_size", 0))):
+        text = store.read_text(f"{tag}/rank-{r}.done")
+        try:
+            nonce = done_marker(text)[0] if text is not None else None
+        except ValueError:
+            return False
+        if nonce != complete["nonce"]:
+            return False
+    return True
+
+
+def holders(store: Storage) -> set[str]:
+    """The lock tokens of every attempt whose markers are in the location (pretrain/train/owner.py)."""
+    return {holder_of(n) for n in (nonce_of(store, s) for s in all_steps(store)) if n}
 
 
 def all_steps(store: Storage) -> list[int]:

@@ -3,7 +3,10 @@ checkpoints, the end-of-run artefact), each called with a `pretrain.hooks.StepVi
 `pretrain.train.parts.RunView`). Objectives add theirs the same way (`Objective.hooks`).
 
 Hooks run in the order they were added, on every rank (a hook that writes files checks the rank itself;
-one that evaluates is a collective).
+one that evaluates is a collective), except the checkpoint: it runs after every other hook of its step
+(`add(..., checkpoint=True)`). A step's rows (validation, an objective's evaluations, the final step's) are
+written before its checkpoint makes it resumable: a crash during a long evaluation resumes before the step and
+evaluates it again, never after it with its score lost.
 """
 
 from __future__ import annotations
@@ -25,22 +28,27 @@ if TYPE_CHECKING:
 class Hooks:
     def __init__(self) -> None:
         self._hooks: list[Hook] = []
+        self._checkpoints: list[Hook] = []  # run after every other hook of the step (module docstring)
 
-    def add(self, fn: Callable[[StepView], None], every: int, *, at_end: bool = True, at_start: bool = False) -> None:
-        self._hooks.append(Hook(fn, every, at_end, at_start))
+    def add(self, fn: Callable[[StepView], None], every: int, *, at_end: bool = True, at_start: bool = False,
+            checkpoint: bool = False) -> None:
+        (self._checkpoints if checkpoint else self._hooks).append(Hook(fn, every, at_end, at_start))
 
     def extend(self, hooks: list[Hook]) -> None:
         self._hooks.extend(hooks)
 
+    def due(self, step: int, last: bool) -> list[Hook]:
+        """The hooks of `step` in the order they run: as added, the checkpoints last."""
+        return [h for h in (*self._hooks, *self._checkpoints) if (h.every and step % h.every == 0) or (last and h.at_end)]
+
     def start(self, view: StepView) -> None:
-        for h in self._hooks:
+        for h in (*self._hooks, *self._checkpoints):
             if h.at_start:
                 h.fn(view)
 
     def after_step(self, view: StepView, step: int, last: bool) -> None:
-        for h in self._hooks:
-            if (h.every and step % h.every == 0) or (last and h.at_end):
-                h.fn(view)
+        for h in self.due(step, last):
+            h.fn(view)
 
 
 # ----------------------------------------------------------------------------- the run's own hooks

@@ -21,6 +21,7 @@ from pretrain.redact import redacted_tree
 from pretrain.train.engine import compile_stats
 from pretrain.train.final_weights import save_final_weights
 from pretrain.train.goodput import TIMELINE, Timeline, account
+from pretrain.train.owner import Owner
 from pretrain.train.parts import Run
 from pretrain.train.pulse import PREEMPTED, PULSE, inject_signal, start_heartbeats
 from pretrain.train.run import build_run
@@ -31,10 +32,11 @@ from pretrain.train.straggle import stragglers
 
 
 def train(cfg: Config, *, started_at: float | None = None, marks: list | None = None, steps: int | None = None,
-          watcher: str | None = None, token: str = "") -> None:
+          watcher: str | None = None, token: str = "", owner: dict | None = None) -> None:
     """Run (or resume) the configured training on this rank. Collective: every rank calls it. `steps` is the
     run's length as the driver derived it (pretrain.length.total_steps); derived here when not given.
-    `watcher` ("host:port", with its `token`): where this rank's heartbeats go (pretrain/launch/watch.py)."""
+    `watcher` ("host:port", with its `token`): where this rank's heartbeats go (pretrain/launch/watch.py).
+    `owner`: the run's lock as `Owner.to_dict()` gives it, which every save checks (pretrain/train/owner.py)."""
     started_at = started_at or time.time()
     startup = Marks(marks or [("command", started_at)])  # the driver's marks (launch/local.py), then ours
     attempt = dict(startup.to_list()).get("worker_spawned", started_at)
@@ -42,7 +44,7 @@ def train(cfg: Config, *, started_at: float | None = None, marks: list | None = 
     # Beating from here on: a rank stuck while the run is built (a dead mount, a lost peer) is seen too.
     start_heartbeats(watcher, token, dist.get_rank() if dist.is_initialized() else 0, f"{attempt:.6f}",
                      stacks=run_dir(cfg) / "hangs" / ".live")
-    r = build_run(cfg, startup, steps)
+    r = build_run(cfg, startup, steps, owner=Owner.from_dict(owner))
     inject_signal(r.rank, 0)
     timeline = Timeline(r.rdir, r.rank, started_at)
     if r.start == 0:

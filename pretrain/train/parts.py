@@ -95,6 +95,7 @@ class RunView:
 
     def save_checkpoint(self) -> None:
         r = self._run
+        r.sink.sync()  # metrics.jsonl on disk before the save's markers can make this step resumable
         client = {"step": self.step, "units": self.units, "data": r.stream.state_dict(),
                   "config": redacted_tree(r.cfg.model_dump(mode="json")), **({"spike": r.spikes.state_dict()} if r.spikes else {})}
         extra = (lambda d: r.ema.save(d, r.rank, r.world)) if r.ema is not None else None

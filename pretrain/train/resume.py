@@ -10,6 +10,7 @@ collective waits on the conversion, however long.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import shutil
@@ -27,6 +28,7 @@ from pretrain.train.checkpoint_layout import (
     COMPLETE,
     FORMAT,
     META,
+    OWNER,
     POLL_S,
     STATE,
     CheckpointStoreError,
@@ -34,6 +36,7 @@ from pretrain.train.checkpoint_layout import (
     has_frozen,
     listed,
     step_tag,
+    verified,
 )
 from pretrain.train.rng_state import load_rng
 from pretrain.train.storage import Storage
@@ -64,7 +67,7 @@ def _branch_source(spec: str) -> tuple[Storage, int]:
     if not steps:
         raise ResumeError(f"checkpoint.branch_from: {url}: no complete checkpoint there")
     if step is None:
-        return store, steps[-1]
+        return store, next((s for s in reversed(steps) if verified(store, s)), steps[-1])
     if step not in steps:
         raise ResumeError(f"checkpoint.branch_from: {spec}: no complete checkpoint step-{step} in {store.url} "
                           f"(complete: {', '.join(map(str, steps))})")
@@ -74,7 +77,10 @@ def _branch_source(spec: str) -> tuple[Storage, int]:
 def plan_resume(own: Storage, branch_from: str | None, world: int, at_most: int | None = None) -> Plan:
     """Rank 0's decision: this run's newest complete checkpoint (at or before step `at_most`, for a rollback:
     pretrain/train/spike.py), else `branch_from`'s, else none."""
+    # A complete step whose ranks' markers are not all its attempt's (a second writer saved the same step) is
+    # not trusted: the newest one that is.
     steps = [s for s in complete_steps(own) if at_most is None or s <= at_most]
+    steps = next(([s] for s in reversed(steps) if verified(own, s)), [])
     if steps:
         src, step, branched = own, steps[-1], False
     elif branch_from:
@@ -88,7 +94,9 @@ def plan_resume(own: Storage, branch_from: str | None, world: int, at_most: int 
     meta = json.loads(text)
     universal = None
     if meta["zero_stage"] > 0 and meta["world_size"] != world:  # ZeRO partitions of another world size
-        universal = f"{own.url}/branch-{tag}/universal" if branched else f"{src.url}/{tag}/universal"
+        # A branch's conversion is keyed by its source: another branch_from before the first save converts anew.
+        key = hashlib.sha256(src.url.encode()).hexdigest()[:12]
+        universal = f"{own.url}/branch-{key}-{tag}/universal" if branched else f"{src.url}/{tag}/universal"
     return Plan(step, f"{src.url}/{tag}", universal, branched)
 
 
@@ -149,7 +157,7 @@ def _needed(rel: str, rank: int, universal: bool) -> bool:
     """Whether this rank reads the checkpoint file `rel`: DeepSpeed reads the shared model states and its
     own partition's files (or, at another world size, the universal directory instead); the RNG state is
     per rank; the EMA's reassembly reads every rank's piece."""
-    if rel.startswith("universal/") or rel.endswith(".done") or rel == COMPLETE:
+    if rel.startswith("universal/") or rel.endswith(".done") or rel in (COMPLETE, OWNER):
         return False
     if universal and rel.endswith("_states.pt"):
         return False

@@ -24,7 +24,7 @@ from pretrain.data import build_train_stream, build_val_batches, validate_data
 from pretrain.errors import RunError
 from pretrain.length import total_steps
 from pretrain.metrics.flops import peak_flops
-from pretrain.metrics.sinks import Deferred, Fanout, JsonlSink, Sink, WandbSink, last_step, truncate_after
+from pretrain.metrics.sinks import Deferred, Fanout, JsonlSink, Sink, open_wandb, rows, truncate_after
 from pretrain.models import get_family
 from pretrain.objectives import build_objective
 from pretrain.train import checkpoint as ckpt
@@ -39,6 +39,7 @@ from pretrain.train.hooks import (
     validate,
     write_artefact,
 )
+from pretrain.train.owner import Owner
 from pretrain.train.parts import Run
 from pretrain.train.resume import restore
 from pretrain.train.spike import Spikes
@@ -75,29 +76,32 @@ def validation_share(cfg: Config, rank: int, world: int) -> list[tuple[dict, boo
 
 
 def _start_wandb(cfg: Config, rdir: Path, rank: int, unit: str) -> Future | None:
-    """Rank 0's W&B run, started in a thread: wandb.init waits a second or more on its service process,
-    which then overlaps the model and engine build and, if need be, the first steps (`Deferred`). `logged` (the
-    last step earlier attempts sent) is read before this attempt touches metrics.jsonl."""
+    """Rank 0's W&B sink, started in a thread: wandb.init waits a second or more on its service process,
+    which then overlaps the model and engine build and, if need be, the first steps (`Deferred`). It never
+    fails the run: online falls back to offline, offline to no W&B (`open_wandb`)."""
     if rank != 0 or not cfg.log.wandb:
         return None
-    logged = last_step(rdir / "metrics.jsonl")
     config = cfg.model_dump(mode="json")
     pool = ThreadPoolExecutor(1, thread_name_prefix="wandb-init")
-    future = pool.submit(WandbSink, rdir, cfg.log.project, cfg.run.name, config, unit, logged)
+    future = pool.submit(open_wandb, rdir, cfg.log.project, cfg.run.name, config, unit)
     pool.shutdown(wait=False)
     return future
 
 
 def _sinks(rdir: Path, rank: int, wandb: Future | None) -> Sink:
+    """Rank 0's sinks, made once metrics.jsonl is cut back to the checkpoint: what it still holds is W&B's
+    backlog (the rows below the resume point; W&B keeps those it lacks, `WandbSink.held`)."""
     if rank != 0:
         return Sink()
-    sinks: list[Sink] = [JsonlSink(rdir / "metrics.jsonl")]
+    metrics = rdir / "metrics.jsonl"
+    backlog = rows(metrics) if wandb is not None else []
+    sinks: list[Sink] = [JsonlSink(metrics)]
     if wandb is not None:
-        sinks.append(Deferred(wandb))  # W&B catches up once its run exists; the steps do not wait for it
+        sinks.append(Deferred(wandb, backlog))  # W&B catches up once its run exists; the steps do not wait for it
     return Fanout(sinks)
 
 
-def build_run(cfg: Config, startup: Marks, steps: int | None = None) -> Run:
+def build_run(cfg: Config, startup: Marks, steps: int | None = None, owner: Owner = Owner()) -> Run:
     """Set up (or resume) the configured run on this rank, marking its phases on `startup`. Collective:
     every rank calls it. `steps`: the run's length as the driver derived it, else derived here."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -124,7 +128,8 @@ def build_run(cfg: Config, startup: Marks, steps: int | None = None) -> Run:
     steps = steps or total_steps(cfg, objective, counts)  # train.steps, or what train.tokens / train.flops take
     store = ckpt.Storage(ckpt.location(cfg))
     saver = ckpt.Checkpointer(store, ckpt.staging_dir(cfg, rank), rank, world, keep=cfg.checkpoint.keep,
-                              keep_every=cfg.checkpoint.keep_every, timeout_s=cfg.cluster.collective_timeout_s)
+                              keep_every=cfg.checkpoint.keep_every, timeout_s=cfg.cluster.collective_timeout_s,
+                              owner=owner)  # the run's lock, checked before every write of a save
     plan = ckpt.decide(store, cfg.checkpoint.branch_from, rank, world)  # rank 0's decision, broadcast
     if plan.universal_url:  # resuming at another world size
         ckpt.prepare_universal(plan, saver.staging, rank)
@@ -172,7 +177,7 @@ def build_run(cfg: Config, startup: Marks, steps: int | None = None) -> Run:
         hooks.add(partial(update_ema, ema), every=1)  # first: every later hook of the step sees the updated average
     hooks.add(log_step, every=1)
     hooks.add(partial(validate, run.val, fpu), every=cfg.eval.every, at_start=True)
-    hooks.add(save_checkpoint, every=cfg.checkpoint.every)
+    hooks.add(save_checkpoint, every=cfg.checkpoint.every, checkpoint=True)  # after every other hook of its step
     c = cfg.cluster
     if world > 1:
         run.straggle = Stragglers(c.straggler_ratio, c.straggler_windows, world)

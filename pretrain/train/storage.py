@@ -21,7 +21,7 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pretrain.atomic import atomic_write, fsync_dir
+from pretrain.atomic import atomic_write, fsync_dir, make_dirs
 from pretrain.errors import StorageError
 
 
@@ -88,10 +88,25 @@ class Storage:
         """Replace `rel` whole: an atomic, fsynced rename locally; one PUT on an object store."""
         if self.local:
             path = self.local_path(rel)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(path.parent)
             atomic_write(path, text)
         else:
             self.fs.pipe_file(self._abs(rel), text.encode("utf-8"))
+
+    def create(self, rel: str, text: str) -> bool:
+        """Write `rel` only if nothing is there, as one exclusive create (O_EXCL locally, S3's `If-None-Match: *`
+        through fsspec's "create" mode): of two writers exactly one gets True. Durable when it returns."""
+        if self.local:
+            make_dirs(self.local_path(rel).parent)
+        try:
+            self.fs.pipe_file(self._abs(rel), text.encode("utf-8"), mode="create")
+        except FileExistsError:
+            return False
+        if self.local:
+            with open(self.local_path(rel), "rb") as fh:
+                os.fsync(fh.fileno())
+            fsync_dir(self.local_path(rel).parent)
+        return True
 
     def put(self, local_dir: Path, files: list[str], rel: str) -> None:
         """Move the files `files` (relative to `local_dir`) to `rel/<file>`, durably: locally a rename when the
@@ -106,7 +121,7 @@ class Storage:
         dirs = {dest}
         for f in files:
             target = dest / f
-            target.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(target.parent)  # the first save's new directories (the run's prefix too) made durable
             dirs.add(target.parent)
             shutil.move(str(local_dir / f), target)
             with open(target, "rb") as fh:  # written by torch.save without fsync: make it durable here
