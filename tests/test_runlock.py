@@ -82,3 +82,29 @@ def test_train_with_a_live_runs_name_is_refused(tmp_path, tiny_shards):
     assert result.exit_code == 2, result.output
     assert "in use by a live run" in result.output and f"pid {os.getpid()}" in result.output
     assert not (rdir / "config.yaml").exists()
+
+
+def test_a_lock_taken_over_is_noticed_at_the_next_heartbeat(tmp_path):
+    """The holder reads its lock before each heartbeat: another token there (this run stalled past the stale
+    limit and was taken over) calls `on_lost` once with the line, and the lock is not touched again."""
+    lost: list[str] = []
+    lock = RunLock(tmp_path / "r", heartbeat_s=0.05, on_lost=lost.append).acquire()
+    _plant(tmp_path / "r", host="node-9", pid=7, token="theirs")
+    deadline = time.time() + 5
+    while not lost and time.time() < deadline:
+        time.sleep(0.02)
+    assert len(lost) == 1 and "this run's lock" in lost[0] and "node-9 pid 7" in lost[0] and "\n" not in lost[0]
+    lock.release()
+    assert json.loads((tmp_path / "r" / LOCK_FILE).read_text())["token"] == "theirs", "the new holder's lock stays"
+
+
+def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path, tiny_shards):
+    """A read-only run.dir (here /sys, where even root may not create a directory): exit 2 and one line."""
+    from pretrain.cli import app
+
+    args = ["train", str(ROOT / "configs/gpt-tiny.yaml"), *TINY, "run.dir=/sys/pretrain-test", "run.name=ro",
+            f"data.train={tiny_shards / 'train'}", f"data.val={tiny_shards / 'val'}", "train.steps=1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == ("error: run.dir /sys/pretrain-test/ro: cannot write the run directory "
+                                     "(Operation not permitted)"), result.output
