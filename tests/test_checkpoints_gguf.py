@@ -182,3 +182,39 @@ def test_gguf_shape_against_metadata_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"tensor blocks\.0\.mlp\.gate_proj\.weight has shape "
                                               r"\(64, 32\) but the GGUF metadata implies \(96, 32\)"):
         read_checkpoint(tmp_path / "bad.gguf")
+
+
+_GOOD_META = {"llama.attention.head_count": 4, "llama.embedding_length": 32, "llama.context_length": 32,
+              "llama.block_count": 1, "llama.feed_forward_length": 64,
+              "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.vocab_size": 8}
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("llama.attention.head_count", 0, "is 0; it must be at least 1"),  # d_model / heads would divide by 0
+    ("llama.embedding_length", "sixty-four", "is 'sixty-four', not an integer"),
+    ("llama.block_count", 1.5, "is 1.5, not an integer"),
+    ("llama.attention.head_count_kv", [4, 4], r"is \[4, 4\], not an integer"),
+    ("llama.feed_forward_length", -64, "is -64; it must be at least 1"),
+    ("llama.attention.layer_norm_rms_epsilon", "tiny", "is 'tiny', not a finite number"),
+])
+def test_bad_gguf_metadata_is_one_line(tmp_path, key, value, message):
+    """A metadata value of the wrong type or out of range is refused naming the file and the key, before
+    any tensor is read (it used to end in int()'s ValueError or a ZeroDivisionError)."""
+    w = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "llama")
+    for k, v in {**_GOOD_META, key: value}.items():
+        if isinstance(v, str):
+            w.add_string(k, v)
+        elif isinstance(v, list):
+            w.add_array(k, v)
+        elif isinstance(v, float):
+            w.add_float32(k, v)
+        else:
+            w.add_int32(k, v)
+    w.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'bad.gguf'}: metadata {key} {message}$") as e:
+        read_checkpoint(tmp_path / "bad.gguf")
+    assert "\n" not in str(e.value)

@@ -149,6 +149,23 @@ def test_sharded_checkpoint_and_sharded_export(tmp_path):
     assert files == ["config.json", "generation_config.json", "model.safetensors"]
 
 
+def test_shard_index_is_replaced_not_written_in_place(tmp_path):
+    """The index goes to a temporary file renamed over the old one (pretrain.atomic): a file that shared the
+    old index's inode (a hard link, a reader's open handle) keeps its bytes, and no temporary file stays."""
+    from pretrain.hub.safetensors_io import INDEX, write_shards
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "elsewhere.json").write_text("theirs\n")
+    (tmp_path / "out" / INDEX).hardlink_to(tmp_path / "elsewhere.json")
+    tensors = [(f"t{i}", torch.full((64,), float(i))) for i in range(3)]
+    write_shards(tmp_path / "out", tensors, max_shard_bytes=300)
+    assert (tmp_path / "elsewhere.json").read_text() == "theirs\n"
+    index = json.loads((tmp_path / "out" / INDEX).read_text())
+    assert sorted(index["weight_map"]) == ["t0", "t1", "t2"] and index["metadata"]["total_size"] == 3 * 256
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)] + [INDEX]
+
+
 def test_bf16_checkpoint_is_widened_to_fp32(tmp_path):
     hf_model = _hf_checkpoint(tmp_path / "hf", "qwen2-bias")
     hf_model.to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))

@@ -12,8 +12,9 @@ What counts as a URL (`scheme://` or `pipe:`) is decided by `pretrain.urls.is_ur
 
 Trust: a manifest is data, and nothing it says is executed or leaves its source. Every shard name (and the
 tokenizer file name) must be a plain file name inside the source directory or prefix (`shard-000000.tar`:
-letters, digits, `.`, `_`, `-`, no leading dot, ending `.tar`); anything else (a path separator, `..`, an
-absolute path, a scheme, `pipe:`, whitespace, shell metacharacters, control characters) is refused with
+letters, digits, `.`, `_`, `-`, no leading dot or dash, ending `.tar`); anything else (a path separator,
+`..`, an absolute path, a scheme, `pipe:`, whitespace, shell metacharacters, control characters, a leading
+`-` that a command in a user's `pipe:` source would read as an option) is refused with
 one line naming the manifest and the name, wherever a manifest is read (the driver's `validate_data`,
 every worker, `data inspect`). Every shard entry must give its byte count and sha256, which every read of
 the shard checks (`pretrain.data.shards.read_shard`). A `pipe:` source runs a command only because the user
@@ -36,8 +37,9 @@ from pretrain.urls import ReadFailed, is_command, is_url, read_bytes
 FORMAT = "pretrain-shards/1"
 MANIFEST = "index.json"
 # A file name inside the source: what the writers produce (shard-000000.tar, tokenizer.json) and nothing that
-# a path, URL or shell would read as more than a name. No leading dot, so neither `..` nor hidden files.
-_FILE_NAME = r"[A-Za-z0-9_-][A-Za-z0-9._-]*"
+# a path, URL or shell would read as more than a name. No leading dot, so neither `..` nor hidden files; no
+# leading dash: the tokenizer's name replaces the shard's in a `pipe:` command, where `-x.json` is an option.
+_FILE_NAME = r"[A-Za-z0-9_][A-Za-z0-9._-]*"
 _SHARD_NAME = re.compile(_FILE_NAME + r"\.tar")
 _TOKENIZER_NAME = re.compile(_FILE_NAME + r"\.json")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
@@ -105,7 +107,8 @@ def _parse(text: bytes | str, where: str, setting: str) -> dict:
     if tok is not None and tok != "gpt2" and not (isinstance(tok, str) and _TOKENIZER_NAME.fullmatch(tok)
                                                   and ".." not in tok):
         raise DataError(f"{setting}: manifest {where} names tokenizer {_shown(tok)}, neither 'gpt2' nor a "
-                        f"file name inside the source ending .json")
+                        f"file name inside the source (letters, digits, '.', '_', '-', not starting with '.' "
+                        f"or '-', ending .json)")
     return m
 
 

@@ -26,7 +26,7 @@ from pretrain.atomic import atomic_write
 from pretrain.data.manifest import FORMAT, MANIFEST, write_manifest
 from pretrain.data.shards import ShardWriter
 from pretrain.data.write_text import JOURNAL, journaled_shards, remove_stale_tmp
-from pretrain.errors import DataError
+from pretrain.errors import DataError, first_line
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -100,18 +100,30 @@ def folder_splits(root: Path, val_fraction: float) -> dict[str, tuple[list[str],
 
 def _decoder(files: list[tuple[Path, int]]) -> Callable[[int], Iterator[Item]]:
     def items(start: int) -> Iterator[Item]:
-        from PIL import Image, UnidentifiedImageError
-
         for f, label in files[start:]:
-            try:
-                with Image.open(f) as im:
-                    arr = np.asarray(im.convert("L" if im.mode in ("1", "L", "I;16") else "RGB"))
-            except (UnidentifiedImageError, OSError) as e:
-                raise DataError(f"input {f}: cannot decode image ({e})") from None
             cap = f.with_suffix(".txt")
-            yield arr, label, cap.read_text().strip() if cap.is_file() else None
+            try:
+                caption = cap.read_text(encoding="utf-8").strip() if cap.is_file() else None
+            except (OSError, UnicodeDecodeError) as e:
+                raise DataError(f"input {cap}: cannot read the caption ({first_line(e)})") from None
+            yield _decode_image(f), label, caption
 
     return items
+
+
+def _decode_image(f: Path) -> np.ndarray:
+    """One image file as uint8 pixels; a file PIL refuses is a DataError naming it. Besides OSError, PIL
+    raises DecompressionBombError above 2 x `Image.MAX_IMAGE_PIXELS` pixels (a few kilobytes of PNG can
+    claim gigapixels), and ValueError, SyntaxError or EOFError from some plugins on damaged files."""
+    from PIL import Image
+
+    try:
+        with Image.open(f) as im:
+            return np.asarray(im.convert("L" if im.mode in ("1", "L", "I;16") else "RGB"))
+    except Image.DecompressionBombError as e:
+        raise DataError(f"input {f}: image too large to decode ({first_line(e)})") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:  # UnidentifiedImageError is an OSError
+        raise DataError(f"input {f}: cannot decode image ({type(e).__name__}: {first_line(e)})") from None
 
 
 def _npy(arr: np.ndarray) -> bytes:

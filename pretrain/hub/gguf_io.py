@@ -11,6 +11,7 @@ permute. Architectures other than llama and qwen2 are refused, naming the archit
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from pretrain.hub.released import Released, check_shapes, check_vocab
 from pretrain.hub.tokenizer_io import gguf_tokenizer_dir
 
 SUPPORTED = ("llama", "qwen2")
+_BOS = "tokenizer.ggml.bos_token_id"
 _TOP = {"token_embd": "embed", "output_norm": "norm", "output": "lm_head"}
 _BLOCK = {"attn_norm": "attn_norm", "attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj",
           "attn_output": "attn.o_proj", "ffn_norm": "mlp_norm", "ffn_gate": "mlp.gate_proj",
@@ -46,7 +48,8 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 class _Meta:
-    """Typed access to the metadata fields, with one-line errors naming the missing key."""
+    """Typed access to the metadata fields, with one-line errors naming the key: a missing one, or a value
+    of the wrong type (a string, a list or a fraction where a count belongs; a count below its minimum)."""
 
     def __init__(self, reader: Any, where: str):
         self.reader, self.where = reader, where
@@ -57,33 +60,59 @@ class _Meta:
             if default is ...:
                 raise CheckpointError(f"{self.where}: metadata {key} is missing")
             return default
-        return field.contents()
+        try:
+            return field.contents()
+        except Exception as e:  # a field whose declared type and bytes disagree
+            raise CheckpointError(f"{self.where}: metadata {key} does not read ({first_line(e)})") from None
+
+    def integer(self, key: str, default: Any = ..., minimum: int = 0) -> int:
+        """An integer field, at least `minimum` (a whole float is taken: some converters write those)."""
+        value = self.get(key, default)
+        whole = isinstance(value, float) and value.is_integer()
+        if isinstance(value, bool) or not (isinstance(value, int) or whole):
+            raise CheckpointError(f"{self.where}: metadata {key} is {_shown(value)}, not an integer")
+        if value < minimum:
+            raise CheckpointError(f"{self.where}: metadata {key} is {int(value)}; it must be at least {minimum}")
+        return int(value)
+
+    def number(self, key: str, default: Any = ...) -> float:
+        """A finite number."""
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise CheckpointError(f"{self.where}: metadata {key} is {_shown(value)}, not a finite number")
+        return float(value)
+
+
+def _shown(value: Any) -> str:
+    """A metadata value as one short line (repr escapes newlines)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _model_fields(meta: _Meta, arch: str, tensor_names: set[str], n_tokens: int,
                   max_seq_len: int | None) -> dict:
     a = arch
-    heads = int(meta.get(f"{a}.attention.head_count"))
-    d = int(meta.get(f"{a}.embedding_length"))
-    hd = int(meta.get(f"{a}.attention.key_length", d // heads))
-    rope_dim = int(meta.get(f"{a}.rope.dimension_count", hd))
+    heads = meta.integer(f"{a}.attention.head_count", minimum=1)  # divides below
+    d = meta.integer(f"{a}.embedding_length", minimum=1)
+    hd = meta.integer(f"{a}.attention.key_length", d // heads, minimum=1)
+    rope_dim = meta.integer(f"{a}.rope.dimension_count", hd)
     if rope_dim != hd:
         raise CheckpointError(f"{meta.where}: {a}.rope.dimension_count {rope_dim} is not the head size {hd} "
                               "(partial rotary is not supported)")
     scaling = meta.get(f"{a}.rope.scaling.type", "none")
     if scaling not in ("none", None) or "rope_freqs.weight" in tensor_names:
-        raise CheckpointError(f"{meta.where}: rope scaling ({a}.rope.scaling.type {scaling!r} or a "
+        raise CheckpointError(f"{meta.where}: rope scaling ({a}.rope.scaling.type {_shown(scaling)} or a "
                               "rope_freqs tensor) is not supported in GGUF; import the HF checkpoint")
-    context = int(meta.get(f"{a}.context_length"))
+    context = meta.integer(f"{a}.context_length", minimum=1)
     return {
-        "type": "llama", "n_layers": int(meta.get(f"{a}.block_count")), "d_model": d, "n_heads": heads,
-        "n_kv_heads": int(meta.get(f"{a}.attention.head_count_kv", heads)),
+        "type": "llama", "n_layers": meta.integer(f"{a}.block_count", minimum=1), "d_model": d, "n_heads": heads,
+        "n_kv_heads": meta.integer(f"{a}.attention.head_count_kv", heads, minimum=1),
         "head_dim": None if hd * heads == d else hd,
-        "d_ff": int(meta.get(f"{a}.feed_forward_length")),
-        "vocab_size": int(meta.get(f"{a}.vocab_size", n_tokens)),
+        "d_ff": meta.integer(f"{a}.feed_forward_length", minimum=1),
+        "vocab_size": meta.integer(f"{a}.vocab_size", n_tokens or ..., minimum=1),  # missing: no tokens either
         "max_seq_len": max_seq_len or context,
-        "norm_eps": float(meta.get(f"{a}.attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(meta.get(f"{a}.rope.freq_base", 10000.0)),
+        "norm_eps": meta.number(f"{a}.attention.layer_norm_rms_epsilon"),
+        "rope_theta": meta.number(f"{a}.rope.freq_base", 10000.0),
         "bias": False, "qkv_bias": True if arch == "qwen2" else None,
         "tie_embeddings": "output.weight" not in tensor_names,
     }
@@ -99,7 +128,7 @@ def read_gguf(path: Path, max_seq_len: int | None = None) -> Released:
         raise CheckpointError(f"{where}: not a GGUF file ({first_line(e)})") from None
     meta = _Meta(reader, where)
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED:
+    if not isinstance(arch, str) or arch not in SUPPORTED:
         raise CheckpointError(f"{where}: GGUF architecture {arch!r} is not supported "
                               f"({', '.join(SUPPORTED)})")
     tensors_by_name = {t.name: t for t in reader.tensors}
@@ -120,9 +149,9 @@ def read_gguf(path: Path, max_seq_len: int | None = None) -> Released:
         check_vocab(where, n_tokens - 1, cfg.vocab_size)
     tokenizer_dir = gguf_tokenizer_dir(path) if n_tokens else None
 
-    eos = [int(meta.get(k)) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+    eos = [meta.integer(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
            if meta.get(k, None) is not None]
-    bos = meta.get("tokenizer.ggml.bos_token_id", None)
+    bos = meta.integer(_BOS) if meta.get(_BOS, None) is not None else None
     heads, kv_heads = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
@@ -143,6 +172,6 @@ def read_gguf(path: Path, max_seq_len: int | None = None) -> Released:
     hf_config = adapter.hf_config(cfg).to_dict()
     return Released(
         model_cfg=cfg, source=where, hf_config=hf_config, tokenizer_dir=tokenizer_dir,
-        eos_token_ids=tuple(dict.fromkeys(eos)), bos_token_id=None if bos is None else int(bos),
+        eos_token_ids=tuple(dict.fromkeys(eos)), bos_token_id=bos,
         chat_template=meta.get("tokenizer.chat_template", None), _tensors=tensors,
     )

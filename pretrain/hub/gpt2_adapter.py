@@ -100,6 +100,8 @@ class GPT2Adapter(Adapter):
             vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layers,
             n_head=cfg.n_heads, n_inner=d_ff(cfg), activation_function="gelu_new",
             layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+            # Not GPT-2's 50256: the export sets them from the tokenizer (hf_write).
+            bos_token_id=None, eos_token_id=None, pad_token_id=None,
         )
         hf.architectures = ["GPT2LMHeadModel"]
         return hf

@@ -138,6 +138,8 @@ class LlamaAdapter(Adapter):
             num_key_value_heads=n_kv_heads(cfg),
             max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
             tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope,
+            # Not the classes' defaults (Llama's 1 and 2): the export sets them from the tokenizer (hf_write).
+            bos_token_id=None, eos_token_id=None, pad_token_id=None,
         )
         if not cfg.bias and cfg.qkv_bias:  # q/k/v biases only: Qwen2's layout
             hf = Qwen2Config(**common, use_sliding_window=False)

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from pretrain.atomic import replace_dir
+from pretrain.atomic import atomic_write, replace_dir
 from pretrain.errors import CheckpointError
 from pretrain.hub.families import hf_name
 from pretrain.models.lora import ADAPTER_KEYS, LoraConfig
@@ -141,7 +141,7 @@ def write_peft(out_dir: str | os.PathLike, model_cfg: Any, lora_cfg: LoraConfig,
     tmp.mkdir()
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        atomic_write(tmp / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
         for f in tmp.iterdir():
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())

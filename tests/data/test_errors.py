@@ -146,3 +146,24 @@ def test_tokenizer_differs_from_manifest(sources, tmp_path):
         tokenizer_for(DataConfig(train=str(d)))
     with pytest.raises(DataError, match="another tokenizer"):
         validate_data(DataConfig(train=[str(sources["prose"]), str(d)]))
+
+
+@pytest.mark.parametrize("name", ["-x.json", "--version.json", "-.json", "--files-from=t.json"])
+def test_option_like_tokenizer_name_is_refused(sources, tmp_path, monkeypatch, name):
+    """A user's `pipe:` source finds its tokenizer by putting the manifest's tokenizer name where the shard's
+    was (`pipe:cat shard-000000.tar` -> `pipe:cat tokenizer.json`): a name starting with '-' would reach the
+    command as an option. It is refused in one line wherever the manifest is read."""
+    d = _copy(sources["prose"], tmp_path)
+    m = json.loads((d / "index.json").read_text())
+    m["tokenizer"] = name
+    (d / "index.json").write_text(json.dumps(m))
+    monkeypatch.chdir(d)
+    want = rf"^data.train: manifest .*index.json names tokenizer '{name}', neither 'gpt2' nor a file name"
+    pipe = DataConfig(train=f"pipe:cat shard-{{000000..{len(m['shards']) - 1:06d}}}.tar")
+    for attempt in (lambda: validate_data(DataConfig(train=str(d))), lambda: validate_data(pipe),
+                    lambda: tokenizer_for(pipe)):
+        with pytest.raises(DataError, match=want) as e:
+            attempt()
+        assert "\n" not in str(e.value)
+    result = CliRunner().invoke(app, ["inspect", str(d)])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output

@@ -83,3 +83,42 @@ def test_cli_images_bad_input(tmp_path):
     r = CliRunner().invoke(app, ["images", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "no such directory" in r.stderr
     assert not (tmp_path / "o" / "train" / "index.json").exists()
+
+
+def _png(path: Path, width: int, height: int) -> None:
+    """A valid 1-bit greyscale PNG of all-black rows, written chunk by chunk: a gigapixel costs kilobytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(9)
+    row = b"\x00" * (1 + -(-width // 8))  # filter byte + packed bits
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("bad", ["bomb", "truncated"])
+def test_cli_images_undecodable_image_is_one_line(tmp_path, bad):
+    """More than 2 x PIL's MAX_IMAGE_PIXELS (PIL raises DecompressionBombError, which is not an OSError) or a
+    cut-off file: exit 2 and one line naming the file, no traceback, no manifest."""
+    from PIL import Image
+
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp_path / "imgs" / "a" / "0.png")
+    f = tmp_path / "imgs" / "a" / "1.png"
+    if bad == "bomb":
+        width = 1 << 15
+        _png(f, width, 2 * Image.MAX_IMAGE_PIXELS // width + 1)
+        assert f.stat().st_size < 100_000
+    else:
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(f)
+        f.write_bytes(f.read_bytes()[:1500])
+    r = CliRunner().invoke(app, ["images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    why = "image too large to decode" if bad == "bomb" else "cannot decode image"
+    assert len(lines) == 1 and f"input {f}: {why}" in lines[0], r.stderr
+    assert "Traceback" not in r.output and not (tmp_path / "o" / "train" / "index.json").exists()
