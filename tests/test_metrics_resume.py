@@ -105,7 +105,8 @@ def test_deferred_wandb_sink_replays_in_order_what_came_before_it_existed(tmp_pa
     sink.close()
     run = next((tmp_path / "wandb").glob("offline-run-*"))
     deadline = time.monotonic() + 20
-    while (steps := _history_steps(next(run.glob("*.wandb")))) != [1, 2, 3, 4, 5] and time.monotonic() < deadline:
+    while (steps := [s for f in run.glob("*.wandb") for s in _history_steps(f)]) != [1, 2, 3, 4, 5] \
+            and time.monotonic() < deadline:
         time.sleep(0.5)
     assert steps == [1, 2, 3, 4, 5]
 

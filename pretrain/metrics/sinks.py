@@ -15,6 +15,7 @@ import copy
 import json
 import os
 import sys
+import time
 import uuid
 from concurrent.futures import Future
 from pathlib import Path
@@ -93,6 +94,9 @@ def held_offline(run_dir: Path, run_id: str) -> int:
     return max((wandb_last_step(f) for f in logs), default=-1)
 
 
+CLOSE_WAIT_S = 60.0
+
+
 class WandbSink(Sink):
     """One W&B run per run directory; its id is kept there so a resumed run continues the same run.
     Offline unless an API key is configured (no account needed; `wandb sync` uploads later).
@@ -115,6 +119,7 @@ class WandbSink(Sink):
         run_id, mode = id_file.read_text().strip(), mode or wandb_mode()
         offline = mode in ("offline", "dryrun")
         self.held = held_offline(run_dir, run_id) if offline else -1  # read before this attempt's log exists
+        self._offline, self._dir, self._id, self._sent = offline, run_dir, run_id, self.held
         self._run = wandb.init(
             project=project, name=name, id=run_id, resume="allow", dir=str(run_dir),
             config=redacted_tree(config), mode=mode, settings=wandb.Settings(console="off", silent=True),
@@ -134,6 +139,7 @@ class WandbSink(Sink):
         if "loss" in row:
             data["loss_vs_flops/loss"] = data[f"loss_vs_{self.unit}/loss"] = row["loss"]
         self._run.log(data, step=row["step"])
+        self._sent = max(self._sent, row["step"])
 
     def image(self, step: int, name: str, path: Path) -> None:
         import wandb
@@ -145,7 +151,12 @@ class WandbSink(Sink):
         self._run.summary.update(values)
 
     def close(self) -> None:
+        """Finish the run; offline, also wait (up to `CLOSE_WAIT_S`) until its log holds the last step sent: W&B's
+        service may still be writing when `finish` returns, and the next attempt decides from that log."""
         self._run.finish()
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        while self._offline and held_offline(self._dir, self._id) < self._sent and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 def _warn(line: str) -> None:
