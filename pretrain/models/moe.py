@@ -184,8 +184,8 @@ def moe_metrics(blocks) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 def after_reduce(blocks, values: dict[str, float]) -> dict[str, float]:
-    """After the step's metrics are reduced over every rank: each MoE layer's max/mean load (replacing the per-expert
-    loads in what is logged), and the bias-balance update from the global loads (alike on every rank)."""
+    """After the step's metrics are reduced over every rank: each MoE layer's max/mean load (`moe/l<i>/max_load`, and
+    the worst layer's as `moe_max_load`), and the bias-balance update from the global loads (alike on every rank)."""
     out = dict(values)
     for i, block in enumerate(blocks):
         m = block.mlp
@@ -200,4 +200,7 @@ def after_reduce(blocks, values: dict[str, float]) -> dict[str, float]:
         if m.cfg.bias_balance:
             with torch.no_grad():
                 m.balance.add_(m.cfg.bias_balance * torch.sign(mean - load).to(m.balance))
+    layers = [v for k, v in out.items() if k.endswith("/max_load")]
+    if layers:  # the console's one figure: the worst layer's max/mean load (1.0: perfectly balanced)
+        out["moe_max_load"] = max(layers)
     return out
