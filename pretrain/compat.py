@@ -255,6 +255,22 @@ def torch_dynamo_counts() -> dict:
             "graph_breaks": int(sum(counters["graph_break"].values()))}
 
 
+def torch_has_grouped_mm() -> bool:
+    """Whether this torch has `torch._grouped_mm` (a benchmark baseline for pretrain.kernels.grouped_mm)."""
+    import torch
+
+    return hasattr(torch, "_grouped_mm")
+
+
+def torch_grouped_mm(xs, w, counts):
+    """`torch._grouped_mm` for 2-D rows in consecutive groups times 3-D per-group weights: group e (counts[e]
+    rows) times w[e]; it takes the groups' end offsets as int32."""
+    check("torch")
+    import torch
+
+    return torch._grouped_mm(xs, w, offs=torch.cumsum(counts, 0).to(torch.int32))
+
+
 # ----------------------------------------------------------------------------- wandb (its transaction log)
 
 # A run's `run-<id>.wandb`: a 7-byte header (":W&B", 0xBEE1, version 0), then LevelDB-log records in 32 KiB

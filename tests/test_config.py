@@ -107,7 +107,7 @@ def _refused(config: str, tmp_path: Path, *overrides: str) -> str:
      ("model.max_seq_len=16", "model.max_seq_len (16)"),
      ("objective.type=masked_lm", "model.causal"),
      # The registries list what exists; renamed keys say what they are called now.
-     ("model.type=mamba", "model.type 'mamba' is not registered (registered: bert, dit, gpt2, llama)"),
+     ("model.type=mamba", "model.type 'mamba' is not registered (registered: bert, dit, gpt2, llama, mixtral, olmoe, qwen2_moe, qwen3_moe)"),
      ("objective.type=dpo", "registered: causal_lm, ddpm, masked_lm, rectified_flow"),
      ("model.family=gpt2", "model.family is now called model.type"),
      ("train.sample_tokens=8", "objective.sample_tokens"),

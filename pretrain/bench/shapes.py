@@ -9,6 +9,11 @@ how fast anything is.
 Providers, in Liger-Kernel's naming: `triton` (ours), `torch` (the plain-PyTorch reference, eager),
 `torch_compile` (that reference under `torch.compile`, what a user without our kernels would reach for)
 and, for attention, `sdpa` (`F.scaled_dot_product_attention`, FlashAttention's kernels on a GPU).
+
+The mixture-of-experts ops route B*T tokens to k = 2 of E = 8 experts (Mixtral's shape), skewed so that
+the experts' counts are uneven; their `torch` is the reference (for `grouped_mm` a Python loop of one
+`torch.matmul` per expert) and `grouped_mm` adds `torch_grouped` (`torch._grouped_mm`) where torch offers
+it, a CUDA GPU of compute capability 9.0+; on a CPU that provider is absent and silently skipped.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from pretrain import kernels
+from pretrain.kernels.moe import torch_grouped_available
 
-PROVIDERS = ("triton", "torch", "torch_compile", "sdpa")
+PROVIDERS = ("triton", "torch", "torch_compile", "sdpa", "torch_grouped")
 VOCAB = 50304  # GPT-2's vocabulary padded to a multiple of 128, as nanoGPT and our gpt2-124m config use
 
 
@@ -211,9 +217,67 @@ def _linear_cross_entropy(quick: bool) -> OpBench:
         "torch": ref, "torch_compile": _compiled(ref)})
 
 
+_MOE = {"E": 8, "K": 2}  # experts, slots per token
+
+
+def _moe_sizes(quick: bool) -> Sizes:
+    return Sizes(1, (8, 16), (32, 64), 8, 64, _MOE) if quick else Sizes(2, _FULL_T, _FULL_H, 2048, 4096, _MOE)
+
+
+def _moe_experts(dims, device) -> torch.Tensor:
+    """Top-k of skewed random scores: expert e is favoured over e + 1, so the counts are uneven."""
+    scores = torch.rand(dims["B"] * dims["T"], dims["E"], device=device)
+    return (scores - 0.05 * torch.arange(dims["E"], device=device)).topk(dims["K"], -1).indices
+
+
+def _moe_permute(quick: bool) -> OpBench:
+    def make(dims, dtype, device):
+        return [_leaf(dims["B"] * dims["T"], dims["H"], dtype=dtype, device=device), _moe_experts(dims, device)]
+
+    def fn(backend):
+        return lambda x, ex: kernels.moe_permute(x, ex, _MOE["E"], backend=backend)[0]
+
+    s = _moe_sizes(quick)
+    return OpBench("moe_permute", _axes("H", "hidden size H (E = 8, k = 2)", s), make,
+                   {"triton": fn("triton"), "torch": fn("reference")})
+
+
+def _moe_unpermute(quick: bool) -> OpBench:
+    def make(dims, dtype, device):
+        n = dims["B"] * dims["T"]
+        order = kernels.moe_routing(_moe_experts(dims, device), dims["E"])[1]
+        return [_leaf(n * dims["K"], dims["H"], dtype=dtype, device=device), order,
+                _leaf(n, dims["K"], dtype=dtype, device=device, scale=0.1, shift=0.5)]
+
+    def fn(backend):
+        return lambda ys, order, w: kernels.moe_unpermute(ys, order, w, backend=backend)
+
+    s = _moe_sizes(quick)
+    return OpBench("moe_unpermute", _axes("H", "hidden size H (E = 8, k = 2)", s), make,
+                   {"triton": fn("triton"), "torch": fn("reference")})
+
+
+def _grouped_mm(quick: bool) -> OpBench:
+    """The experts' up projection: (B*T*k, H) rows in expert order times (E, H, F) weights, F = 8H/3."""
+    def make(dims, dtype, device):
+        h = dims["H"]
+        counts = kernels.moe_routing(_moe_experts(dims, device), dims["E"])[0]
+        return [_leaf(dims["B"] * dims["T"] * dims["K"], h, dtype=dtype, device=device),
+                _leaf(dims["E"], h, ffn_width(h), dtype=dtype, device=device, scale=h ** -0.5), counts]
+
+    def fn(backend):
+        return lambda xs, w, counts: kernels.grouped_mm(xs, w, counts, backend=backend)
+
+    fns = {"triton": fn("triton"), "torch": fn("reference")}
+    if torch.cuda.is_available() and torch_grouped_available(torch.device("cuda")):
+        fns["torch_grouped"] = fn("torch_grouped")
+    return OpBench("grouped_mm", _axes("H", "hidden size H (F = 8H/3, E = 8, k = 2)", _moe_sizes(quick)), make, fns)
+
+
 _BUILDERS = {
     "attention": _attention, "rms_norm": _rms_norm, "layer_norm": _layer_norm, "rope": _rope,
     "swiglu": _swiglu, "cross_entropy": _cross_entropy, "linear_cross_entropy": _linear_cross_entropy,
+    "moe_permute": _moe_permute, "moe_unpermute": _moe_unpermute, "grouped_mm": _grouped_mm,
 }
 OPS = tuple(_BUILDERS)
 

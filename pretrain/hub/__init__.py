@@ -6,7 +6,8 @@
     write_hf("out/", model_cfg, model.named_parameters(), tokenizer_dir=released.tokenizer_dir,
              eos_token_ids=released.eos_token_ids)
 
-Families (HF `model_type`): llama, mistral, qwen2 -> our `llama` preset; gpt2 -> our `gpt2` preset. GGUF:
+Families (HF `model_type`): llama, mistral, qwen2 -> our `llama` preset; gpt2 -> our `gpt2` preset; the
+mixtures of experts mixtral, qwen2_moe, qwen3_moe, olmoe -> our presets of the same names. GGUF:
 architectures llama and qwen2. What we cannot reproduce exactly is refused with a `CheckpointError` of one
 line naming the file and the field or tensor; nothing read is executed or unpickled.
 """

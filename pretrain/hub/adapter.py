@@ -1,5 +1,5 @@
 """The adapter interface: one Hugging Face family's translations (config, tensor names and layouts, PEFT
-module paths), and the registry the built-in adapters (gpt2_adapter, llama_adapter) add themselves to.
+module paths), and the registry the built-in adapters (gpt2_adapter, llama_adapter, moe_adapter) add themselves to.
 `pretrain.hub.families` looks adapters up."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ class Adapter:
 
     model_types: tuple[str, ...] = ()  # HF config.json `model_type` values it imports
     renames_only = False  # each HF tensor is one of ours under another name (it can be read lazily, in slices)
+    grouped = False  # some of ours are built from several HF tensors (stacked experts): read through `plan`
     architectures: tuple[str, ...] = ()  # config.json `architectures` it accepts (a causal-LM head)
     ignored: tuple[str, ...] = ()  # trailing name components of HF tensors that are buffers, not weights
 
@@ -52,6 +53,11 @@ class Adapter:
 
     def to_ours(self, cfg: Any, hf_name: str, t: torch.Tensor) -> list[Named]:
         """One HF tensor -> our tensors (GPT-2's fused c_attn gives three)."""
+        raise NotImplementedError
+
+    def plan(self, cfg: Any, stored: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+        """For `grouped` adapters, instead of `to_ours`: (our name, unread LazyTensor or LazyStack) for each of
+        our tensors, from `stored` (HF name -> LazyTensor), whose names and shapes were already checked."""
         raise NotImplementedError
 
 

@@ -22,7 +22,8 @@ from pretrain.registry import Registry
 
 def _adapters() -> Registry[Adapter]:
     """The registry, with the built-in adapters loaded (on first use: they import transformers)."""
-    from pretrain.hub import gpt2_adapter, llama_adapter  # noqa: F401  (register gpt2; llama, mistral, qwen2)
+    # Register gpt2; llama, mistral, qwen2; mixtral, qwen2_moe, qwen3_moe, olmoe.
+    from pretrain.hub import gpt2_adapter, llama_adapter, moe_adapter  # noqa: F401
 
     return _ADAPTERS
 
@@ -42,7 +43,8 @@ def adapter_for_ours(cfg: Any) -> Adapter:
         adapter = _ADAPTERS.get(name)
         if adapter.exports(cfg):
             return adapter
-    raise CheckpointError(f"model.type {cfg.type!r} has no Hugging Face export (supported: gpt2, llama)")
+    raise CheckpointError(f"model.type {cfg.type!r} has no Hugging Face export (supported: gpt2, llama, mixtral, "
+                          "qwen2_moe, qwen3_moe, olmoe)")
 
 
 def our_config(fields: dict, where: str) -> Any:

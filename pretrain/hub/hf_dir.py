@@ -22,6 +22,7 @@ from pretrain.hub.families import adapter_for, expected_shapes, our_config
 from pretrain.hub.released import Released, check_shapes, check_vocab
 from pretrain.hub.safetensors_io import (
     INDEX,
+    LazyStack,
     LazyTensor,
     iter_file_tensors,
     iter_lazy_tensors,
@@ -29,6 +30,8 @@ from pretrain.hub.safetensors_io import (
     weight_files,
 )
 from pretrain.hub.tokenizer_io import load_tokenizer, max_token_id
+
+_HEAD = "<the tied head the file carries>"  # no tensor of ours has this name
 
 
 def _read_json(path: Path) -> dict:
@@ -96,27 +99,49 @@ def read_hf_dir(directory: Path, max_seq_len: int | None = None) -> Released:
         eos = (tok.eos_token_id,)
     bos = gen.get("bos_token_id", raw.get("bos_token_id"))
 
-    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        embed = head = None
+    def stored() -> dict[str, LazyTensor]:
+        return {adapter.normalise_name(n): LazyTensor(headers[n], n) for n in headers if n not in skip}
+
+    def read() -> Iterator[tuple[str, torch.Tensor]]:
+        """(our name, tensor) one at a time; a tied head that the file carries anyway as (_HEAD, tensor)."""
+        if adapter.grouped:
+            parts = stored()
+            if extra_head:
+                yield _HEAD, parts.pop("lm_head.weight").materialise()
+            for ours, lazy in adapter.plan(cfg, parts):
+                yield ours, lazy.materialise()
+            return
         for name, t in iter_file_tensors(headers, skip):
             hf_name = adapter.normalise_name(name)
             if extra_head and hf_name == "lm_head.weight":
-                head = _digest(t)
+                yield _HEAD, t
                 continue
             pieces = adapter.to_ours(cfg, hf_name, t)
             # No reference may outlive its yield: while the next tensor is read, the last must be freeable.
             del t
             while pieces:
                 ours, x = pieces.pop(0)
-                if extra_head and ours == "embed.weight":
-                    embed = _digest(x)
                 yield ours, x
                 del x
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        embed = head = None
+        for ours, x in read():
+            if ours == _HEAD:
+                head = _digest(x)
+                continue
+            if extra_head and ours == "embed.weight":
+                embed = _digest(x)
+            yield ours, x
+            del x
         if extra_head and embed != head:
             raise CheckpointError(f"{directory}: lm_head.weight differs from the embedding, but config.json "
                                   "has tie_word_embeddings true")
 
-    def lazy() -> Iterator[tuple[str, LazyTensor]]:
+    def lazy() -> Iterator[tuple[str, LazyTensor | LazyStack]]:
+        if adapter.grouped:
+            yield from adapter.plan(cfg, stored())
+            return
         for t in iter_lazy_tensors(headers, skip):
             (ours, _), = adapter.to_ours(cfg, adapter.normalise_name(t.name), torch.empty(0))
             yield ours, t
@@ -126,5 +151,5 @@ def read_hf_dir(directory: Path, max_seq_len: int | None = None) -> Released:
         tokenizer_dir=directory if tok is not None else None,
         eos_token_ids=eos, bos_token_id=None if bos is None else int(bos),
         chat_template=getattr(tok, "chat_template", None) if tok is not None else None, _tensors=tensors,
-        _lazy=lazy if adapter.renames_only and not extra_head else None,
+        _lazy=lazy if (adapter.renames_only or adapter.grouped) and not extra_head else None,
     )

@@ -29,7 +29,7 @@ _BLOCK_INV = {v: k for k, v in _BLOCK.items()}
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
-def _to_hf_name(ours: str) -> str:
+def to_hf_name(ours: str) -> str:
     parts = ours.split(".")
     if parts[0] == "blocks" and len(parts) >= 3 and parts[2] in _BLOCK:
         return ".".join(["model.layers", parts[1], _BLOCK[parts[2]], *parts[3:]])
@@ -38,7 +38,7 @@ def _to_hf_name(ours: str) -> str:
     raise CheckpointError(f"export: {ours} has no Hugging Face Llama name")
 
 
-def _to_our_name(hf: str) -> str:
+def to_our_name(hf: str) -> str:
     parts = hf.split(".")
     if parts[:2] == ["model", "layers"] and len(parts) >= 4 and parts[3] in _BLOCK_INV:
         return ".".join(["blocks", parts[2], _BLOCK_INV[parts[3]], *parts[4:]])
@@ -48,7 +48,7 @@ def _to_our_name(hf: str) -> str:
     raise CheckpointError(f"tensor {hf} is not part of a Llama model")
 
 
-def _rope(hf: Any, where: str) -> tuple[float, dict | None]:
+def rope(hf: Any, where: str) -> tuple[float, dict | None]:
     """(rope_theta, our rope_scaling or None) from transformers' normalised `rope_parameters`."""
     rp = dict(getattr(hf, "rope_parameters", None) or {})
     rope_type = rp.get("rope_type", rp.get("type", "default"))
@@ -66,11 +66,18 @@ def _rope(hf: Any, where: str) -> tuple[float, dict | None]:
     return theta, {"type": "llama3", **{k: rp[k] for k in _LLAMA3_KEYS}}
 
 
-def _sliding_window(hf: Any, max_seq_len: int, where: str) -> None:
+def rope_parameters(cfg: Any) -> dict:
+    """transformers' `rope_parameters` of our rotary settings (export)."""
+    if cfg.rope_scaling is None:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    return {**cfg.rope_scaling.model_dump(exclude={"type"}), "rope_type": "llama3", "rope_theta": cfg.rope_theta}
+
+
+def sliding_window(hf: Any, max_seq_len: int, where: str) -> None:
     """Refuse a sliding window shorter than the context: within it, windowed attention is full attention."""
     window = getattr(hf, "sliding_window", None)
     layer_types = getattr(hf, "layer_types", None)
-    if hf.model_type == "qwen2":  # Qwen2 names the window but uses it only with use_sliding_window
+    if hf.model_type in ("qwen2", "qwen2_moe"):  # they name the window but use it only with use_sliding_window
         active = bool(getattr(hf, "use_sliding_window", False)) or "sliding_attention" in (layer_types or ())
     else:
         active = window is not None
@@ -99,9 +106,9 @@ class LlamaAdapter(Adapter):
                 raise CheckpointError(f"{where}: {field} true without {other} is not supported (biases on "
                                       "all projections or none)")
             bias, qkv_bias = attention_bias, None
-        theta, scaling = _rope(hf, where)
+        theta, scaling = rope(hf, where)
         context = max_seq_len or hf.max_position_embeddings
-        _sliding_window(hf, context, where)
+        sliding_window(hf, context, where)
         heads = hf.num_attention_heads
         hd = getattr(hf, "head_dim", None) or hf.hidden_size // heads
         return {
@@ -122,22 +129,22 @@ class LlamaAdapter(Adapter):
             if getattr(cfg, field) != value:
                 raise CheckpointError(f"export: model.{field} {getattr(cfg, field)!r} has no Hugging Face "
                                       f"Llama equivalent ({value!r})")
+        if cfg.moe is not None or cfg.qk_norm != "none":
+            field = "moe" if cfg.moe is not None else "qk_norm"
+            raise CheckpointError(f"export: model.{field} has no Hugging Face Llama equivalent (export a mixture of "
+                                  "experts as model.type mixtral, qwen2_moe, qwen3_moe or olmoe)")
         if cfg.bias and cfg.qkv_bias is False:
             raise CheckpointError("export: model.bias true with model.qkv_bias false has no Hugging Face "
                                   "equivalent")
 
     def hf_config(self, cfg: Any) -> Any:
         self._check_exportable(cfg)
-        rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-        if cfg.rope_scaling is not None:
-            scaling = cfg.rope_scaling.model_dump(exclude={"type"})
-            rope = {**scaling, "rope_type": "llama3", "rope_theta": cfg.rope_theta}
         common = dict(
             vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=d_ff(cfg),
             num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
             num_key_value_heads=n_kv_heads(cfg),
             max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
-            tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope,
+            tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope_parameters(cfg),
             # Not the classes' defaults (Llama's 1 and 2): the export sets them from the tokenizer (hf_write).
             bos_token_id=None, eos_token_id=None, pad_token_id=None,
         )
@@ -152,16 +159,16 @@ class LlamaAdapter(Adapter):
         return hf
 
     def hf_module(self, cfg: Any, ours: str) -> str:
-        return _to_hf_name(ours)
+        return to_hf_name(ours)
 
     def to_hf(self, cfg: Any, tensors: Iterable[Named]) -> Iterator[Named]:
         for name, t in tensors:
             if cfg.tie_embeddings and name == "lm_head.weight":
                 continue  # the tied head is embed.weight; HF leaves it out too
-            yield _to_hf_name(name), t
+            yield to_hf_name(name), t
 
     def to_ours(self, cfg: Any, hf_name: str, t: torch.Tensor) -> list[Named]:
-        return [(_to_our_name(hf_name), t)]
+        return [(to_our_name(hf_name), t)]
 
 
 register(LlamaAdapter())

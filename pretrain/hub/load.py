@@ -10,7 +10,9 @@ import torch.distributed as dist
 from torch import nn
 
 from pretrain.errors import CheckpointError
-from pretrain.hub.safetensors_io import LazyTensor
+from pretrain.hub.safetensors_io import LazyStack, LazyTensor
+
+_LAZY = (LazyTensor, LazyStack)  # unread: a partition reads only its own slice
 
 
 def _partition_slice(p: nn.Parameter) -> tuple[int, int]:
@@ -22,8 +24,8 @@ def _partition_slice(p: nn.Parameter) -> tuple[int, int]:
 
 def write_parameter(p: nn.Parameter, value) -> None:
     """Set a parameter (partitioned or whole) to `value`, a tensor of the parameter's full shape or an unread
-    `LazyTensor`, of which a partition reads only its own slice."""
-    lazy = isinstance(value, LazyTensor)
+    `LazyTensor` / `LazyStack`, of which a partition reads only its own slice."""
+    lazy = isinstance(value, _LAZY)
     with torch.no_grad():
         if hasattr(p, "ds_tensor"):
             if tuple(value.shape) != tuple(p.ds_shape):
@@ -62,7 +64,7 @@ def load_weights(model: nn.Module, tensors, where: str = "load", skip: set[str] 
         target = params.get(name)
         if target is None:
             if name in buffers:
-                buffers[name].data.copy_(value.materialise() if isinstance(value, LazyTensor) else value)
+                buffers[name].data.copy_(value.materialise() if isinstance(value, _LAZY) else value)
                 continue
             raise CheckpointError(f"{where}: tensor {name} is not a parameter of the model")
         try:

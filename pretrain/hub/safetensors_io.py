@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,6 +129,39 @@ class LazyTensor:
                 block = f.get_slice(self.name)[r0:r1].reshape(-1)
             lo, hi = max(start, r0 * row), min(stop, r1 * row)
             out[lo - start:hi - start].copy_(block[lo - r0 * row:hi - r0 * row])  # copy_ widens bf16/fp16
+            del block
+
+
+@dataclass(frozen=True)
+class LazyStack:
+    """An unread tensor of shape (n, *slice_shape) whose i-th slice is `build(*parts[i])` of stored tensors (a
+    mixture of experts' per-expert weights, transposed and stacked): like a LazyTensor, a ZeRO-3 rank reads only
+    the slices its partition covers, one slice at a time."""
+
+    parts: tuple[tuple[LazyTensor, ...], ...]
+    build: Callable[..., torch.Tensor]
+    slice_shape: tuple[int, ...]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.parts), *self.slice_shape))
+
+    def _slice(self, i: int) -> torch.Tensor:
+        return self.build(*(p.materialise() for p in self.parts[i]))
+
+    def materialise(self) -> torch.Tensor:
+        out = torch.empty(self.shape)
+        for i in range(len(self.parts)):
+            out[i] = self._slice(i)
+        return out
+
+    def read_flat_into(self, out: torch.Tensor, start: int, stop: int) -> None:
+        """out[: stop - start] = flatten(tensor)[start:stop], building only the slices that cover the range."""
+        per = max(1, int(torch.Size(self.slice_shape).numel()))
+        for i in range(start // per, -(-stop // per)):
+            block = self._slice(i).reshape(-1)
+            lo, hi = max(start, i * per), min(stop, (i + 1) * per)
+            out[lo - start:hi - start].copy_(block[lo - i * per:hi - i * per])
             del block
 
 

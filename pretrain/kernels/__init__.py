@@ -16,12 +16,23 @@ from pretrain.kernels.attention import attention, attention_reference
 from pretrain.kernels.cross_entropy import cross_entropy, cross_entropy_reference
 from pretrain.kernels.layer_norm import layer_norm, layer_norm_reference
 from pretrain.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_unfused
+from pretrain.kernels.moe import (
+    grouped_mm,
+    grouped_mm_reference,
+    moe_permute,
+    moe_permute_reference,
+    moe_routing,
+    moe_unpermute,
+    moe_unpermute_reference,
+)
 from pretrain.kernels.rms_norm import rms_norm, rms_norm_reference
 from pretrain.kernels.rope import rope, rope_reference
 from pretrain.kernels.swiglu import swiglu, swiglu_reference
 
 __all__ = [
     "attention", "attention_reference", "cross_entropy", "cross_entropy_reference", "layer_norm",
-    "layer_norm_reference", "linear_cross_entropy", "linear_cross_entropy_unfused", "rms_norm",
+    "layer_norm_reference", "linear_cross_entropy", "linear_cross_entropy_unfused", "grouped_mm",
+    "grouped_mm_reference", "moe_permute", "moe_permute_reference", "moe_routing", "moe_unpermute",
+    "moe_unpermute_reference", "rms_norm",
     "rms_norm_reference", "rope", "rope_reference", "swiglu", "swiglu_reference",
 ]

@@ -20,7 +20,8 @@ from pretrain.kernels.rope import default_inv_freq
 FACTOR = 3.0
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-OPS = ("attention", "rms_norm", "layer_norm", "rope", "swiglu", "cross_entropy", "linear_cross_entropy")
+OPS = ("attention", "rms_norm", "layer_norm", "rope", "swiglu", "cross_entropy", "linear_cross_entropy",
+       "moe_permute", "moe_unpermute", "grouped_mm")
 
 
 @dataclass
@@ -210,9 +211,64 @@ def _lce_cases(small: bool) -> list[Case]:
     return out
 
 
+def routing_sample(gen, t: int, k: int, n_experts: int, empty=()) -> torch.Tensor:
+    """Top-k expert ids (t, k), distinct per token, skewed toward low ids (uneven counts), never `empty`."""
+    scores = torch.rand(t, n_experts, generator=gen) - 0.15 * torch.arange(n_experts)
+    scores[:, list(empty)] = -float("inf")
+    return scores.topk(k, -1).indices
+
+
+# (tokens T, slots k, experts E, width, experts that get no token): uneven counts, k = 1 and 2.
+_MOE = [(13, 2, 5, 123, (3,)), (7, 1, 4, 64, (0, 2))]
+_MOE_FULL = [(1, 2, 3, 40, ()), (50, 2, 6, 40, (4,))]
+
+
+def _moe_label(t, k, e, d, empty):
+    return f"T{t} k{k} E{e} d{d}" + (f" empty {list(empty)}" if empty else "")
+
+
+def _moe_permute_cases(small: bool) -> list[Case]:
+    out = []
+    for t, k, e, d, empty in _MOE + ([] if small else _MOE_FULL):
+        def make(dtype, gen, t=t, k=k, e=e, d=d, empty=empty):
+            return [_randn(gen, t, d + 3, dtype=dtype)[:, :d], routing_sample(gen, t, k, e, empty)]
+
+        out.append(Case("moe_permute", _moe_label(t, k, e, d, empty) + " strided", make,
+                        lambda x, ex, backend, e=e: kernels.moe_permute(x, ex, e, backend=backend)[0]))
+    return out
+
+
+def _moe_unpermute_cases(small: bool) -> list[Case]:
+    out = []
+    for t, k, e, d, empty in _MOE + ([] if small else _MOE_FULL):
+        def make(dtype, gen, t=t, k=k, e=e, d=d, empty=empty):
+            order = kernels.moe_routing(routing_sample(gen, t, k, e, empty), e)[1]
+            return [_randn(gen, t * k, d, dtype=dtype), order, torch.rand(t, k, generator=gen).to(dtype)]
+
+        out.append(Case("moe_unpermute", _moe_label(t, k, e, d, empty), make,
+                        lambda ys, order, w, backend: kernels.moe_unpermute(ys, order, w, backend=backend)))
+    return out
+
+
+def _grouped_mm_cases(small: bool) -> list[Case]:
+    out = []
+    # (T, k, E, d_in, d_out, empty): groups longer than one 32-row tile, d_out over several 64-wide tiles.
+    grid = [(13, 2, 5, 40, 24, (3,)), (50, 2, 6, 64, 130, (0, 4))] + ([] if small else [(7, 1, 4, 123, 1, (1, 2))])
+    for t, k, e, d_in, d_out, empty in grid:
+        def make(dtype, gen, t=t, k=k, e=e, d_in=d_in, d_out=d_out, empty=empty):
+            counts = kernels.moe_routing(routing_sample(gen, t, k, e, empty), e)[0]
+            return [_randn(gen, t * k, d_in, dtype=dtype), _randn(gen, e, d_in, d_out, dtype=dtype, scale=d_in ** -0.5),
+                    counts]
+
+        out.append(Case("grouped_mm", f"N{t * k} E{e} {d_in}x{d_out}" + (f" empty {list(empty)}" if empty else ""),
+                        make, lambda xs, w, counts, backend: kernels.grouped_mm(xs, w, counts, backend=backend)))
+    return out
+
+
 _BUILDERS = {
     "attention": _attention_cases, "rms_norm": _rms_norm_cases, "layer_norm": _layer_norm_cases,
     "rope": _rope_cases, "swiglu": _swiglu_cases, "cross_entropy": _ce_cases, "linear_cross_entropy": _lce_cases,
+    "moe_permute": _moe_permute_cases, "moe_unpermute": _moe_unpermute_cases, "grouped_mm": _grouped_mm_cases,
 }
 
 

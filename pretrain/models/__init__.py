@@ -8,4 +8,5 @@ Transformer. Families register when their module is imported; the modules are li
 
 from pretrain.models import dit as _dit  # noqa: E402,F401,I001  (registers dit)
 from pretrain.models import transformer as _transformer  # noqa: E402,F401  (registers gpt2, llama, bert)
+from pretrain.models import moe_presets as _moe_presets  # noqa: E402,F401  (registers mixtral, qwen2_moe, qwen3_moe, olmoe)
 from pretrain.models.family import Family, get_family, register, registered  # noqa: F401

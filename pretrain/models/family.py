@@ -22,6 +22,11 @@ class Family:
     # (config, parameter name, full-shape fp32 tensor to fill, generator) -> None. With it the trainer builds the
     # model inside ZeRO-3's partitioned construction and initialises each parameter in place (train/build.py).
     init_parameter: Callable[[Any, str, Any, Any], None] | None = None
+    # module -> {name: (sum, count)} of the last forward (a mixture of experts' routing loads), reduced over ranks with
+    # the step's own metrics; then (module, reduced values) -> the values to log, after whatever the family does with
+    # them on every rank alike (a router's balance bias). None: the family adds nothing.
+    step_metrics: Callable[[Any], dict] | None = None
+    after_reduce: Callable[[Any, dict], dict] | None = None
 
 
 _FAMILIES: Registry[Family] = Registry("model.type")

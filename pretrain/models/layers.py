@@ -70,10 +70,12 @@ class Attention(nn.Module):
     """Multi-head self-attention, causal (decoders) or bidirectional (encoders); grouped-query when
     n_kv_heads < n_heads; rotary positions when `rotary` is given. `head_dim` may differ from
     d_model / n_heads (as Hugging Face Llama and Qwen allow); q/k/v and o carry separate bias switches
-    because Qwen2 has biases on q/k/v only."""
+    because Qwen2 has biases on q/k/v only. `qk_norm` ("head" or "full", eps): RMSNorm of queries and keys before
+    RoPE, per head over head_dim (Qwen3: `q_norm`, `k_norm` of head_dim) or over the whole projection (OLMoE)."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, bias: bool, rotary: Rotary | None,
-                 backend: str, causal: bool = True, *, head_dim: int | None = None, qkv_bias: bool | None = None):
+                 backend: str, causal: bool = True, *, head_dim: int | None = None, qkv_bias: bool | None = None,
+                 qk_norm: tuple[str, float] | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = head_dim or d_model // n_heads
@@ -83,6 +85,11 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
         self.rotary, self.backend, self.causal = rotary, backend, causal
+        self.qk_norm = qk_norm[0] if qk_norm else None
+        if qk_norm is not None:
+            full = qk_norm[0] == "full"
+            self.q_norm = RMSNorm(n_heads * self.head_dim if full else self.head_dim, qk_norm[1], backend)
+            self.k_norm = RMSNorm(n_kv_heads * self.head_dim if full else self.head_dim, qk_norm[1], backend)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, segment_ids: torch.Tensor | None = None,
                 cache: LayerCache | None = None) -> torch.Tensor:
@@ -90,8 +97,14 @@ class Attention(nn.Module):
         never attended. With a cache, keys and values (after RoPE) are appended to it; a single new query
         then attends every cached key without a causal mask, since all of them lie in its past."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.rotary is not None:
             q, k = self.rotary(q, positions), self.rotary(k, positions)

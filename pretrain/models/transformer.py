@@ -12,7 +12,12 @@ SwiGLU), `bias`, `tie_embeddings`, `causal`. The presets only change their defau
 
 Released checkpoints need a few more fields, all defaulting to the above: `qkv_bias` (Qwen2: biases on
 q/k/v only), `head_dim` (may differ from d_model / n_heads), `rope_scaling` (Llama 3.1's scaled rotary
-frequencies, Hugging Face's semantics).
+frequencies, Hugging Face's semantics), `qk_norm` (RMSNorm of queries and keys: per head, Qwen3; over the whole
+projection, OLMoE).
+
+`moe` makes the feed-forward block of some or all layers a mixture of experts (`pretrain/models/moe.py`; the
+presets `mixtral`, `qwen2_moe`, `qwen3_moe` and `olmoe` are in `pretrain/models/moe_presets.py`). Its auxiliary
+losses join the training loss, per token; FLOPs count the active parameters only.
 
 `forward(input_ids)` returns logits; `forward(input_ids, targets)` returns the *summed* cross-entropy
 over the targets that are not -100, through the LM head fused with cross-entropy
@@ -42,6 +47,8 @@ from pretrain.config import Section
 from pretrain.models.family import Family, register
 from pretrain.models.kv_cache import KVCache
 from pretrain.models.layers import Attention, GeluMLP, LayerNorm, RMSNorm, Rotary, SwiGLUMLP
+from pretrain.models.moe import MoE, MoeConfig, moe_metrics
+from pretrain.models.moe import after_reduce as moe_after_reduce
 
 IGNORE = -100  # target value of positions that carry no loss
 
@@ -89,6 +96,8 @@ class TransformerConfig(Section):
     qkv_bias: bool | None = Field(None, description="biases on the q/k/v projections; default `bias` (Qwen2: true)")
     tie_embeddings: bool = Field(True, description="share input and output embeddings")
     causal: bool = Field(True, description="causal (decoder) attention; false: bidirectional (encoder)")
+    qk_norm: Literal["none", "head", "full"] = Field("none", description="RMSNorm of queries and keys: per head (Qwen3), over the projection (OLMoE)")
+    moe: MoeConfig | None = Field(None, description="mixture-of-experts feed-forward blocks; none: dense")
 
     @model_validator(mode="after")
     def _shapes(self) -> TransformerConfig:
@@ -165,17 +174,21 @@ _NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-    def __init__(self, cfg: TransformerConfig, backend: str, rotary: Rotary | None):
+    def __init__(self, cfg: TransformerConfig, backend: str, rotary: Rotary | None, index: int = 0):
         super().__init__()
         norm = _NORMS[cfg.norm]
         self.attn_norm = norm(cfg.d_model, cfg.norm_eps, backend)
         self.attn = Attention(
             cfg.d_model, cfg.n_heads, n_kv_heads(cfg), bias=cfg.bias, rotary=rotary, causal=cfg.causal,
             backend=backend, head_dim=head_dim(cfg), qkv_bias=cfg.qkv_bias,
+            qk_norm=None if cfg.qk_norm == "none" else (cfg.qk_norm, cfg.norm_eps),
         )
         self.mlp_norm = norm(cfg.d_model, cfg.norm_eps, backend)
-        self.mlp = (SwiGLUMLP(cfg.d_model, d_ff(cfg), cfg.bias, backend) if cfg.mlp == "swiglu"
-                    else GeluMLP(cfg.d_model, d_ff(cfg), cfg.bias))
+        if cfg.moe is not None and cfg.moe.is_moe_layer(index):
+            self.mlp = MoE(cfg.moe, cfg.d_model, d_ff(cfg), backend)
+        else:
+            self.mlp = (SwiGLUMLP(cfg.d_model, d_ff(cfg), cfg.bias, backend) if cfg.mlp == "swiglu"
+                        else GeluMLP(cfg.d_model, d_ff(cfg), cfg.bias))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, segment_ids: torch.Tensor | None = None,
                 cache=None) -> torch.Tensor:
@@ -221,7 +234,7 @@ class Transformer(nn.Module):
         # One Rotary for all blocks: its frequency table is made once per device, from the config.
         scaled = partial(rope_inv_freq, cfg, head_dim(cfg)) if cfg.rope_scaling is not None else None
         rotary = Rotary(cfg.rope_theta, backend, scaled) if cfg.position == "rope" else None
-        self.blocks = nn.ModuleList(Block(cfg, backend, rotary) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, backend, rotary, i) for i in range(cfg.n_layers))
         self.norm = _NORMS[cfg.norm](cfg.d_model, cfg.norm_eps, backend)
         self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, self.embed if cfg.tie_embeddings else None, backend)
         # Set from outside (the engine) to trade compute for activation memory.
@@ -263,7 +276,16 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, positions, segment_ids, use_reentrant=False)
             else:
                 x = block(x, positions, segment_ids)
-        return self.lm_head(self.norm(x), targets, logits_at)
+        out = self.lm_head(self.norm(x), targets, logits_at)
+        if targets is not None and self.training and self.cfg.moe is not None:
+            aux = [b.mlp.aux for b in self.blocks if isinstance(b.mlp, MoE) and b.mlp.aux is not None]
+            if aux:  # per token, like the summed loss it joins
+                out = out + torch.stack(aux).sum() * (targets != IGNORE).sum()
+        return out
+
+    def step_metrics(self) -> dict:
+        """The last forward's routing statistics as (sum, count) pairs (`pretrain.models.moe.moe_metrics`)."""
+        return moe_metrics(self.blocks) if self.cfg.moe is not None else {}
 
     def _check_cache(self, cache: KVCache | None, segment_ids: torch.Tensor | None) -> int:
         """Tokens already in the cache (0 without one), after refusing what a cache cannot serve."""
@@ -284,10 +306,18 @@ class Transformer(nn.Module):
 
 
 def count_parameters(model: Transformer) -> dict:
-    """Total parameters, and non-embedding ones (Kaplan et al. 2020 count N without embeddings)."""
+    """Total parameters, and non-embedding ones (Kaplan et al. 2020 count N without embeddings); with MoE layers
+    also the active ones, what one token passes through (its k experts of each layer's E)."""
     total = sum(p.numel() for p in model.parameters())
     emb = model.embed.weight.numel() + (model.pos_embed.weight.numel() if model.pos_embed is not None else 0)
-    return {"params": total, "params_non_embedding": total - emb, "tied": model.lm_head.weight is model.embed.weight}
+    idle = sum(e.gate_up.numel() + e.down.numel() for e in _experts(model)) if model.cfg.moe is not None else 0
+    idle = idle * (1 - model.cfg.moe.top_k / model.cfg.moe.n_experts) if idle else 0
+    return {"params": total, "params_non_embedding": total - emb, "tied": model.lm_head.weight is model.embed.weight,
+            "params_active": total - int(idle)}
+
+
+def _experts(model: Transformer) -> list:
+    return [b.mlp.experts for b in model.blocks if isinstance(b.mlp, MoE)]
 
 
 def flops_per_token(m: TransformerConfig, counts: dict, workload: dict) -> float:
@@ -298,7 +328,8 @@ def flops_per_token(m: TransformerConfig, counts: dict, workload: dict) -> float
     that reach it (`head_fraction`: 1 for causal LM, the mask rate for masked LM, which computes logits
     only at its chosen positions)."""
     head = m.vocab_size * m.d_model
-    body = counts["params_non_embedding"] - (0 if counts["tied"] else head)
+    idle = counts["params"] - counts.get("params_active", counts["params"])  # experts a token does not visit
+    body = counts["params_non_embedding"] - idle - (0 if counts["tied"] else head)
     attn = 12.0 * m.n_layers * m.n_heads * head_dim(m) * workload["seq_len"]
     return 6.0 * (body + head * workload.get("head_fraction", 1.0)) + attn
 
@@ -311,12 +342,27 @@ def init_parameter(cfg: TransformerConfig, name: str, t: torch.Tensor, generator
             t.zero_()
         elif t.dim() == 1:  # norm gains
             t.fill_(1.0)
-        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+        elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down")):
             t.normal_(0.0, cfg.init_std / math.sqrt(2 * cfg.n_layers), generator=generator)
         else:
             t.normal_(0.0, cfg.init_std, generator=generator)
 
 
+def step_metrics(model: Transformer) -> dict:
+    """The family's addition to the step's metrics: the MoE layers' routing statistics (none for a dense model)."""
+    return model.step_metrics()
+
+
+def after_reduce(model: Transformer, values: dict) -> dict:
+    """After the all-reduce: the MoE layers' max/mean loads and their balance-bias update."""
+    return moe_after_reduce(model.blocks, values) if model.cfg.moe is not None else values
+
+
+def register_preset(cls: type[TransformerConfig]) -> None:
+    register(Family(name=cls.model_fields["type"].default, config=cls, build=Transformer,
+                    count_parameters=count_parameters, flops_per_unit=flops_per_token, init_parameter=init_parameter,
+                    step_metrics=step_metrics, after_reduce=after_reduce))
+
+
 for _cls in (GPT2Config, LlamaConfig, BertConfig):
-    register(Family(name=_cls.model_fields["type"].default, config=_cls, build=Transformer,
-                    count_parameters=count_parameters, flops_per_unit=flops_per_token, init_parameter=init_parameter))
+    register_preset(_cls)

@@ -49,6 +49,7 @@ class Run:
     straggle: Any = None  # the straggler hook (pretrain/train/straggle.py), for summary.json
     spikes: Any = None  # skipped steps and rollbacks (pretrain/train/spike.py's Spikes, the engine's gate)
     quiet_through: int = -1  # after a rollback: rows of steps up to this one were logged the first time
+    family: Any = None  # the model family (pretrain.models.Family): what it adds to the step's metrics
 
     def view(self, step: int, units: int, row: dict | None = None) -> RunView:
         """What hooks see at `step` (pretrain.hooks.StepView)."""

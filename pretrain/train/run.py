@@ -170,7 +170,7 @@ def build_run(cfg: Config, startup: Marks, steps: int | None = None, owner: Owne
     run = Run(cfg, objective, engine, stream, sink, saver, ema, device, rank, world, rdir, counts, unit, steps,
               start, units, accum, step_units, fpu, peak, clip=cfg.optimizer.grad_clip if clips_itself(cfg) else None,
               val=[(objective.prepare(b, device), c) for b, c in raw_val],
-              sample_batch=raw_val[0][0] if raw_val else None, hooks=Hooks(), spikes=spikes)
+              sample_batch=raw_val[0][0] if raw_val else None, hooks=Hooks(), spikes=spikes, family=family)
 
     hooks = run.hooks
     if ema is not None:

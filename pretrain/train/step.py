@@ -62,12 +62,16 @@ def forward_backward(r: Run, micro: list[dict], count: torch.Tensor, step: int) 
         total, n, metrics = r.objective.loss(r.engine, b)
         PULSE.compute_end(r.device)
         add_metrics(local, {"loss": (total, n), **metrics})
+        if r.family is not None and r.family.step_metrics is not None:  # e.g. a mixture of experts' routing loads
+            add_metrics(local, r.family.step_metrics(r.engine.module))
         if i == len(micro) - 1:
             # Whether any rank was asked to stop (SIGTERM, preemption) rides in the same all-reduce: > 0 on every rank.
             one = torch.ones((), device=r.device)
             local["stop"] = (one * (PULSE.stop_reason is not None), one)
             PULSE.at("collective")
             values = reduce_metrics(local, r.device)
+            if r.family is not None and r.family.after_reduce is not None:
+                values = r.family.after_reduce(r.engine.module, values)
             r.spikes.open(values["loss"])
         PULSE.at("backward")
         grad_norm = backward_and_step(r.engine, total * scale, r.clip, r.spikes)

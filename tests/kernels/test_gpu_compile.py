@@ -14,13 +14,15 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
 # importlib: the package re-exports functions under the same names as their modules.
-attention, cross_entropy, layer_norm, rms_norm, rope, swiglu = (
-    importlib.import_module(f"pretrain.kernels.{m}") for m in ("attention", "cross_entropy", "layer_norm", "rms_norm", "rope", "swiglu")
+attention, cross_entropy, layer_norm, moe, rms_norm, rope, swiglu = (
+    importlib.import_module(f"pretrain.kernels.{m}")
+    for m in ("attention", "cross_entropy", "layer_norm", "moe", "rms_norm", "rope", "swiglu")
 )
 
 pytestmark = pytest.mark.kernels
 
 BF16, F32, I64 = "*bf16", "*fp32", "*i64"
+GMM = dict(DOT=tl.bfloat16, PREC="tf32", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)
 ATTN = dict(DOT=tl.bfloat16, PREC="tf32", BLOCK_D=128)
 # Without segments the launchers pass the fp32 log-sum-exp buffer in the unused SEG slot.
 ATTN_SEG = (("", F32, False), ("_segments", "*i32", True))
@@ -43,6 +45,13 @@ KERNELS = {
                dict(BLOCK_R=1, BLOCK_V=4096), 4),
     "ce_bwd": (cross_entropy._ce_bwd_kernel, dict(X=BF16, T=I64, LSE=F32, SCALE=F32, DX=BF16, z_loss="fp32"),
                dict(BLOCK_R=1, BLOCK_V=4096), 4),
+    "moe_gather": (moe._gather_kernel, dict(X=BF16, ORDER=I64, Y=BF16), dict(BLOCK_R=4, BLOCK_N=1024), 4),
+    "moe_combine": (moe._combine_kernel, dict(YS=BF16, INV=I64, W=BF16, OUT=BF16),
+                    dict(HAS_W=True, BLOCK_R=4, BLOCK_N=1024), 4),
+    "moe_unpermute_bwd": (moe._unpermute_bwd_kernel, dict(DOUT=BF16, YS=BF16, ORDER=I64, W=BF16, DYS=BF16, DW=BF16),
+                          dict(BLOCK_R=16, BLOCK_N=256), 4),
+    "grouped_mm": (moe._gmm_kernel, dict(X=BF16, W=BF16, Y=BF16, TILE_E="*i32", TILE_R=I64, OFFS=I64), GMM, 4),
+    "grouped_mm_dw": (moe._gmm_dw_kernel, dict(X=BF16, DY=BF16, DW=BF16, OFFS=I64), GMM, 4),
     **{f"attn_fwd{tag}": (attention._attn_fwd_kernel,
                           dict(Q=BF16, K=BF16, V=BF16, SEG=seg, OUT=BF16, LSE=F32, qk_scale="fp32"),
                           dict(CAUSAL=True, HAS_SEGMENTS=has, BLOCK_M=64, BLOCK_N=64, **ATTN), 4)
