@@ -12,6 +12,7 @@ from typing import Protocol
 
 import deepspeed
 import torch
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
 from pretrain import compat
@@ -61,7 +62,13 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # No empty group (LoRA trains matrices only): ZeRO drops it, and the schedule would count one group too many.
-    return [g for g in groups if g["params"]]
+    groups = [g for g in groups if g["params"]]
+    if any(is_moe_param(p) for g in groups for p in g["params"]):
+        # Expert-parallel experts (pretrain/train/expert_parallel.py) in groups of their own, marked `moe`: ZeRO 1-2
+        # partition those over the expert-data-parallel group only, and reduce their gradients there.
+        groups = split_params_into_different_moe_groups_for_optimizer(
+            [{**g, "name": "decay" if g["weight_decay"] else "no_decay"} for g in groups])
+    return groups
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
