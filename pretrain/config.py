@@ -108,7 +108,7 @@ class Config(Section):
     def _expert_parallel(self) -> None:
         # `model.moe.expert_parallel` (MoE families only) against every group size the run may have; the trainer
         # checks the size it gets again (pretrain/train/expert_parallel.py).
-        ep = getattr(getattr(self.model, "moe", None), "expert_parallel", 1)
+        ep = expert_parallel(self)
         if ep == 1:
             return
         if self.zero.stage == 3:
@@ -144,6 +144,11 @@ def grad_accum_steps(cfg: Config, workers: int | None = None) -> int:
     """Micro-batches per rank per optimizer step: global / (micro x workers)."""
     w = workers or cfg.cluster.workers
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * w)
+
+
+def expert_parallel(cfg: Config) -> int:
+    """The ranks each MoE layer's experts are spread over (`model.moe.expert_parallel`); 1 for a model without."""
+    return getattr(getattr(cfg.model, "moe", None), "expert_parallel", 1)
 
 
 def worker_counts(cfg: Config) -> list[int]:

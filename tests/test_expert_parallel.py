@@ -75,19 +75,19 @@ def _config(world: int, ep: int, stage: int, **moe):
 
 
 def _train_ranks(rank: int, world: int, ep: int, stage: int, out: str) -> None:
-    """STEPS steps of the same global batches (rank r takes its rows of each); the mean loss of each step, and
-    the numel of this rank's expert weights."""
+    """STEPS steps on one global batch (rank r takes its rows); rank 0 writes the mean loss of each step, the
+    shapes of this rank's expert weights and the sizes of the optimizer's parameter groups."""
     from pretrain.train.build import build_model
     from pretrain.train.engine import build_engine
 
     cfg = _config(world, ep, stage)
     model, _ = build_model(cfg, torch.device("cpu"))
     engine = build_engine(cfg, model, world, steps=STEPS)
-    g = torch.Generator().manual_seed(7)
     mb = GLOBAL // world
+    # One global batch, learnt by heart: the loss falls far in ten steps.
+    ids = torch.randint(0, VOCAB, (GLOBAL, SEQ + 1), generator=torch.Generator().manual_seed(7))[rank * mb:(rank + 1) * mb]
     losses = []
     for _ in range(STEPS):
-        ids = torch.randint(0, VOCAB, (GLOBAL, SEQ + 1), generator=g)[rank * mb:(rank + 1) * mb]
         loss = engine(ids[:, :-1], targets=ids[:, 1:]) / (mb * SEQ)
         engine.backward(loss)
         engine.step()
@@ -105,7 +105,7 @@ def test_expert_parallel_trains_as_one_rank_does(stage, gloo_ranks, tmp_path):
     gloo_ranks(_train_ranks, 1, stage, str(tmp_path / "one.json"), world=1, timeout=300)
     gloo_ranks(_train_ranks, 2, stage, str(tmp_path / "ep.json"), world=2, timeout=300)
     one, ep = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("one", "ep"))
-    assert one["losses"][-1] < one["losses"][0]  # it trains
+    assert one["losses"][-1] < one["losses"][0] - 0.5, one["losses"]  # it trains
     diff = max(abs(a - b) for a, b in zip(one["losses"], ep["losses"], strict=True))
     assert diff < 1e-4, (diff, one["losses"], ep["losses"])
     # Each EP rank holds two of the four experts of each layer; the whole model holds all four.

@@ -24,10 +24,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pretrain.config import Config
+from pretrain.config import Config, expert_parallel
 from pretrain.hub.load import load_weights, shape_of, write_parameter
 from pretrain.train.expert_parallel import check as check_expert_parallel
-from pretrain.train.expert_parallel import expert_parallel, parallelize_experts
+from pretrain.train.expert_parallel import parallelize_experts
 
 
 def parameter_seed(seed: int, name: str) -> int:

@@ -16,7 +16,7 @@ from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_gr
 from torch import nn
 
 from pretrain import compat
-from pretrain.config import Config, grad_accum_steps
+from pretrain.config import Config, expert_parallel, grad_accum_steps
 from pretrain.length import total_steps
 from pretrain.train.pulse import PULSE
 from pretrain.train.schedule import lr_lambda
@@ -33,8 +33,10 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
     t, z = cfg.train, cfg.zero
     zero: dict = {"stage": z.stage}
     if z.stage >= 1:
-        # Overlap and bucket sizes are DeepSpeed's GPU defaults; contiguous gradients cut fragmentation.
-        zero.update(overlap_comm=z.stage >= 2, contiguous_gradients=z.stage >= 2)
+        # Overlap and bucket sizes are DeepSpeed's GPU defaults; contiguous gradients cut fragmentation. Expert
+        # parallelism needs them at stage 1 too: without, ZeRO-1 all-reduces every gradient over all ranks, the
+        # experts' included (pretrain/train/expert_parallel.py).
+        zero.update(overlap_comm=z.stage >= 2, contiguous_gradients=z.stage >= 2 or expert_parallel(cfg) > 1)
     if z.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if z.offload_params:

@@ -27,16 +27,10 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
-from pretrain.config import Config
+from pretrain.config import Config, expert_parallel
 from pretrain.errors import RunError
 from pretrain.models.moe import MoE, swiglu_experts
 from pretrain.train.engine import without_cpu_shm_op
-
-
-def expert_parallel(cfg: Config) -> int:
-    """The run's EP size: 1 for a model without experts."""
-    moe = getattr(cfg.model, "moe", None)
-    return moe.expert_parallel if moe is not None else 1
 
 
 def check(cfg: Config, world: int) -> None:
