@@ -1,6 +1,6 @@
 """Expert parallelism (pretrain/train/expert_parallel.py): a layer whose experts are spread over two real gloo ranks
 computes what the whole layer computes, forward and backward; a tiny Mixtral trained with EP 2 on two ranks under
-ZeRO 1 and 2 gives the losses of EP 1 on one rank with the same global batch, each rank holding only its experts;
+ZeRO 0, 1 and 2 gives the losses of EP 1 on one rank with the same global batch, each rank holding only its experts;
 what cannot work is refused in one line."""
 
 from __future__ import annotations
@@ -75,10 +75,10 @@ def _config(world: int, ep: int, stage: int, **moe):
 
 
 def _train_ranks(rank: int, world: int, ep: int, stage: int, out: str) -> None:
-    """STEPS steps on one global batch (rank r takes its rows); rank 0 writes the mean loss of each step, the
-    shapes of this rank's expert weights and the sizes of the optimizer's parameter groups."""
+    """STEPS steps on one global batch (rank r takes its rows); rank 0 writes the mean loss and the global
+    gradient norm of each step, the shapes of this rank's expert weights and the sizes of the optimizer's parameter groups."""
     from pretrain.train.build import build_model
-    from pretrain.train.engine import build_engine
+    from pretrain.train.engine import backward_and_step, build_engine, clips_itself
 
     cfg = _config(world, ep, stage)
     model, _ = build_model(cfg, torch.device("cpu"))
@@ -86,21 +86,21 @@ def _train_ranks(rank: int, world: int, ep: int, stage: int, out: str) -> None:
     mb = GLOBAL // world
     # One global batch, learnt by heart: the loss falls far in ten steps.
     ids = torch.randint(0, VOCAB, (GLOBAL, SEQ + 1), generator=torch.Generator().manual_seed(7))[rank * mb:(rank + 1) * mb]
-    losses = []
+    losses, norms = [], []
     for _ in range(STEPS):
         loss = engine(ids[:, :-1], targets=ids[:, 1:]) / (mb * SEQ)
-        engine.backward(loss)
-        engine.step()
+        norms.append(backward_and_step(engine, loss, cfg.optimizer.grad_clip if clips_itself(cfg) else None))
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         losses.append(float(mean) / world)
     experts = {n: list(p.shape) for n, p in engine.module.named_parameters() if ".experts." in n}
-    groups = [len(pg["params"]) for pg in engine.optimizer.optimizer.param_groups]
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    groups = [len(pg["params"]) for pg in inner.param_groups]
     if rank == 0:
-        Path(out).write_text(json.dumps({"losses": losses, "experts": experts, "groups": groups}))
+        Path(out).write_text(json.dumps({"losses": losses, "norms": norms, "experts": experts, "groups": groups}))
 
 
-@pytest.mark.parametrize("stage", [2, 1])
+@pytest.mark.parametrize("stage", [2, 1, 0])
 def test_expert_parallel_trains_as_one_rank_does(stage, gloo_ranks, tmp_path):
     gloo_ranks(_train_ranks, 1, stage, str(tmp_path / "one.json"), world=1, timeout=300)
     gloo_ranks(_train_ranks, 2, stage, str(tmp_path / "ep.json"), world=2, timeout=300)
@@ -108,6 +108,9 @@ def test_expert_parallel_trains_as_one_rank_does(stage, gloo_ranks, tmp_path):
     assert one["losses"][-1] < one["losses"][0] - 0.5, one["losses"]  # it trains
     diff = max(abs(a - b) for a, b in zip(one["losses"], ep["losses"], strict=True))
     assert diff < 1e-4, (diff, one["losses"], ep["losses"])
+    # The global gradient norm counts every expert once (and clips: above grad_clip 1.0 at first).
+    assert one["norms"][0] > 1.0
+    torch.testing.assert_close(torch.tensor(ep["norms"]), torch.tensor(one["norms"]), rtol=1e-4, atol=0)
     # Each EP rank holds two of the four experts of each layer; the whole model holds all four.
     assert one["experts"] and all(shape[0] == 4 for shape in one["experts"].values())
     assert ep["experts"].keys() == one["experts"].keys()

@@ -13,6 +13,7 @@ from typing import Protocol
 import deepspeed
 import torch
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from deepspeed.utils import groups as ds_groups
 from torch import nn
 
 from pretrain import compat
@@ -214,7 +215,11 @@ def backward_and_step(engine, loss: torch.Tensor, clip: float | None = None, gat
     norm = None
     if boundary and engine.zero_optimization_stage() == 0:
         params = [p for p in engine.module.parameters() if p.grad is not None]
-        if clip:
+        if any(is_moe_param(p) for p in params):
+            norm = float(_expert_parallel_norm(params))
+            if clip:
+                torch.nn.utils.clip_grads_with_norm_(params, clip, torch.tensor(norm))
+        elif clip:
             norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
         else:
             norm = float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
@@ -226,3 +231,17 @@ def backward_and_step(engine, loss: torch.Tensor, clip: float | None = None, gat
         gn = engine.get_global_grad_norm()
         norm = float(gn) if gn is not None else None
     return norm
+
+
+def _expert_parallel_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """The global gradient norm of a model with expert-parallel experts: each rank holds other experts (the ranks
+    of one expert-data-parallel group, the same ones, reduced alike), so their squares are summed over the
+    expert-parallel group; every other gradient is alike on every rank."""
+    dense = [p.grad for p in params if not is_moe_param(p)]
+    total = torch.nn.utils.get_total_norm(dense).double() ** 2 if dense else torch.zeros((), dtype=torch.float64)
+    for name in sorted({p.group_name for p in params if is_moe_param(p)}):
+        sq = torch.nn.utils.get_total_norm([p.grad for p in params if is_moe_param(p) and p.group_name == name])
+        sq = sq.double() ** 2
+        torch.distributed.all_reduce(sq, group=ds_groups._get_expert_parallel_group(name))
+        total = total + sq.to(total.device)
+    return total.sqrt()
