@@ -16,8 +16,10 @@ engine turns that on only for models holding its MoE type, so `ParallelExperts` 
 without DeepSpeed's gate or experts.
 
 Refused: EP not dividing the world size, and ZeRO-3 with EP > 1 (ZeRO-3 partitions every parameter over the whole
-data-parallel group; at EP 1 the experts are partitioned like the rest). Not yet: checkpoints of an EP > 1 run
-(DeepSpeed's engine would save MoE layers in its own per-expert layout, which these layers do not have).
+data-parallel group; at EP 1 the experts are partitioned like the rest). Not yet: checkpoints and final weights of
+an EP > 1 run. DeepSpeed's engine finds MoE parameters in its checkpoints by its own per-expert module names
+(`deepspeed_moe.experts.deepspeed_experts.<i>`), which these stacked weights lack, so it would write rank 0's model
+states only; `pretrain.train.run` refuses such a run in one line until each rank's slice is saved and restored.
 """
 
 from __future__ import annotations
