@@ -102,7 +102,22 @@ class Config(Section):
         if self.cluster.min_workers and self.cluster.min_workers > self.cluster.workers:
             raise ValueError("cluster.min_workers must not exceed cluster.workers")
         self._elastic()
+        self._expert_parallel()
         return self
+
+    def _expert_parallel(self) -> None:
+        # `model.moe.expert_parallel` (MoE families only) against every group size the run may have; the trainer
+        # checks the size it gets again (pretrain/train/expert_parallel.py).
+        ep = expert_parallel(self)
+        if ep == 1:
+            return
+        if self.zero.stage == 3:
+            raise ValueError(f"model.moe.expert_parallel ({ep}) needs zero.stage 0-2 (ZeRO-3 partitions experts over "
+                             "every rank; at expert_parallel 1 it partitions them like any other weight)")
+        for n in worker_counts(self):
+            if n % ep:
+                where = "cluster.workers" if n == self.cluster.workers else "every allowed group size (cluster.min_workers, cluster.worker_counts)"
+                raise ValueError(f"model.moe.expert_parallel ({ep}) must divide {where}: {n} workers")
 
     def _elastic(self) -> None:
         # Every group size the run may restart at must divide the global batch, or a lost node ends
@@ -129,6 +144,11 @@ def grad_accum_steps(cfg: Config, workers: int | None = None) -> int:
     """Micro-batches per rank per optimizer step: global / (micro x workers)."""
     w = workers or cfg.cluster.workers
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * w)
+
+
+def expert_parallel(cfg: Config) -> int:
+    """The ranks each MoE layer's experts are spread over (`model.moe.expert_parallel`); 1 for a model without."""
+    return getattr(getattr(cfg.model, "moe", None), "expert_parallel", 1)
 
 
 def worker_counts(cfg: Config) -> list[int]:

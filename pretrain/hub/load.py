@@ -1,7 +1,8 @@
 """Values into a model's parameters, whole or ZeRO-3 partitioned: each rank writes only the slice of the
 flattened parameter that its partition holds, so a checkpoint streams straight into the partitions (one tensor
 alive at a time) and no rank ever holds the whole model. Knows DeepSpeed only by its parameter attributes
-(`ds_tensor`, `ds_shape`, `ds_numel`, `ds_process_group`)."""
+(`ds_tensor`, `ds_shape`, `ds_numel`, `ds_process_group`), and expert parallelism by its own (`expert_shape`: the
+full (E, ...) shape; `expert_rows`: the [first, last) experts this rank holds, pretrain/train/expert_parallel.py)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def write_parameter(p: nn.Parameter, value) -> None:
     """Set a parameter (partitioned or whole) to `value`, a tensor of the parameter's full shape or an unread
     `LazyTensor` / `LazyStack`, of which a partition reads only its own slice."""
     lazy = isinstance(value, _LAZY)
+    if hasattr(p, "expert_rows"):
+        return _write_experts(p, value)
     with torch.no_grad():
         if hasattr(p, "ds_tensor"):
             if tuple(value.shape) != tuple(p.ds_shape):
@@ -44,8 +47,25 @@ def write_parameter(p: nn.Parameter, value) -> None:
             p.data.copy_(value.materialise() if lazy else value)
 
 
+def _write_experts(p: nn.Parameter, value) -> None:
+    """An expert-parallel parameter: rows `expert_rows` of a value of the full `expert_shape`, a contiguous range of
+    the flattened value (a lazy value reads only those experts)."""
+    if tuple(value.shape) != tuple(p.expert_shape):
+        raise ValueError(f"shape {tuple(value.shape)} does not match the parameter's {tuple(p.expert_shape)}")
+    first, last = p.expert_rows
+    per = p[0].numel()
+    with torch.no_grad():
+        if isinstance(value, _LAZY):
+            value.read_flat_into(p.data.view(-1), first * per, last * per)
+        else:
+            p.data.copy_(value[first:last])
+
+
 def shape_of(p: nn.Parameter) -> tuple[int, ...]:
-    return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+    """A parameter's full shape: its ZeRO-3 or expert-parallel whole, not this rank's share."""
+    if hasattr(p, "ds_shape"):
+        return tuple(p.ds_shape)
+    return tuple(getattr(p, "expert_shape", p.shape))
 
 
 def load_weights(model: nn.Module, tensors, where: str = "load", skip: set[str] = frozenset()) -> int:

@@ -23,6 +23,8 @@ Losses, added to the training loss (never to evaluation's), both per token like 
 
 Expert weights are 3-D parameters laid out for the grouped product, (E, d_in, d_out): `experts.gate_up`
 (E, d_model, 2 x d_expert: the gate's columns, then the up projection's) and `experts.down` (E, d_expert, d_model).
+`expert_parallel` spreads them over ranks; the model itself knows nothing of it: the trainer swaps `experts` for a
+version holding one rank's share (pretrain/train/expert_parallel.py).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class MoeConfig(Section):
     every: int = Field(1, gt=0, description="every n-th layer is MoE (Hugging Face's decoder_sparse_step): 1 all, 2 every other")
     first_dense: int = Field(0, ge=0, description="the first k layers stay dense (DeepSeek's first_k_dense_replace)")
     capacity_factor: float | None = Field(None, gt=0, description="cap each expert at factor x tokens x k / experts rows; none: dropless")
+    expert_parallel: int = Field(1, gt=0, description="ranks each layer's experts are spread over (expert parallelism, applied by the trainer); 1: every rank holds all")
 
     @model_validator(mode="after")
     def _routing(self) -> MoeConfig:
@@ -63,6 +66,9 @@ class MoeConfig(Section):
             raise ValueError(f"model.moe.top_k ({self.top_k}) must not exceed model.moe.n_experts ({self.n_experts})")
         if self.shared_gate and not self.shared_width:
             raise ValueError("model.moe.shared_gate needs a shared expert (model.moe.shared_width > 0)")
+        if self.n_experts % self.expert_parallel:
+            raise ValueError(f"model.moe.expert_parallel ({self.expert_parallel}) must divide model.moe.n_experts "
+                             f"({self.n_experts})")
         return self
 
     def is_moe_layer(self, i: int) -> bool:
@@ -79,10 +85,16 @@ class Experts(nn.Module):
         self.d_expert, self.backend = d_expert, backend
 
     def forward(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        gu = kernels.grouped_mm(xs, self.gate_up, counts, backend=self.backend)
-        f = self.d_expert
-        return kernels.grouped_mm(kernels.swiglu(gu[:, :f], gu[:, f:], backend=self.backend), self.down, counts,
-                                  backend=self.backend)
+        return swiglu_experts(xs, self.gate_up, self.down, counts, self.d_expert, self.backend)
+
+
+def swiglu_experts(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor, d_expert: int,
+                   backend: str) -> torch.Tensor:
+    """Rows grouped by expert (`counts[e]` rows for expert e, in order) through their experts' SwiGLU: the
+    product shared by `Experts` and the trainer's expert-parallel version (pretrain/train/expert_parallel.py)."""
+    gu = kernels.grouped_mm(xs, gate_up, counts, backend=backend)
+    h = kernels.swiglu(gu[:, :d_expert], gu[:, d_expert:], backend=backend)
+    return kernels.grouped_mm(h, down, counts, backend=backend)
 
 
 class MoE(nn.Module):

@@ -9,7 +9,9 @@ Values are then written straight into each rank's own partition, one parameter a
 - from released weights (`init.path`), tensor by tensor in the order the checkpoint's files hold them.
 
 Families without `init_parameter` (DiT) are built whole and initialised by their own constructor. LoRA
-adapters (the `lora` section) are added after the base weights are in place; only they stay trainable.
+adapters (the `lora` section) are added after the base weights are in place; only they stay trainable. With
+`model.moe.expert_parallel` > 1 each rank keeps only its own experts (pretrain/train/expert_parallel.py), swapped in
+before any weight is written: each is given its rows of the full value, seeded or loaded.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pretrain.config import Config
+from pretrain.config import Config, expert_parallel
 from pretrain.hub.load import load_weights, shape_of, write_parameter
+from pretrain.train.expert_parallel import check as check_expert_parallel
+from pretrain.train.expert_parallel import parallelize_experts
 
 
 def parameter_seed(seed: int, name: str) -> int:
@@ -91,6 +95,8 @@ def build_model(cfg: Config, device: torch.device) -> tuple[nn.Module, dict]:
 
             wrapped = apply_lora(model, cfg.lora)
             counts = {**counts, "lora_modules": len(wrapped)}
+    check_expert_parallel(cfg, dist.get_world_size() if dist.is_initialized() else 1)
+    parallelize_experts(model, expert_parallel(cfg))  # EP > 1: this rank's experts only, before any weight is written
     if not zero3:
         model = model.to(device)
     adapters = {n for n, _ in model.named_parameters() if ".lora_" in n}

@@ -12,10 +12,12 @@ from typing import Protocol
 
 import deepspeed
 import torch
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from deepspeed.utils import groups as ds_groups
 from torch import nn
 
 from pretrain import compat
-from pretrain.config import Config, grad_accum_steps
+from pretrain.config import Config, expert_parallel, grad_accum_steps
 from pretrain.length import total_steps
 from pretrain.train.pulse import PULSE
 from pretrain.train.schedule import lr_lambda
@@ -32,8 +34,10 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
     t, z = cfg.train, cfg.zero
     zero: dict = {"stage": z.stage}
     if z.stage >= 1:
-        # Overlap and bucket sizes are DeepSpeed's GPU defaults; contiguous gradients cut fragmentation.
-        zero.update(overlap_comm=z.stage >= 2, contiguous_gradients=z.stage >= 2)
+        # Overlap and bucket sizes are DeepSpeed's GPU defaults; contiguous gradients cut fragmentation. Expert
+        # parallelism needs them at stage 1 too: without, ZeRO-1 all-reduces every gradient over all ranks, the
+        # experts' included (pretrain/train/expert_parallel.py).
+        zero.update(overlap_comm=z.stage >= 2, contiguous_gradients=z.stage >= 2 or expert_parallel(cfg) > 1)
     if z.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if z.offload_params:
@@ -61,7 +65,13 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # No empty group (LoRA trains matrices only): ZeRO drops it, and the schedule would count one group too many.
-    return [g for g in groups if g["params"]]
+    groups = [g for g in groups if g["params"]]
+    if any(is_moe_param(p) for g in groups for p in g["params"]):
+        # Expert-parallel experts (pretrain/train/expert_parallel.py) in groups of their own, marked `moe`: ZeRO 1-2
+        # partition those over the expert-data-parallel group only, and reduce their gradients there.
+        groups = split_params_into_different_moe_groups_for_optimizer(
+            [{**g, "name": "decay" if g["weight_decay"] else "no_decay"} for g in groups])
+    return groups
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -205,7 +215,11 @@ def backward_and_step(engine, loss: torch.Tensor, clip: float | None = None, gat
     norm = None
     if boundary and engine.zero_optimization_stage() == 0:
         params = [p for p in engine.module.parameters() if p.grad is not None]
-        if clip:
+        if any(is_moe_param(p) for p in params):
+            norm = float(_expert_parallel_norm(params))
+            if clip:
+                torch.nn.utils.clip_grads_with_norm_(params, clip, torch.tensor(norm))
+        elif clip:
             norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
         else:
             norm = float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
@@ -217,3 +231,17 @@ def backward_and_step(engine, loss: torch.Tensor, clip: float | None = None, gat
         gn = engine.get_global_grad_norm()
         norm = float(gn) if gn is not None else None
     return norm
+
+
+def _expert_parallel_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """The global gradient norm of a model with expert-parallel experts: each rank holds other experts (the ranks
+    of one expert-data-parallel group, the same ones, reduced alike), so their squares are summed over the
+    expert-parallel group; every other gradient is alike on every rank."""
+    dense = [p.grad for p in params if not is_moe_param(p)]
+    total = torch.nn.utils.get_total_norm(dense).double() ** 2 if dense else torch.zeros((), dtype=torch.float64)
+    for name in sorted({p.group_name for p in params if is_moe_param(p)}):
+        sq = torch.nn.utils.get_total_norm([p.grad for p in params if is_moe_param(p) and p.group_name == name])
+        sq = sq.double() ** 2
+        torch.distributed.all_reduce(sq, group=ds_groups._get_expert_parallel_group(name))
+        total = total + sq.to(total.device)
+    return total.sqrt()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pretrain.config import Config, grad_accum_steps, run_dir, worker_counts
+from pretrain.config import Config, expert_parallel, grad_accum_steps, run_dir, worker_counts
 from pretrain.data import build_train_stream, build_val_batches, validate_data
 from pretrain.errors import RunError
 from pretrain.length import total_steps
@@ -117,6 +117,11 @@ def build_run(cfg: Config, startup: Marks, steps: int | None = None, owner: Owne
         # conversion, never silently train on another batch size.
         raise RunError(f"{world} workers: not an allowed group size of this run ({worker_counts(cfg)}: "
                        f"train.global_batch_size must divide by train.micro_batch_size x workers)")
+    if expert_parallel(cfg) > 1:
+        # Each rank holds other experts; DeepSpeed's engine would save rank 0's only (pretrain/train/expert_parallel.py).
+        raise RunError(f"model.moe.expert_parallel ({expert_parallel(cfg)}): a run cannot save its checkpoints or final "
+                       "weights yet (each rank holds other experts); expert parallelism trains through "
+                       "build_model/build_engine only")
     family = get_family(cfg.model.type)
     objective = build_objective(cfg, validate_data(cfg.data))
     objective.check()
