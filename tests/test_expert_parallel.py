@@ -57,6 +57,7 @@ def _block_ranks(rank: int, world: int) -> None:
         torch.testing.assert_close(getattr(ep.experts, name).grad, full[2 * rank:2 * rank + 2], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_parallel_experts_compute_the_whole_layer_forward_and_backward(gloo_ranks):
     gloo_ranks(_block_ranks, timeout=300)
 
@@ -100,6 +101,7 @@ def _train_ranks(rank: int, world: int, ep: int, stage: int, out: str) -> None:
         Path(out).write_text(json.dumps({"losses": losses, "norms": norms, "experts": experts, "groups": groups}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 1, 0])
 def test_expert_parallel_trains_as_one_rank_does(stage, gloo_ranks, tmp_path):
     gloo_ranks(_train_ranks, 1, stage, str(tmp_path / "one.json"), world=1, timeout=300)
