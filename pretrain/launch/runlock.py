@@ -34,7 +34,7 @@ from pathlib import Path
 from pretrain.atomic import fsync_dir
 from pretrain.errors import RunLockedError
 from pretrain.train.checkpoint_layout import holders
-from pretrain.train.owner import Owner, describe, parse_holder
+from pretrain.train.owner import Owner, describe, lost_line, parse_holder
 from pretrain.train.storage import Storage
 
 LOCK_FILE = "run.lock"
@@ -42,7 +42,7 @@ HEARTBEAT_S = 10.0
 STALE_S = 60.0
 
 
-def _ray_job() -> str | None:
+def ray_job() -> str | None:
     """The submission id of the Ray job this process is the entrypoint of, if it is one (Ray passes the
     job's metadata, which holds it, to the entrypoint's environment)."""
     try:
@@ -52,7 +52,7 @@ def _ray_job() -> str | None:
     return meta.get("job_submission_id")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -60,6 +60,25 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # someone else's process: alive
         return True
     return True
+
+
+def _here(holder: dict | None) -> bool:
+    return bool(holder) and holder.get("host") == socket.gethostname()
+
+
+def is_live(holder: dict | None, age: float, stale_s: float) -> bool:
+    """Whether a lock's holder (its record; None when torn) with a heartbeat `age` s old still holds it: not once
+    the heartbeat is older than `stale_s`; on this host, only while its pid lives. Both locks judge by this."""
+    if age > stale_s:
+        return False
+    return pid_alive(int(holder.get("pid", -1))) if _here(holder) else True
+
+
+def inherited_trusts(old: dict) -> list[str]:
+    """The trusts a taken-over holder hands on (pretrain/train/owner.py): those it had, and its own token when its
+    process is known dead (on this host, its pid gone; a stale heartbeat alone proves nothing)."""
+    dead = _here(old) and not pid_alive(int(old.get("pid", -1))) and old.get("token")
+    return sorted(set(old.get("trusts", [])) | ({old["token"]} if dead else set()))
 
 
 class RunLock:
@@ -71,7 +90,7 @@ class RunLock:
         self.path = Path(rdir) / LOCK_FILE
         self.heartbeat_s, self.stale_s, self.on_lost = heartbeat_s, stale_s, on_lost
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
-                       "ray_job": _ray_job(), "token": uuid.uuid4().hex, "trusts": []}
+                       "ray_job": ray_job(), "token": uuid.uuid4().hex, "trusts": []}
         self.lost: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -89,13 +108,6 @@ class RunLock:
             return json.loads(text), age
         except json.JSONDecodeError:  # being written right now (or torn by a crash): judged by its age
             return None, age
-
-    def _live(self, holder: dict | None, age: float) -> bool:
-        if age > self.stale_s:
-            return False
-        if holder and holder.get("host") == self.holder["host"]:
-            return _pid_alive(int(holder.get("pid", -1)))
-        return True
 
     # ------------------------------------------------------------------ taking and giving back
 
@@ -116,7 +128,7 @@ class RunLock:
             if seen is None:
                 continue  # released meanwhile: try again
             holder, age = seen
-            if self._live(holder, age):
+            if is_live(holder, age, self.stale_s):
                 raise RunLockedError(f"run.name {self.path.parent.name}: the run directory {self.path.parent} is in "
                                      f"use by a live run, {describe(holder or {})}; wait for it, stop it, or choose "
                                      f"another run.name (lock: {self.path})")
@@ -156,11 +168,9 @@ class RunLock:
         os.close(fd)
         try:
             seen = self._read()
-            if seen is not None and not self._live(*seen):
-                old = seen[0] or {}
-                dead = old.get("host") == self.holder["host"] and not _pid_alive(int(old.get("pid", -1)))
+            if seen is not None and not is_live(*seen, self.stale_s):
                 self.path.unlink(missing_ok=True)
-                return sorted(set(old.get("trusts", [])) | ({old["token"]} if dead and old.get("token") else set()))
+                return inherited_trusts(seen[0] or {})
             return None
         finally:
             guard.unlink(missing_ok=True)
@@ -172,9 +182,8 @@ class RunLock:
             except FileNotFoundError:  # removed by hand: nothing left to keep fresh
                 return
             if holder is not None and holder.get("token") != self.holder["token"]:
-                self.lost = (f"run.name {self.path.parent.name}: this run's lock {self.path} was taken over (now held "
-                             f"by {describe(holder)}); it stalled past the lock's stale limit ({self.stale_s:.0f} s) "
-                             "and stops without writing anything more")
+                self.lost = lost_line(f"run.name {self.path.parent.name}: this run's lock {self.path}", holder,
+                                      self.stale_s)
                 if self.on_lost is not None:
                     self.on_lost(self.lost)
                 return

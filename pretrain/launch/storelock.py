@@ -33,9 +33,9 @@ from collections.abc import Callable, Iterator
 
 from pretrain.config import Config, run_dir
 from pretrain.errors import LockLostError, RunLockedError, StorageError
-from pretrain.launch.runlock import HEARTBEAT_S, STALE_S, _pid_alive, _ray_job
+from pretrain.launch.runlock import HEARTBEAT_S, STALE_S, inherited_trusts, is_live, ray_job
 from pretrain.train.checkpoint_layout import holders
-from pretrain.train.owner import Owner, describe, parse_holder
+from pretrain.train.owner import Owner, describe, lost_line, parse_holder
 from pretrain.train.storage import Storage
 
 LOCK = "run.lock"
@@ -50,7 +50,7 @@ class StoreLock:
         self.store = Storage(url)
         self.heartbeat_s, self.stale_s, self.on_lost = heartbeat_s, stale_s, on_lost
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
-                       "ray_job": _ray_job(), "run_dir": run_dir, "token": uuid.uuid4().hex, "trusts": []}
+                       "ray_job": ray_job(), "run_dir": run_dir, "token": uuid.uuid4().hex, "trusts": []}
         self.lost: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -80,17 +80,6 @@ class StoreLock:
         last = max((beat or {}).get("t", 0.0), (holder or {}).get("started", 0.0))
         return holder, time.time() - last
 
-    def _live(self, holder: dict | None, age: float) -> bool:
-        if age > self.stale_s:
-            return False
-        if holder and holder.get("host") == self.holder["host"]:
-            return _pid_alive(int(holder.get("pid", -1)))
-        return True
-
-    def _dead(self, holder: dict | None) -> bool:
-        """Known dead: it ran on this host and its process is gone (a stale heartbeat alone proves nothing)."""
-        return bool(holder) and holder.get("host") == self.holder["host"] and not _pid_alive(int(holder.get("pid", -1)))
-
     # ------------------------------------------------------------------ taking and giving back
 
     def acquire(self) -> StoreLock:
@@ -103,7 +92,7 @@ class StoreLock:
             if seen is None:
                 continue  # released meanwhile
             holder, age = seen
-            if self._live(holder, age):
+            if is_live(holder, age, self.stale_s):
                 where = f" (run directory {holder['run_dir']})" if holder and holder.get("run_dir") else ""
                 raise RunLockedError(f"cluster.storage {self.store.url}: this run's checkpoint location is in use by a "
                                      f"live run, {describe(holder or {})}{where}; wait for it, stop it, or choose "
@@ -134,13 +123,12 @@ class StoreLock:
             return None
         try:
             seen = self._seen()
-            if seen is not None and (force or not self._live(*seen)):
+            if seen is not None and (force or not is_live(*seen, self.stale_s)):
                 old = seen[0] or {}
-                inherited = set(old.get("trusts", [])) | ({old["token"]} if self._dead(old) else set())
                 self.store.remove(LOCK)
                 if old.get("token"):
                     self.store.remove(self._beat_name(old["token"]))
-                return sorted(inherited)
+                return inherited_trusts(old)
             return None
         finally:
             self.store.remove(guard)
@@ -166,9 +154,7 @@ class StoreLock:
                 continue
 
     def _lose(self, holder: dict | None) -> None:
-        now = f"now held by {describe(holder)}" if holder else "now held by no one"
-        self.lost = (f"cluster.storage {self.store.url}: this run's lock was taken over ({now}); it stalled past "
-                     f"the lock's stale limit ({self.stale_s:.0f} s) and stops without writing anything more")
+        self.lost = lost_line(f"cluster.storage {self.store.url}: this run's lock", holder, self.stale_s)
         if self.on_lost is not None:
             self.on_lost(self.lost)
 

@@ -32,6 +32,14 @@ def describe(holder: dict) -> str:
     return f"{holder.get('host', '?')} pid {holder.get('pid', '?')} since {since}{job}"
 
 
+def lost_line(what: str, holder: dict | None, stale_s: float | None = None) -> str:
+    """The one line of a run whose lock (`what`) was taken over, naming the new holder."""
+    now = f"now held by {describe(holder)}" if holder else "now held by no one"
+    limit = f" ({stale_s:.0f} s)" if stale_s is not None else ""
+    return (f"{what} was taken over ({now}); it stalled past the lock's stale limit{limit} and stops without "
+            "writing anything more")
+
+
 def holder_of(nonce: str) -> str:
     """The lock token a marker's nonce (`<token>.<attempt>`) belongs to."""
     return nonce.split(".", 1)[0]
@@ -75,9 +83,7 @@ class Owner:
         holder = parse_holder(Storage(self.lock_dir).read_text(self.lock_name))
         if holder is not None and holder.get("token") == self.token:
             return
-        now = f"now held by {describe(holder)}" if holder else "now held by no one"
-        raise LockLostError(f"{self.lock_dir}/{self.lock_name}: this run's lock was taken over ({now}); it stalled "
-                            "past the lock's stale limit, and stops without writing anything more")
+        raise LockLostError(lost_line(f"{self.lock_dir}/{self.lock_name}: this run's lock", holder))
 
     def trusted(self, nonce: str | None) -> bool:
         """Whether this run may remove what a marker with `nonce` vouches for (None: an earlier version's, which
