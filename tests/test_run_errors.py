@@ -48,18 +48,26 @@ def _cfg(tmp_path: Path, shards: Path, *extra: str):
 def test_a_storage_error_in_a_worker_ends_the_run_once(tmp_path, tiny_shards):
     """A checkpoint location the workers cannot open (on a cluster: a worker image without that filesystem's
     library): each worker raises StorageError; the group is not restarted although 3 restarts are allowed."""
+    error, seen = _run_workers(tmp_path, _cfg(tmp_path, tiny_shards, "cluster.storage=nosuch://bucket/ckpts"))
+    assert str(error) == ("nosuch://bucket/ckpts/bad/checkpoints: cannot open this checkpoint location "
+                          "(Protocol not known: nosuch)")
+    assert len(seen) <= 2, f"restarted: {len(seen)} worker processes"
+
+
+def _run_workers(tmp_path: Path, cfg) -> tuple[RunError, set[int]]:
+    """The run's worker function on a 2-worker Ray Train group, as launch would start it but without the driver's
+    own checks (launch opens the storage before Ray starts), Ray keeping its metadata locally: (the error the
+    workers recorded, every worker process seen). Ray Train must have counted no failure."""
     import ray
 
     from pretrain.config import run_dir
     from pretrain.launch.local import ray_trainer, resolve_paths
     from pretrain.launch.worker_error import recorded_error
 
-    cfg = resolve_paths(_cfg(tmp_path, tiny_shards, "cluster.storage=nosuch://bucket/ckpts"))
+    cfg = resolve_paths(cfg)
     run_dir(cfg).mkdir(parents=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
-        # The driver's own check is left out (launch opens the location before Ray starts): the run's worker
-        # function gets the config as launch would give it, and Ray keeps its metadata locally.
         trainer = ray_trainer(cfg, {"cfg": cfg.model_dump(mode="json"), "started_at": time.time(), "marks": [],
                                     "steps": 4}, storage_path=str(tmp_path / "ray"))
         raised: list = []
@@ -71,9 +79,7 @@ def test_a_storage_error_in_a_worker_ends_the_run_once(tmp_path, tiny_shards):
     assert raised == [], raised  # returned normally: Ray Train counted no failure
     error = recorded_error(run_dir(cfg))
     assert isinstance(error, RunError)
-    assert str(error) == ("nosuch://bucket/ckpts/bad/checkpoints: cannot open this checkpoint location "
-                          "(Protocol not known: nosuch)")
-    assert len(seen) <= 2, f"restarted: {len(seen)} worker processes"
+    return error, seen
 
 
 def _negative_member_size(train: Path) -> str:
@@ -119,29 +125,9 @@ def test_a_bad_shard_in_a_worker_ends_the_run_once(tmp_path, tiny_shards, case):
     machine) or a tar with a negative member size, in the one training shard both workers read: each worker
     raises DataError; the group is not restarted although 3 restarts are allowed, and the run's error is
     the reader's line."""
-    import ray
-
-    from pretrain.config import run_dir
-    from pretrain.launch.local import ray_trainer, resolve_paths
-    from pretrain.launch.worker_error import recorded_error
-
     shards, line = _bad_shards(tmp_path, tiny_shards, case)
     assert line.startswith(f"shard {shards / 'train'}/shard-")
-    cfg = resolve_paths(_cfg(tmp_path, shards))
-    run_dir(cfg).mkdir(parents=True)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    try:
-        trainer = ray_trainer(cfg, {"cfg": cfg.model_dump(mode="json"), "started_at": time.time(), "marks": [],
-                                    "steps": 4}, storage_path=str(tmp_path / "ray"))
-        raised: list = []
-        thread = threading.Thread(target=lambda: _fit(trainer, raised), daemon=True)
-        thread.start()
-        seen = workers_seen_while(thread)
-    finally:
-        ray.shutdown()
-    assert raised == [], raised  # returned normally: Ray Train counted no failure
-    error = recorded_error(run_dir(cfg))
-    assert isinstance(error, RunError)
+    error, seen = _run_workers(tmp_path, _cfg(tmp_path, shards))
     assert str(error) == line
     assert len(seen) <= 2, f"restarted: {len(seen)} worker processes"
 
