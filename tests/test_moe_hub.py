@@ -26,7 +26,7 @@ from pretrain.hub.safetensors_io import LazyStack
 from pretrain.models import get_family
 from pretrain.models.generate import generate
 from tests.helpers import assert_same_logits, released_model
-from tests.test_checkpoints_hf import VOCAB, _edit_config, _randomise, _refused, _tokenizer
+from tests.test_checkpoints_hf import VOCAB, _edit_config, _randomise, _refused, _tokenizer, _tokens
 
 _SMALL = dict(num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
               pad_token_id=0)
@@ -55,10 +55,6 @@ def _hf_checkpoint(directory, family: str) -> torch.nn.Module:
     model.save_pretrained(str(directory))
     _tokenizer(directory)
     return model
-
-
-def _tokens() -> torch.Tensor:
-    return torch.randint(4, VOCAB, (2, 19), generator=torch.Generator().manual_seed(2))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
