@@ -1,10 +1,16 @@
-"""Benchmark: `pretrain train` (Ray Train worker + DeepSpeed) against a bare PyTorch loop, eager and compiled.
+"""Benchmark: `pretrain train` (Ray Train worker + DeepSpeed) against a GPT written in plain PyTorch, and against
+our own model in a bare loop, eager and compiled.
 
-Same model, global batch, objective (the loss of its `loss()`), optimizer (AdamW) and thread count;
-the bare loop has no Ray, no DeepSpeed, no data pipeline, no hooks (batches pre-loaded and prepared).
-Four runs per model, each pair back to back: `pretrain train` eager then the bare loop eager, then
-`pretrain train` with `train.compile=true` then the bare loop with `module.compile()` plus a compiled
-optimizer step (inductor, as `train.compile` does).
+Two yardsticks, so the model's cost and the trainer's cost read apart:
+- the plain loop (GPT-2 models): `tools/plain_gpt.py`, a GPT of the same shape written with nothing of this
+  project (nn.Linear, SDPA, nn.LayerNorm, F.cross_entropy), stepped by `torch.optim.AdamW` as a user writes
+  it, eager. `pretrain train` / plain is the figure a user compares; bare / plain is our model's share.
+- the bare loop: our model, objective (the loss of its `loss()`) and optimizer (`build_optimizer`) without
+  Ray, DeepSpeed, data pipeline or hooks. `pretrain train` / bare is the trainer's share.
+Same global batch, batches (pre-loaded and prepared for both loops) and thread count. Per model and pair, back
+to back: `pretrain train` eager, the bare loop eager, the plain loop, `pretrain train` with
+`train.compile=true`, the bare loop with `module.compile()` plus a compiled optimizer step (inductor, as
+`train.compile` does).
 By default three models (issue 14): `gpt-tiny` (configs/gpt-tiny.yaml, the demo), `gpt-tiny-50k` (its
 shape as the issue measured it: 4 layers on GPT-2's 50k BPE, data/shakespeare) and `small`, a 4-layer x 128 GPT-2
 on character-level plays (vocabulary 66, batch 12 x 64; shards from tools/make_char_shards.py, written
@@ -47,6 +53,9 @@ from pretrain.train.build import build_model
 from pretrain.train.engine import INDUCTOR_CACHE, build_optimizer
 from pretrain.train.loop import train
 
+sys.path.insert(0, str(Path(__file__).parent))
+from plain_gpt import PlainGPT  # noqa: E402 - the yardstick written without this project
+
 SMALL = ["model.n_layers=4", "model.d_model=128", "model.n_heads=4", "model.vocab_size=66", "model.max_seq_len=64",
          "data.train=data/chars/train", "data.val=data/chars/val", "train.micro_batch_size=12",
          "train.global_batch_size=12", "cluster.workers=1"]
@@ -69,10 +78,7 @@ def bare_loop(cfg, steps: int, warmup: int, compiled: bool = False) -> list[floa
     opt = build_optimizer(cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": compiled})}), model)
     opt_step = torch.compile(opt.step) if compiled else opt.step
     accum = grad_accum_steps(cfg, 1)
-    stream = build_train_stream(cfg.data, seed=cfg.train.seed, rank=0, world_size=1,
-                                micro_batch_size=cfg.train.micro_batch_size, grad_accum=accum)
-    cpu = torch.device("cpu")
-    batches = [objective.prepare(next(stream), cpu) for _ in range(accum * (steps + warmup))]
+    batches = _batches(cfg, objective, accum * (steps + warmup))
     step_units = cfg.train.global_batch_size * objective.units_per_sample()
     rates = []
     for s in range(steps + warmup):
@@ -84,6 +90,35 @@ def bare_loop(cfg, steps: int, warmup: int, compiled: bool = False) -> list[floa
         opt_step()
         opt.zero_grad(set_to_none=True)
         rates.append(step_units / (time.perf_counter() - t0))
+    return rates[warmup:]
+
+
+def _batches(cfg, objective, n: int) -> list[dict]:
+    """The first `n` prepared micro-batches of the run's own stream (the loops train on what the run trains on)."""
+    stream = build_train_stream(cfg.data, seed=cfg.train.seed, rank=0, world_size=1,
+                                micro_batch_size=cfg.train.micro_batch_size, grad_accum=grad_accum_steps(cfg, 1))
+    return [objective.prepare(next(stream), torch.device("cpu")) for _ in range(n)]
+
+
+def plain_loop(cfg, steps: int, warmup: int) -> list[float]:
+    """tokens/s per step of `tools/plain_gpt.py` (the config's GPT-2 shape) in a hand-written eager loop."""
+    m = cfg.model
+    torch.manual_seed(cfg.train.seed)
+    model = PlainGPT(m.n_layers, m.d_model, m.n_heads, m.vocab_size, m.max_seq_len)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, betas=cfg.optimizer.betas,
+                            weight_decay=cfg.optimizer.weight_decay)
+    accum = grad_accum_steps(cfg, 1)
+    batches = _batches(cfg, build_objective(cfg, validate_data(cfg.data)), accum * (steps + warmup))
+    step_tokens = sum(b["targets"].numel() for b in batches[:accum])
+    rates = []
+    for s in range(steps + warmup):
+        t0 = time.perf_counter()
+        for b in batches[s * accum:(s + 1) * accum]:
+            (model(b["input_ids"], b["targets"]) / accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        rates.append(step_tokens / (time.perf_counter() - t0))
     return rates[warmup:]
 
 
@@ -136,6 +171,7 @@ def bench_model(args, name: str, config: str, overrides: list[str]) -> dict:
         eager, summary, cfg = train_run(args, config, overrides, compiled=False)
         torch.set_num_threads(args.threads)
         bare = bare_loop(cfg, args.steps, args.warmup)
+        plain = plain_loop(cfg, args.steps, args.warmup) if cfg.model.type == "gpt2" else None
         comp, csummary, _ = train_run(args, config, overrides, compiled=True)
         bare_c = bare_loop(cfg, args.steps, args.warmup, compiled=True)
         med = statistics.median
@@ -148,8 +184,15 @@ def bench_model(args, name: str, config: str, overrides: list[str]) -> dict:
         p["ratio_compiled"] = p["pretrain_compiled_per_s"] / p["bare_compiled_per_s"]
         p["compile_speedup"] = p["pretrain_compiled_per_s"] / p["pretrain_per_s"]
         p["bare_compile_speedup"] = p["bare_compiled_per_s"] / p["bare_per_s"]
+        if plain is not None:  # the yardstick not ours: the user's figures, and our model's share
+            p["plain_per_s"] = med(plain)
+            p["vs_plain"] = p["pretrain_per_s"] / p["plain_per_s"]
+            p["compiled_vs_plain"] = p["pretrain_compiled_per_s"] / p["plain_per_s"]
+            p["bare_vs_plain"] = p["bare_per_s"] / p["plain_per_s"]
         print(f"{name} pair {len(pairs)}/{args.repeat}: eager {p['ratio']:.3f}, compiled {p['ratio_compiled']:.3f}, "
-              f"compiled/eager {p['compile_speedup']:.3f} (bare {p['bare_compile_speedup']:.3f})", flush=True)
+              f"compiled/eager {p['compile_speedup']:.3f} (bare {p['bare_compile_speedup']:.3f})"
+              + (f"; against plain PyTorch: pretrain {p['vs_plain']:.3f}, compiled {p['compiled_vs_plain']:.3f}, "
+                 f"our model bare {p['bare_vs_plain']:.3f}" if plain is not None else ""), flush=True)
     objective = build_objective(cfg, validate_data(cfg.data))
     family = get_family(cfg.model.type)
     with torch.device("meta"):
@@ -186,14 +229,20 @@ def main() -> None:
     results = [bench_model(args, name, *spec) for name, spec in models.items()]
     peak = measured_cpu_peak(args.threads)
 
-    print(f"\n{'':16}{'':28}{'units/s':>12}{'MFU':>8}{'vs bare':>9}"
+    print(f"\n{'':16}{'':28}{'units/s':>12}{'MFU':>8}{'vs bare':>9}{'vs plain':>10}"
           + (f"   (medians of {args.repeat} pairs)" if args.repeat > 1 else ""))
     for r in results:
-        for label, key, ratio in (("pretrain train", "pretrain_per_s", "ratio"),
-                                  ("pretrain train compiled", "pretrain_compiled_per_s", "ratio_compiled"),
-                                  ("bare loop", "bare_per_s", None), ("bare loop compiled", "bare_compiled_per_s", None)):
-            vs = f"{r[ratio]:>9.3f}" if ratio else ""
-            print(f"{r['model']:16}{label:28}{r[key]:>12,.1f}{100 * r[key] * r['flops_per_unit'] / peak:>7.1f}%{vs}")
+        for label, key, ratio, vs_plain in (
+                ("pretrain train", "pretrain_per_s", "ratio", "vs_plain"),
+                ("pretrain train compiled", "pretrain_compiled_per_s", "ratio_compiled", "compiled_vs_plain"),
+                ("bare loop (our model)", "bare_per_s", None, "bare_vs_plain"),
+                ("bare loop compiled", "bare_compiled_per_s", None, None),
+                ("plain PyTorch GPT, eager", "plain_per_s", None, None)):
+            if key not in r:
+                continue
+            vs = f"{r[ratio]:>9.3f}" if ratio else f"{'':9}"
+            vp = f"{r[vs_plain]:>10.3f}" if vs_plain in r else ""
+            print(f"{r['model']:16}{label:28}{r[key]:>12,.1f}{100 * r[key] * r['flops_per_unit'] / peak:>7.1f}%{vs}{vp}")
         print(f"{'':16}compiled / eager: pretrain {r['compile_speedup']:.3f}, bare {r['bare_compile_speedup']:.3f}; "
               f"time to first step {r['time_to_first_step_s']:.1f}s eager, {r['time_to_first_step_compiled_s']:.1f}s compiled")
     print(f"peak {peak / 1e9:.0f} GFLOP/s with {args.threads} threads ({results[0]['unit']}/s)")

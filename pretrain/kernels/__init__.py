@@ -1,9 +1,10 @@
 """Triton kernels for the hot ops, each beside its plain-PyTorch reference and its autograd wiring.
 
 Public functions take and return tensors and work under autograd and `torch.compile`. `backend`:
-"auto" runs Triton on CUDA tensors and the reference on CPU tensors (Triton through the interpreter when
-TRITON_INTERPRET=1); "triton" asks for Triton (on CPU without the interpreter it falls back to the
-reference); "reference" always runs plain PyTorch.
+"auto" runs Triton on CUDA tensors and, on CPU tensors, the fastest plain-ATen formulation of the op (SDPA's
+fused kernel for attention, `F.rms_norm`, `F.cross_entropy`; Triton through the interpreter when
+TRITON_INTERPRET=1); "triton" asks for Triton (on CPU without the interpreter it takes the ATen path as
+"auto" does); "reference" always runs the plain-PyTorch reference, written for clarity, that the tests read.
 
 This folder installs as `pretrain.kernels` (pyproject.toml maps it with package-dir), never as a
 top-level `kernels`, which is Hugging Face's hub-kernel package: `from pretrain import kernels`. The

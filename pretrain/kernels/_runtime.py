@@ -36,6 +36,13 @@ def use_triton(backend: str, x: torch.Tensor) -> bool:
     return x.is_cuda or (x.device.type == "cpu" and interpreting())
 
 
+def use_aten(backend: str, x: torch.Tensor) -> bool:
+    """Where Triton does not run and the caller did not ask for the reference: the fastest plain-ATen
+    formulation of the op (SDPA's fused CPU kernel, `F.rms_norm`, `F.cross_entropy`), which may differ from
+    the reference the tests read; the tests hold both to the same error rule (tests/kernels/test_aten_path.py)."""
+    return backend != "reference" and not use_triton(backend, x)
+
+
 _jitted: dict[tuple[Callable, bool], object] = {}
 
 

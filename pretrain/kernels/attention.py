@@ -35,6 +35,7 @@ from pretrain.kernels._runtime import (
     next_pow2,
     staged,
     upcast,
+    use_aten,
     use_triton,
 )
 
@@ -57,6 +58,20 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, sc
     if segment_ids is not None:
         s = s.masked_fill((segment_ids[:, :, None] != segment_ids[:, None, :])[:, None], float("-inf"))
     return torch.softmax(s, dim=-1).to(v.dtype) @ v
+
+
+def attention_aten(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                   segment_ids: Tensor | None = None) -> Tensor:
+    """The CPU path: ATen's fused SDPA (flash attention for CPU, no (S, Skv) scores kept for the backward),
+    grouped-query heads read in place (`enable_gqa`), documents kept apart by a boolean (B, 1, S, S) mask."""
+    mask = None
+    if segment_ids is not None:
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        if causal:
+            mask = mask & torch.ones(mask.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        causal = False
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 @kernel
@@ -374,6 +389,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float
             raise ValueError(f"attention: segment_ids must be integers shaped (B, S) = {want} with S == Skv, got "
                              f"{segment_ids.dtype} {tuple(segment_ids.shape)} for Skv {k.shape[2]}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if use_aten(backend, q):
+        return attention_aten(q, k, v, causal, scale, segment_ids)
     if not use_triton(backend, q):
         return attention_reference(q, k, v, causal, scale, segment_ids)
     return _attention_fwd(q, k, v, bool(causal), scale, segment_ids)[0]

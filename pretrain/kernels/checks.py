@@ -302,16 +302,19 @@ def _moved(a, device: torch.device):
     return whole.to(device).as_strided(a.shape, a.stride(), a.storage_offset())
 
 
-def check(case: Case, dtype: torch.dtype, seed: int = 0, device: str | torch.device = "cpu") -> list[Result]:
+def check(case: Case, dtype: torch.dtype, seed: int = 0, device: str | torch.device = "cpu",
+          backend: str = "triton") -> list[Result]:
     """Forward and every input gradient of one case in one dtype, each judged by the rule. The inputs are
-    drawn on the CPU (the same numbers on every device) and moved to `device`."""
+    drawn on the CPU (the same numbers on every device) and moved to `device`. `backend` is the path judged:
+    "triton" (the kernels, on a GPU or under the interpreter), or "auto" on CPU without the interpreter (the
+    ATen path, `pretrain.kernels._runtime.use_aten`)."""
     gen = torch.Generator().manual_seed(seed)
     args = [_moved(a, torch.device(device)) for a in case.make(dtype, gen)]
     out64, _ = _run(case, args, "reference", None, torch.float64)
     dys = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device) for o in out64]
     ref64, g64 = _run(case, args, "reference", dys, torch.float64)
     ref, gref = _run(case, args, "reference", dys, None)
-    got, ggot = _run(case, args, "triton", dys, None)
+    got, ggot = _run(case, args, backend, dys, None)
     names = [f"out{i}" if len(got) > 1 else "out" for i in range(len(got))]
     arg_names = [f"grad:{i}" for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
     results = []

@@ -13,10 +13,21 @@ layer refuses such targets with a line naming the shard (`pretrain.data.decode`)
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton.language as tl
 from torch import Tensor
 
-from pretrain.kernels._runtime import cdiv, kernel, new_empty, next_pow2, rows, staged, upcast, use_triton
+from pretrain.kernels._runtime import (
+    cdiv,
+    kernel,
+    new_empty,
+    next_pow2,
+    rows,
+    staged,
+    upcast,
+    use_aten,
+    use_triton,
+)
 
 
 def kept(targets: Tensor, ignore_index: int, vocab: int) -> Tensor:
@@ -34,6 +45,17 @@ def cross_entropy_reference(logits: Tensor, targets: Tensor, ignore_index: int =
         per_row = per_row + z_loss * lse.square()
     # Like torch's mean reduction: the sum over kept rows divided by their count (NaN when none).
     return torch.where(valid, per_row, 0.0).sum() / valid.sum()
+
+
+def cross_entropy_sum_aten(logits: Tensor, targets: Tensor, ignore_index: int, z_loss: float) -> tuple[Tensor, Tensor]:
+    """The CPU path: ATen's fused log-softmax and NLL. The summed loss over the kept rows and their mask;
+    a target outside [0, V) is turned into `ignore_index` first, so ATen never sees it."""
+    lf = upcast(logits)
+    valid = kept(targets, ignore_index, logits.shape[-1])
+    loss = F.cross_entropy(lf, torch.where(valid, targets, ignore_index), ignore_index=ignore_index, reduction="sum")
+    if z_loss:
+        loss = loss + z_loss * torch.where(valid, torch.logsumexp(lf, dim=-1).square(), 0.0).sum()
+    return loss, valid
 
 
 @kernel
@@ -168,6 +190,9 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100, z_l
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"cross_entropy: want logits (N, V) and targets (N,), got {tuple(logits.shape)}, "
                          f"{tuple(targets.shape)}")
+    if use_aten(backend, logits):
+        total, valid = cross_entropy_sum_aten(logits, targets, int(ignore_index), float(z_loss))
+        return total / valid.sum()
     if not use_triton(backend, logits):
         return cross_entropy_reference(logits, targets, ignore_index, z_loss)
     return _ce_fwd(logits, targets, int(ignore_index), float(z_loss))[0]

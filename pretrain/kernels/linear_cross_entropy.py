@@ -16,8 +16,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pretrain.kernels._runtime import cdiv, next_pow2, upcast, use_triton
-from pretrain.kernels.cross_entropy import ce_rows_backward, ce_rows_forward, cross_entropy_reference, kept
+from pretrain.kernels._runtime import cdiv, next_pow2, upcast, use_aten, use_triton
+from pretrain.kernels.cross_entropy import (
+    ce_rows_backward,
+    ce_rows_forward,
+    cross_entropy_reference,
+    cross_entropy_sum_aten,
+    kept,
+)
 
 
 def linear_cross_entropy_unfused(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100,
@@ -27,6 +33,10 @@ def linear_cross_entropy_unfused(hidden: Tensor, weight: Tensor, targets: Tensor
 
 
 MIN_CHUNK_ROWS = 128
+# On the ATen path (CPU), logits up to this many elements are made whole and handed to ATen's fused
+# cross-entropy: a few large matrix products beat many chunk-sized ones, and 2^25 fp32 logits (128 MiB, as
+# much again for their gradient) is little beside a CPU's memory. Larger heads are chunked as on a GPU.
+FULL_LOGITS_MAX = 2 ** 25
 
 
 def chunk_rows(n: int, vocab: int, hidden: int) -> int:
@@ -133,6 +143,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:
         raise ValueError(f"linear_cross_entropy: want hidden (N, H), weight (V, H), targets (N,), got "
                          f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
+    if use_aten(backend, hidden) and hidden.shape[0] * weight.shape[0] <= FULL_LOGITS_MAX:
+        total, valid = cross_entropy_sum_aten(hidden @ weight.t(), targets, int(ignore_index), float(z_loss))
+        return total / valid.sum().clamp(min=1)  # no target: 0, as the chunked path gives
     want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _lce_fwd(hidden, weight, targets, int(ignore_index), float(z_loss), want_grad,
                     use_triton(backend, hidden))[0]
