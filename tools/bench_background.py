@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_engine_ab import steps_of  # noqa: E402 - the same bare step
-from bench_train import MODELS, _one_rank_group  # noqa: E402
+from bench_train import MODELS  # noqa: E402
+from train_solo import one_rank_group  # noqa: E402
 
 BURNER = """
 import sys, time
@@ -113,7 +114,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench-out/bench_background.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    _one_rank_group()
+    one_rank_group()
     step, _ = steps_of(*MODELS[args.model], args.compile, args.threads)
     for i in range(5):  # compile and warm up
         step(i)

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_train import MODELS, _one_rank_group  # noqa: E402 - the same model shapes and process group
+from bench_train import MODELS  # noqa: E402 - the same model shapes
+from train_solo import one_rank_group  # noqa: E402 - the same process group of one
 
 from pretrain.config import grad_accum_steps  # noqa: E402
 from pretrain.data import build_train_stream, validate_data  # noqa: E402
@@ -87,7 +88,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench-out/bench_engine_ab.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    _one_rank_group()
+    one_rank_group()
     results = []
     for name in args.models.split(","):
         fns = dict(zip(("bare", "engine"), steps_of(*MODELS[name], args.compile, args.threads), strict=True))

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_train import _one_rank_group  # noqa: E402 - the same 1-rank gloo group
+from train_solo import one_rank_group  # noqa: E402 - the same 1-rank group
 
 from pretrain.load import load_config  # noqa: E402
 from pretrain.train.pulse import PULSE, start_heartbeats  # noqa: E402
@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench-out/bench_pulse.json")
     args = ap.parse_args()
-    _one_rank_group()
+    one_rank_group()
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the watcher's socket, never read
     sink.bind(("127.0.0.1", 0))
     address = f"127.0.0.1:{sink.getsockname()[1]}"

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,7 @@ from pretrain.train.loop import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from plain_gpt import PlainGPT  # noqa: E402 - the yardstick written without this project
+from train_solo import one_rank_group  # noqa: E402 - the loop in this process, on a group of one
 
 SMALL = ["model.n_layers=4", "model.d_model=128", "model.n_heads=4", "model.vocab_size=66", "model.max_seq_len=64",
          "data.train=data/chars/train", "data.val=data/chars/val", "train.micro_batch_size=12",
@@ -122,19 +122,6 @@ def plain_loop(cfg, steps: int, warmup: int) -> list[float]:
     return rates[warmup:]
 
 
-def _one_rank_group() -> None:
-    """A gloo process group of this process alone, for --in-process."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():  # DeepSpeed reads these
-            os.environ.setdefault(k, v)
-        with socket.socket() as sock:  # a free loopback port
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-
-
 def train_run(args, config: str, overrides: list[str], compiled: bool) -> tuple[list[float], dict, object]:
     """`pretrain train` on one worker (ZeRO-0, fp32, no evaluation, checkpoints or W&B): its units/s per
     measured step, its summary and the resolved config."""
@@ -153,7 +140,7 @@ def train_run(args, config: str, overrides: list[str], compiled: bool) -> tuple[
         cfg = resolve(cfg)
         unit = build_objective(cfg, validate_data(cfg.data)).unit
         if args.in_process:  # the same loop in this process (a gloo group of one): no Ray worker around it
-            _one_rank_group()
+            one_rank_group()
             train(cfg, started_at=time.time())
         else:
             launch(cfg, started_at=time.time(), quiet=True)

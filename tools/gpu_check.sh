@@ -15,17 +15,19 @@
 # parts run in this order so that the slowest and most elastic, the sweep, gets the time left; its CSV is
 # rewritten after each op, so a timeout keeps what was measured, and the plots are then drawn from it.
 #
-# Python: GPU_CHECK_PYTHON, else .venv/bin/python, else python3. It needs a CUDA build of torch and the
-# project's dependencies (pyproject.toml). The GPU machine has no internet, so `make setup` cannot run
-# there: carry a CUDA-enabled virtualenv as .venv (a CPU machine's .venv has a CPU-only torch and sees no
-# GPU) or point GPU_CHECK_PYTHON at one; with GPU_CHECK_SETUP=1 the script tries `make setup` when .venv
-# is missing. The package is imported from this tree (PYTHONPATH), so no install of it is needed.
+# Python: GPU_CHECK_PYTHON, else .venv/bin/python, else python3: on a lent GPU machine (the device tool), that
+# machine's own Python 3.12 with its CUDA torch and Triton. What the project needs and that machine lacks
+# (pydantic, DeepSpeed, webdataset, ...) travels as wheels in .whl/, made here by `make gpu-wheels`
+# (tools/gpu_wheels.sh, under 64 MiB) and installed into a scratch target at the start, no network needed.
+# Ray and W&B do not travel: without Ray the training part runs the same loop in-process on one GPU
+# (tools/train_solo.py), W&B off. The package is imported from this tree (PYTHONPATH), never installed.
+# The device call, from the repository root:  tools/gpu_check.sh   with carry [".whl"].
 #
 #   tools/gpu_check.sh          the GPU parts on a CUDA machine; without CUDA, the CPU parts (and says so)
 #   tools/gpu_check.sh --cpu    only the CPU-checkable parts: the benchmark's quick sweep under the Triton
 #                               interpreter (correctness, CSV, plots), into bench-out/gpu_check-cpu/
 # Env: GPU_CHECK_RESULTS (output dir), GPU_CHECK_OPS / GPU_CHECK_DTYPE (the sweep's --ops / --dtype),
-#      GPU_CHECK_BUDGET_S (480: the whole run's deadline), GPU_CHECK_PYTHON, GPU_CHECK_SETUP.
+#      GPU_CHECK_BUDGET_S (480: the whole run's deadline), GPU_CHECK_PYTHON.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -85,14 +87,16 @@ kernel_tests() {
 
 make_data() {  # this repository's own source and docs in GPT-2 BPE (the tokenizer ships in a Python package)
   local files
-  mapfile -t files < <(find "$ROOT/pretrain" "$ROOT/kernels" "$ROOT/tests" "$ROOT/tools" "$ROOT/configs" \
+  mapfile -t files < <(find "$ROOT/pretrain" "$ROOT/tests" "$ROOT/tools" "$ROOT/configs" \
     -type f \( -name '*.py' -o -name '*.md' -o -name '*.yaml' \) -not -path '*/results/*' | sort)
   "$PY" -m pretrain.cli data text --tokenizer gpt2 --out "$DATA" --seq-len 1024 --val-fraction 0.05 \
     "${files[@]}"
 }
 
 train_run() {  # train_run COMPILE: 50 steps of 16 x 1024 tokens (one micro-batch a step), no checkpoints
-  "$PY" -m pretrain.cli train configs/gpt2-124m.yaml \
+  local launch=(-m pretrain.cli train)  # on Ray where it is installed, else the same loop in this process
+  if ! "$PY" -c 'import ray' 2>/dev/null; then launch=("$ROOT/tools/train_solo.py"); fi
+  "$PY" "${launch[@]}" configs/gpt2-124m.yaml \
     run.dir="$WORK/runs" run.name="gpt2-124m-compile-$1" train.compile="$1" \
     data.train="$DATA/train" data.val="$DATA/val" data.num_workers=2 \
     cluster.workers=1 cluster.use_gpu=true train.precision=bf16 \
@@ -161,13 +165,17 @@ sweep_args() {  # the benchmark's options: out dir, then the env's --ops / --dty
 pick_python() {
   if [[ -n ${GPU_CHECK_PYTHON:-} ]]; then PY=$GPU_CHECK_PYTHON
   elif [[ -x .venv/bin/python ]]; then PY=$ROOT/.venv/bin/python
-  else
-    echo "no .venv here: this script expects the virtualenv carried with the repository, or GPU_CHECK_PYTHON;"
-    echo "a GPU machine without internet cannot build one with 'make setup'."
-    if [[ ${GPU_CHECK_SETUP:-0} == 1 ]]; then
-      timeout 900 make setup || echo "make setup failed (no package registry reachable?)"
-    fi
-    if [[ -x .venv/bin/python ]]; then PY=$ROOT/.venv/bin/python; else PY=python3; fi
+  else PY=python3
+  fi
+  # The carried wheels, where this Python lacks what they hold (a lent machine): into a scratch target.
+  if compgen -G ".whl/*.whl" > /dev/null && ! "$PY" -c 'import pydantic, deepspeed, webdataset' 2>/dev/null; then
+    echo "installing $(ls .whl/*.whl | wc -l) carried wheels into $WORK/site"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" .whl/*.whl
+    PYTHONPATH="$PYTHONPATH:$WORK/site"
+    export PYTHONPATH
+  elif ! "$PY" -c 'import pydantic' 2>/dev/null; then
+    echo "$PY lacks the project's dependencies and no wheels were carried: run 'make gpu-wheels' here and"
+    echo "carry .whl with the tree (the device tool's carry), or point GPU_CHECK_PYTHON at a set-up Python."
   fi
 }
 
