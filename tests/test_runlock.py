@@ -108,3 +108,25 @@ def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path, tiny_shard
     assert result.exit_code == 2, result.output
     assert result.output.strip() == ("error: run.dir /sys/pretrain-test/ro: cannot write the run directory "
                                      "(Operation not permitted)"), result.output
+
+
+def test_the_owner_of_a_relative_run_dir_checks_from_another_working_directory(tmp_path, monkeypatch):
+    """`make demo` trains in run.dir `runs` (relative), and Ray Train workers run in a working directory of their
+    own: the lock the workers check must be named by its absolute path (the first save of the demo failed
+    with "taken over (now held by no one)" while it was relative)."""
+    from pretrain.launch.storelock import StoreLock
+    from pretrain.train.owner import Owner
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    run_lock = RunLock(Path("runs") / "demo").acquire()
+    store_lock = StoreLock("store/demo").acquire()
+    try:
+        owners = [Owner.from_dict(lock.owner().to_dict()) for lock in (run_lock, store_lock)]
+        monkeypatch.chdir(tmp_path / "elsewhere")
+        for owner in owners:
+            assert Path(owner.lock_dir).is_absolute()
+            owner.check()  # raises LockLostError if the lock cannot be read from here
+    finally:
+        store_lock.release()
+        run_lock.release()

@@ -87,7 +87,8 @@ class RunLock:
     def __init__(self, rdir: Path, *, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S,
                  on_lost: Callable[[str], None] | None = None):
         """`on_lost(line)`: called once, from the heartbeat thread, when the lock turns out taken over."""
-        self.path = Path(rdir) / LOCK_FILE
+        # Absolute: the workers check the lock through `owner()` from a working directory of their own.
+        self.path = Path(rdir).absolute() / LOCK_FILE
         self.heartbeat_s, self.stale_s, self.on_lost = heartbeat_s, stale_s, on_lost
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
                        "ray_job": ray_job(), "token": uuid.uuid4().hex, "trusts": []}

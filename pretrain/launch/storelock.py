@@ -60,8 +60,10 @@ class StoreLock:
         return self.holder["token"]
 
     def owner(self) -> Owner:
-        """What the workers check (pretrain/train/owner.py)."""
-        return Owner(self.store.url, LOCK, self.token, tuple(self.holder["trusts"]))
+        """What the workers check (pretrain/train/owner.py); a local location by its absolute path, since the
+        workers run in a working directory of their own."""
+        where = self.store.root if self.store.local else self.store.url
+        return Owner(where, LOCK, self.token, tuple(self.holder["trusts"]))
 
     # ------------------------------------------------------------------ reading
 
