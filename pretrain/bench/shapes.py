@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain import kernels
-from pretrain.kernels.moe import torch_grouped_available
+from pretrain.kernels.grouped_mm import torch_grouped_available
 
 PROVIDERS = ("triton", "torch", "torch_compile", "sdpa", "torch_grouped")
 VOCAB = 50304  # GPT-2's vocabulary padded to a multiple of 128, as nanoGPT and our gpt2-124m config use

@@ -15,11 +15,10 @@ instead of loading (and registering) every op a second time.
 
 from pretrain.kernels.attention import attention, attention_reference
 from pretrain.kernels.cross_entropy import cross_entropy, cross_entropy_reference
+from pretrain.kernels.grouped_mm import grouped_mm, grouped_mm_reference
 from pretrain.kernels.layer_norm import layer_norm, layer_norm_reference
 from pretrain.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_unfused
 from pretrain.kernels.moe import (
-    grouped_mm,
-    grouped_mm_reference,
     moe_permute,
     moe_permute_reference,
     moe_routing,

@@ -14,9 +14,9 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
 # importlib: the package re-exports functions under the same names as their modules.
-attention, cross_entropy, layer_norm, moe, rms_norm, rope, swiglu = (
+attention, cross_entropy, grouped_mm, layer_norm, moe, rms_norm, rope, swiglu = (
     importlib.import_module(f"pretrain.kernels.{m}")
-    for m in ("attention", "cross_entropy", "layer_norm", "moe", "rms_norm", "rope", "swiglu")
+    for m in ("attention", "cross_entropy", "grouped_mm", "layer_norm", "moe", "rms_norm", "rope", "swiglu")
 )
 
 pytestmark = pytest.mark.kernels
@@ -50,8 +50,8 @@ KERNELS = {
                     dict(HAS_W=True, BLOCK_R=4, BLOCK_N=1024), 4),
     "moe_unpermute_bwd": (moe._unpermute_bwd_kernel, dict(DOUT=BF16, YS=BF16, ORDER=I64, W=BF16, DYS=BF16, DW=BF16),
                           dict(BLOCK_R=16, BLOCK_N=256), 4),
-    "grouped_mm": (moe._gmm_kernel, dict(X=BF16, W=BF16, Y=BF16, TILE_E="*i32", TILE_R=I64, OFFS=I64), GMM, 4),
-    "grouped_mm_dw": (moe._gmm_dw_kernel, dict(X=BF16, DY=BF16, DW=BF16, OFFS=I64), GMM, 4),
+    "grouped_mm": (grouped_mm._gmm_kernel, dict(X=BF16, W=BF16, Y=BF16, TILE_E="*i32", TILE_R=I64, OFFS=I64), GMM, 4),
+    "grouped_mm_dw": (grouped_mm._gmm_dw_kernel, dict(X=BF16, DY=BF16, DW=BF16, OFFS=I64), GMM, 4),
     **{f"attn_fwd{tag}": (attention._attn_fwd_kernel,
                           dict(Q=BF16, K=BF16, V=BF16, SEG=seg, OUT=BF16, LSE=F32, qk_scale="fp32"),
                           dict(CAUSAL=True, HAS_SEGMENTS=has, BLOCK_M=64, BLOCK_N=64, **ATTN), 4)
