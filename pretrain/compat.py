@@ -212,6 +212,50 @@ def deepspeed_pending_grad_norm(engine) -> float | None:
     return None if norm is None else float(norm)
 
 
+def deepspeed_expert_groups(ep: int) -> str:
+    """Make DeepSpeed's expert-parallel and expert-data-parallel groups of size `ep` once (collective: every rank);
+    their name. `deepspeed.utils.groups._create_expert_and_data_parallel` is what DeepSpeed's own MoE layer calls,
+    and its registry (`_get_expert_parallel_group_dict`) is where its engine and ZeRO look the groups up."""
+    check("deepspeed")
+    from deepspeed.utils import groups
+
+    name = f"ep_size_{ep}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep)
+    return name
+
+
+def deepspeed_expert_group(name: str):
+    """The expert-parallel process group named `name` (the ranks that hold one layer's experts between them)."""
+    check("deepspeed")
+    from deepspeed.utils import groups
+
+    return groups._get_expert_parallel_group(name)
+
+
+def deepspeed_expert_data_rank(name: str) -> int:
+    """This rank's place in its expert-data-parallel group of `name` (the ranks that hold the same experts)."""
+    check("deepspeed")
+    from deepspeed.utils import groups
+
+    return groups._get_expert_data_parallel_rank(name)
+
+
+# How DeepSpeed's MoE checkpoints name an expert's tensors: `<layer>.deepspeed_moe.experts.deepspeed_experts.<i>.<w>`,
+# `<i>` global in the files and local in the state dict its `load_checkpoint` hands on (it renames them).
+DEEPSPEED_EXPERT_KEY = "deepspeed_moe.experts.deepspeed_experts"
+
+
+def deepspeed_expert_file(save_dir: str, tag: str, layer: int, expert: int) -> str:
+    """The file of global expert `expert` of the `layer`-th MoE layer in a DeepSpeed checkpoint (`save_dir/tag/
+    layer_<L>_expert_<E>_mp_rank_00_model_states.pt`): where `load_checkpoint` of an engine with MoE layers reads
+    each rank's experts (its private static `_get_expert_ckpt_name`)."""
+    check("deepspeed")
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    return DeepSpeedEngine._get_expert_ckpt_name(save_dir, layer, expert, tag, checkpoint_mp_rank=0)
+
+
 def deepspeed_load_universal(engine, universal: bool) -> None:
     """Whether the engine's next `load_checkpoint` reads DeepSpeed's universal format: the `checkpoint.load_universal`
     of the config it was built with, kept in its private `_config` and read at every load (a rollback may load

@@ -103,7 +103,20 @@ class Config(Section):
             raise ValueError("cluster.min_workers must not exceed cluster.workers")
         self._elastic()
         self._expert_parallel()
+        self._lora_on_experts()
         return self
+
+    def _lora_on_experts(self) -> None:
+        # Expert adapters sit beside the whole stacked experts (pretrain/models/lora_experts.py); expert parallelism
+        # swaps in one rank's slice of them, which the adapters do not follow. Checked again on the model (apply_lora).
+        ep = expert_parallel(self)
+        if ep == 1 or self.lora is None:
+            return
+        names = [f"blocks.{i}.mlp.experts.{w}" for i in range(getattr(self.model, "n_layers", 0)) for w in ("gate_up", "down")]
+        for pattern in self.lora.targets:
+            if any(LoraConfig.pattern_matches(pattern, n) for n in names):
+                raise ValueError(f"lora.targets {pattern!r} adapts expert weights, which needs model.moe.expert_parallel 1 "
+                                 f"(not {ep}: each rank holds only its experts)")
 
     def _expert_parallel(self) -> None:
         # `model.moe.expert_parallel` (MoE families only) against every group size the run may have; the trainer
@@ -118,6 +131,13 @@ class Config(Section):
             if n % ep:
                 where = "cluster.workers" if n == self.cluster.workers else "every allowed group size (cluster.min_workers, cluster.worker_counts)"
                 raise ValueError(f"model.moe.expert_parallel ({ep}) must divide {where}: {n} workers")
+        if len(worker_counts(self)) > 1:
+            # Its checkpoints hold each EP rank's experts as that layout (pretrain/train/resume.py).
+            raise ValueError(f"model.moe.expert_parallel ({ep}) resumes only at the same number of workers: leave "
+                             "cluster.min_workers and cluster.worker_counts unset")
+        if self.ema.decay is not None:
+            raise ValueError(f"ema.decay with model.moe.expert_parallel ({ep}): not supported (each rank would "
+                             "average other experts); use expert_parallel 1")
 
     def _elastic(self) -> None:
         # Every group size the run may restart at must divide the global batch, or a lost node ends

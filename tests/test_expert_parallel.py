@@ -1,7 +1,7 @@
 """Expert parallelism (pretrain/train/expert_parallel.py): a layer whose experts are spread over two real gloo ranks
 computes what the whole layer computes, forward and backward; a tiny Mixtral trained with EP 2 on two ranks under
-ZeRO 0, 1 and 2 gives the losses of EP 1 on one rank with the same global batch, each rank holding only its experts;
-what cannot work is refused in one line."""
+ZeRO 0, 1 and 2 gives the losses of EP 1 on one rank with the same global batch, each rank holding only its experts,
+and continues exactly from its checkpoint; what cannot work is refused in one line."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch.distributed as dist
 from pretrain.errors import ConfigError, RunError
 from pretrain.load import config_from_dict
 
-SEQ, VOCAB, GLOBAL, STEPS = 16, 64, 4, 10
+SEQ, VOCAB, GLOBAL, STEPS, SAVE_AT = 16, 64, 4, 10, 6
 
 
 def _block_ranks(rank: int, world: int) -> None:
@@ -77,28 +77,56 @@ def _config(world: int, ep: int, stage: int, **moe):
 
 def _train_ranks(rank: int, world: int, ep: int, stage: int, out: str) -> None:
     """STEPS steps on one global batch (rank r takes its rows); rank 0 writes the mean loss and the global
-    gradient norm of each step, the shapes of this rank's expert weights and the sizes of the optimizer's parameter groups."""
+    gradient norm of each step, the shapes of this rank's expert weights and the sizes of the optimizer's parameter
+    groups. At EP > 1 the run also saves a checkpoint at step SAVE_AT, and a second engine restored from it takes the
+    remaining steps again: their losses too."""
+    from pretrain.train import checkpoint as ckpt
     from pretrain.train.build import build_model
     from pretrain.train.engine import backward_and_step, build_engine, clips_itself
 
     cfg = _config(world, ep, stage)
-    model, _ = build_model(cfg, torch.device("cpu"))
-    engine = build_engine(cfg, model, world, steps=STEPS)
     mb = GLOBAL // world
     # One global batch, learnt by heart: the loss falls far in ten steps.
     ids = torch.randint(0, VOCAB, (GLOBAL, SEQ + 1), generator=torch.Generator().manual_seed(7))[rank * mb:(rank + 1) * mb]
-    losses, norms = [], []
-    for _ in range(STEPS):
-        loss = engine(ids[:, :-1], targets=ids[:, 1:]) / (mb * SEQ)
-        norms.append(backward_and_step(engine, loss, cfg.optimizer.grad_clip if clips_itself(cfg) else None))
-        mean = loss.detach().clone()
-        dist.all_reduce(mean)
-        losses.append(float(mean) / world)
-    experts = {n: list(p.shape) for n, p in engine.module.named_parameters() if ".experts." in n}
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+    def steps(engine, n: int) -> tuple[list[float], list[float]]:
+        losses, norms = [], []
+        for _ in range(n):
+            loss = engine(ids[:, :-1], targets=ids[:, 1:]) / (mb * SEQ)
+            norms.append(backward_and_step(engine, loss, cfg.optimizer.grad_clip if clips_itself(cfg) else None))
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            losses.append(float(mean) / world)
+        return losses, norms
+
+    def engine():
+        return build_engine(cfg, build_model(cfg, torch.device("cpu"))[0], world, steps=STEPS)
+
+    first = engine()
+    saver = None
+    if ep > 1:
+        where = Path(out).parent / "ckpt"
+        saver = ckpt.Checkpointer(ckpt.Storage(str(where)), where.parent / f"staging-{rank}", rank, world)
+        losses, norms = steps(first, SAVE_AT)
+        saver.save(first, SAVE_AT, {"step": SAVE_AT, "data": {}})
+        saver.close()
+        more = steps(first, STEPS - SAVE_AT)
+        losses, norms = losses + more[0], norms + more[1]
+    else:
+        losses, norms = steps(first, STEPS)
+    experts = {n: list(p.shape) for n, p in first.module.named_parameters() if ".experts." in n}
+    inner = getattr(first.optimizer, "optimizer", first.optimizer)
     groups = [len(pg["params"]) for pg in inner.param_groups]
+    resumed = None
+    if saver is not None:
+        again = engine()
+        plan = ckpt.decide(saver.store, None, rank, world, ep=ep)
+        with ckpt.opened(plan, saver.staging, rank) as (step_dir, _):
+            assert ckpt.load(again, step_dir, rank)["step"] == SAVE_AT
+        resumed = steps(again, STEPS - SAVE_AT)[0]
     if rank == 0:
-        Path(out).write_text(json.dumps({"losses": losses, "norms": norms, "experts": experts, "groups": groups}))
+        Path(out).write_text(json.dumps({"losses": losses, "norms": norms, "experts": experts, "groups": groups,
+                                         "resumed": resumed}))
 
 
 @pytest.mark.slow
@@ -118,6 +146,8 @@ def test_expert_parallel_trains_as_one_rank_does(stage, gloo_ranks, tmp_path):
     assert ep["experts"].keys() == one["experts"].keys()
     assert all(ep["experts"][n] == [2, *shape[1:]] for n, shape in one["experts"].items())
     assert len(ep["groups"]) > len(one["groups"])  # the experts' optimizer state in groups of their own
+    # Restored from the step-6 checkpoint (both ranks' experts and optimizer state), the run goes on exactly.
+    torch.testing.assert_close(torch.tensor(ep["resumed"]), torch.tensor(ep["losses"][SAVE_AT:]), rtol=1e-6, atol=0)
 
 
 def test_what_cannot_be_spread_is_refused_in_one_line():

@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from pretrain import compat
 from pretrain.errors import CheckpointPickleError, ResumeError, first_line  # noqa: F401
+from pretrain.train import expert_parallel
 from pretrain.train.checkpoint_layout import (  # noqa: F401
     COMPLETE,
     FORMAT,
@@ -178,13 +179,15 @@ class Checkpointer:
         with _without_frozen(engine) as frozen, swap:
             engine.save_checkpoint(str(self.staging), tag=tag, client_state={}, save_latest=False,
                                    exclude_frozen_parameters=frozen)
+            expert_parallel.save_experts(engine, str(self.staging), tag)  # EP > 1: each rank's experts
         save_rng(local, self.rank)
         if extra is not None:
             extra(local)
         if self.rank == 0:
             (local / STATE).write_text(json.dumps(client_state))
             meta = {"format": FORMAT, "step": step, "world_size": self.world,
-                    "zero_stage": engine.zero_optimization_stage()}
+                    "zero_stage": engine.zero_optimization_stage(),
+                    "expert_parallel": expert_parallel.ep_size(engine.module)}
             (local / META).write_text(json.dumps(meta))
         self.stats = {"step": step, "waited_s": waited, "local_write_s": time.perf_counter() - t0,
                       "copy_s": writer.copy_s if writer else 0.0}

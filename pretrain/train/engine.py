@@ -13,7 +13,6 @@ from typing import Protocol
 import deepspeed
 import torch
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
-from deepspeed.utils import groups as ds_groups
 from torch import nn
 
 from pretrain import compat
@@ -244,6 +243,6 @@ def _expert_parallel_norm(params: list[nn.Parameter]) -> torch.Tensor:
     for name in sorted({p.group_name for p in params if is_moe_param(p)}):
         sq = torch.nn.utils.get_total_norm([p.grad for p in params if is_moe_param(p) and p.group_name == name])
         sq = sq.double() ** 2
-        torch.distributed.all_reduce(sq, group=ds_groups._get_expert_parallel_group(name))
+        torch.distributed.all_reduce(sq, group=compat.deepspeed_expert_group(name))
         total = total + sq.to(total.device)
     return total.sqrt()

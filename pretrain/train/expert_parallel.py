@@ -16,19 +16,30 @@ engine turns that on only for models holding its MoE type, so `ParallelExperts` 
 without DeepSpeed's gate or experts.
 
 Refused: EP not dividing the world size, and ZeRO-3 with EP > 1 (ZeRO-3 partitions every parameter over the whole
-data-parallel group; at EP 1 the experts are partitioned like the rest). Not yet: checkpoints and final weights of
-an EP > 1 run. DeepSpeed's engine finds MoE parameters in its checkpoints by its own per-expert module names
-(`deepspeed_moe.experts.deepspeed_experts.<i>`), which these stacked weights lack, so it would write rank 0's model
-states only; `pretrain.train.run` refuses such a run in one line until each rank's slice is saved and restored.
+data-parallel group; at EP 1 the experts are partitioned like the rest).
+
+Checkpoints. A checkpoint of an EP > 1 run is DeepSpeed's own MoE layout: its engine writes the dense weights
+(`mp_rank_00_model_states.pt`, the experts left out), the optimizer state (ZeRO 1-2: each rank's partitions, the
+experts' over their expert-data-parallel group; stage 0: `expp_rank_<k>_...optim_states.pt`, one per EP rank), and
+`save_experts` writes each expert of each layer to its file (`layer_<L>_expert_<E>_mp_rank_00_model_states.pt`,
+global E), which DeepSpeed's engine would write only for its own per-expert modules. `load_checkpoint` reads this
+rank's experts' files itself and hands their tensors on under per-expert names; `expert_loader` stacks them into
+this rank's slices. A resume keeps the world size and EP (pretrain/train/resume.py refuses another in one line);
+the final weights gather every layer's experts along the expert axis (`full_value`).
 """
 
 from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
+from pretrain import compat
 from pretrain.config import Config, expert_parallel
 from pretrain.errors import RunError
 from pretrain.models.moe import MoE, swiglu_experts
@@ -116,9 +127,7 @@ def parallelize_experts(model: nn.Module, ep: int) -> int:
     if ep == 1:
         return 0
     group_name = _groups(ep)
-    from deepspeed.utils import groups
-
-    group = groups._get_expert_parallel_group(group_name)
+    group = compat.deepspeed_expert_group(group_name)
     swapped = 0
     for module in model.modules():
         if isinstance(module, MoE):
@@ -134,11 +143,73 @@ def _groups(ep: int) -> str:
     """DeepSpeed's expert-parallel and expert-data-parallel groups of size `ep` (made once); their name."""
     from deepspeed import comm
     from deepspeed.accelerator import get_accelerator
-    from deepspeed.utils import groups
 
     without_cpu_shm_op()  # DeepSpeed's comm layer starts here, before the engine
     comm.init_distributed(dist_backend=get_accelerator().communication_backend_name(), dist_init_required=False)
-    name = f"ep_size_{ep}"
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep)
-    return name
+    return compat.deepspeed_expert_groups(ep)
+
+
+def parallel_layers(module: nn.Module) -> list[tuple[str, ParallelExperts]]:
+    """(name, experts) of every expert-parallel layer, in DeepSpeed's order of its MoE layers (`named_modules`)."""
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, ParallelExperts)]
+
+
+WEIGHTS = ("gate_up", "down")
+
+
+def ep_size(module: nn.Module) -> int:
+    """The model's expert parallelism: the ranks each MoE layer's experts are spread over (1 without)."""
+    layers = parallel_layers(module)
+    return layers[0][1].ep_size if layers else 1
+
+
+def save_experts(engine, save_dir: str, tag: str) -> int:
+    """Write each of this rank's experts to DeepSpeed's file of that expert (global index) in `save_dir/tag`, through
+    the engine's checkpoint engine (host copies, written in the background: pretrain/train/checkpoint.py); only the
+    first rank of each expert-data-parallel group writes. Returns the number of files written (0 at EP 1)."""
+    written = 0
+    for layer, (name, experts) in enumerate(parallel_layers(engine.module)):
+        if compat.deepspeed_expert_data_rank(experts.expert_group_name) != 0:
+            continue
+        for local in range(experts.num_local_experts):
+            g = experts.first + local
+            state = {f"{name}.{compat.DEEPSPEED_EXPERT_KEY}.{g}.{w}": getattr(experts, w)[local].detach().clone()
+                     for w in WEIGHTS}
+            engine.checkpoint_engine.save(state, compat.deepspeed_expert_file(save_dir, tag, layer, g))
+            written += 1
+    return written
+
+
+_PER_EXPERT = re.compile(rf"(.+)\.{re.escape(compat.DEEPSPEED_EXPERT_KEY)}\.(\d+)\.({'|'.join(WEIGHTS)})")
+
+
+def expert_loader(module: nn.Module, strict: bool) -> Callable | None:
+    """For `load_checkpoint(custom_load_fn=...)` of a model with expert-parallel layers (None without): the state it
+    is handed has this rank's experts one by one (`<layer>.deepspeed_moe.experts.deepspeed_experts.<local>.<w>`);
+    they are stacked into the layer's slices, then the whole state is loaded (`strict` as the caller asks)."""
+    if not parallel_layers(module):
+        return None
+
+    def load(src: dict, dst: nn.Module) -> None:
+        pieces: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+        for key in [k for k in src if _PER_EXPERT.fullmatch(k)]:
+            layer, local, w = _PER_EXPERT.fullmatch(key).groups()
+            pieces[f"{layer}.{w}"][int(local)] = src.pop(key)
+        for key, by_local in pieces.items():
+            src[key] = torch.stack([by_local[i] for i in range(len(by_local))])
+        dst.load_state_dict(src, strict=strict)
+
+    return load
+
+
+def full_value(p: torch.Tensor, value: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole of parameter p's `value` (p itself by default; its fp32 master, say): an expert-parallel slice
+    (`expert_rows`) gathered along the expert axis over its expert-parallel group (a collective over that group),
+    anything else as it is."""
+    value = p if value is None else value
+    if not hasattr(p, "expert_rows") or p.shape[0] == p.expert_shape[0]:
+        return value
+    group = compat.deepspeed_expert_group(p.group_name)
+    parts = [torch.empty_like(value) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, value.detach().contiguous(), group=group)
+    return torch.cat(parts)

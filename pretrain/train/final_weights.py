@@ -1,7 +1,7 @@
 """The trained model as one file: consolidated weights in safetensors beside the model config.
 
-Under ZeRO-3 the parameters are gathered from every rank first (a collective), so this is called by all
-ranks; rank 0 writes. A tensor shared by two modules (tied embeddings) is stored once, under its first
+Under ZeRO-3 the parameters are gathered from every rank first, and with expert parallelism each layer's experts
+from the ranks holding them (collectives), so this is called by all ranks; rank 0 writes. A tensor shared by two modules (tied embeddings) is stored once, under its first
 name. `pretrain.hub.run_weights` reads them back.
 """
 
@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from pretrain.atomic import atomic_path, atomic_write
 from pretrain.config import Config, dump_config
 from pretrain.redact import redact_yaml
+from pretrain.train.expert_parallel import full_value
 
 MAX_SHARD_BYTES = 5e9  # as Hugging Face's save_pretrained
 
@@ -34,7 +35,7 @@ def _one_at_a_time(module, zero3: bool, bf16: bool):
         with scope:
             master = safe_get_full_fp32_param(p) if bf16 and p.requires_grad else None
             value = master if master is not None else p
-            yield name, value.detach().float().cpu().clone()
+            yield name, full_value(p, value).detach().float().cpu().clone()  # an expert-parallel slice: all experts
 
 
 def save_final_weights(engine, cfg: Config, out: Path, rank: int, *, ema=None, data: dict | None = None) -> None:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from pretrain import compat
 from pretrain.errors import ResumeError, first_line
+from pretrain.train import expert_parallel
 from pretrain.train.checkpoint_layout import (
     COMPLETE,
     FORMAT,
@@ -74,9 +75,10 @@ def _branch_source(spec: str) -> tuple[Storage, int]:
     return store, step
 
 
-def plan_resume(own: Storage, branch_from: str | None, world: int, at_most: int | None = None) -> Plan:
+def plan_resume(own: Storage, branch_from: str | None, world: int, at_most: int | None = None, ep: int = 1) -> Plan:
     """Rank 0's decision: this run's newest complete checkpoint (at or before step `at_most`, for a rollback:
-    pretrain/train/spike.py), else `branch_from`'s, else none."""
+    pretrain/train/spike.py), else `branch_from`'s, else none. `ep`: this run's expert parallelism, which a
+    checkpoint's must equal (and at EP > 1 its world size too: ResumeError, one line)."""
     # A complete step whose ranks' markers are not all its attempt's (a second writer saved the same step) is
     # not trusted: the newest one that is.
     steps = [s for s in complete_steps(own) if at_most is None or s <= at_most]
@@ -92,6 +94,7 @@ def plan_resume(own: Storage, branch_from: str | None, world: int, at_most: int 
     if text is None:
         raise ResumeError(f"{src.url}/{tag}: no {META}")
     meta = json.loads(text)
+    _same_experts(meta, f"{src.url}/{tag}", world, ep)
     universal = None
     if meta["zero_stage"] > 0 and meta["world_size"] != world:  # ZeRO partitions of another world size
         # A branch's conversion is keyed by its source: another branch_from before the first save converts anew.
@@ -100,13 +103,24 @@ def plan_resume(own: Storage, branch_from: str | None, world: int, at_most: int 
     return Plan(step, f"{src.url}/{tag}", universal, branched)
 
 
-def decide(own: Storage, branch_from: str | None, rank: int, world: int, at_most: int | None = None) -> Plan:
+def _same_experts(meta: dict, where: str, world: int, ep: int) -> None:
+    """An expert-parallel checkpoint holds each EP rank's experts in files and optimizer partitions of that layout
+    (pretrain/train/expert_parallel.py), which no conversion regroups: it resumes at its own EP and world size."""
+    saved = meta.get("expert_parallel", 1)
+    if saved != ep or (ep > 1 and meta["world_size"] != world):
+        raise ResumeError(f"{where} was saved with model.moe.expert_parallel {saved} on {meta['world_size']} workers; "
+                          f"this run has {ep} on {world}: an expert-parallel run resumes with the same expert_parallel"
+                          f"{' and workers' if max(saved, ep) > 1 else ''}")
+
+
+def decide(own: Storage, branch_from: str | None, rank: int, world: int, at_most: int | None = None,
+           ep: int = 1) -> Plan:
     """Collective: rank 0 decides where to resume (at or before step `at_most`) and every rank gets its answer
     (or its error), so ranks never disagree on a file system that shows them different states."""
     box: list = [None]
     if rank == 0:
         try:
-            box[0] = asdict(plan_resume(own, branch_from, world, at_most))
+            box[0] = asdict(plan_resume(own, branch_from, world, at_most, ep))
         except Exception as e:  # noqa: BLE001 - every rank raises it below, none is left in the broadcast
             # ValueError (ResumeError, StorageError, JSON): the input's; anything else: the store's.
             box[0] = {"error": first_line(e), "resume": isinstance(e, ValueError)}
@@ -196,8 +210,10 @@ def load(engine, step_dir: Path, rank: int, universal_dir: Path | None = None, *
     (`state.json`: step, units, data, config; JSON, never unpickled).
     `own_schedule` (a branched run): the learning-rate schedule is this run's, continued at the step."""
     d = universal_dir or step_dir
-    _, pickled = engine.load_checkpoint(str(d.parent), tag=d.name, load_module_strict=not has_frozen(engine),
-                                        load_lr_scheduler_states=not own_schedule)
+    strict = not has_frozen(engine)
+    _, pickled = engine.load_checkpoint(str(d.parent), tag=d.name, load_module_strict=strict,
+                                        load_lr_scheduler_states=not own_schedule,
+                                        custom_load_fn=expert_parallel.expert_loader(engine.module, strict))
     if pickled is None:
         raise ResumeError(f"checkpoint {d} could not be loaded")
     state = step_dir / STATE

@@ -117,11 +117,6 @@ def build_run(cfg: Config, startup: Marks, steps: int | None = None, owner: Owne
         # conversion, never silently train on another batch size.
         raise RunError(f"{world} workers: not an allowed group size of this run ({worker_counts(cfg)}: "
                        f"train.global_batch_size must divide by train.micro_batch_size x workers)")
-    if expert_parallel(cfg) > 1:
-        # Each rank holds other experts; DeepSpeed's engine would save rank 0's only (pretrain/train/expert_parallel.py).
-        raise RunError(f"model.moe.expert_parallel ({expert_parallel(cfg)}): a run cannot save its checkpoints or final "
-                       "weights yet (each rank holds other experts); expert parallelism trains through "
-                       "build_model/build_engine only")
     family = get_family(cfg.model.type)
     objective = build_objective(cfg, validate_data(cfg.data))
     objective.check()
@@ -135,7 +130,7 @@ def build_run(cfg: Config, startup: Marks, steps: int | None = None, owner: Owne
     saver = ckpt.Checkpointer(store, ckpt.staging_dir(cfg, rank), rank, world, keep=cfg.checkpoint.keep,
                               keep_every=cfg.checkpoint.keep_every, timeout_s=cfg.cluster.collective_timeout_s,
                               owner=owner)  # the run's lock, checked before every write of a save
-    plan = ckpt.decide(store, cfg.checkpoint.branch_from, rank, world)  # rank 0's decision, broadcast
+    plan = ckpt.decide(store, cfg.checkpoint.branch_from, rank, world, ep=expert_parallel(cfg))  # rank 0's decision, broadcast
     if plan.universal_url:  # resuming at another world size
         ckpt.prepare_universal(plan, saver.staging, rank)
     spikes = Spikes(cfg.spike)  # the engine's gate: a skipped step updates nothing

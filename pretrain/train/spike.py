@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from pretrain import compat
 from pretrain.atomic import atomic_write
+from pretrain.config import expert_parallel
 from pretrain.errors import RunError
 from pretrain.sections import SpikeConfig
 from pretrain.train.resume import decide, prepare_universal, restore
@@ -181,7 +182,8 @@ def roll_back(r: Run, timeline: Timeline, step: int) -> tuple[int, int]:
     if len(sp.rollbacks) >= sp.cfg.max_rollbacks:
         raise RunError(f"step {step}: {streak} after {len(sp.rollbacks)} rollbacks (spike.max_rollbacks); {data}")
     r.saver.wait()  # a save in flight completes before the choice
-    plan = decide(r.saver.store, r.cfg.checkpoint.branch_from, r.rank, r.world, at_most=first)
+    plan = decide(r.saver.store, r.cfg.checkpoint.branch_from, r.rank, r.world, at_most=first,
+                  ep=expert_parallel(r.cfg))
     if plan.step is None:
         raise RunError(f"step {step}: {streak} and no complete checkpoint at or before step {first} to roll back "
                        f"to (spike.max_consecutive); {data}")
