@@ -230,7 +230,8 @@ class LadderConfig(Section):
 
     budgets: list[Annotated[float, Field(gt=0)]] = Field(min_length=1, description="training FLOPs per run, one isoFLOP curve each")
     sizes: list[str] = Field(min_length=1, description="model shapes as D x L (model.d_model x model.n_layers), e.g. 128x4; "
-                             "or D x L x H to set model.n_heads too")
+                             "or D x L x H to set model.n_heads too; a suffix -eE or -eEkK sets model.moe's experts "
+                             "and top-k (128x4-e8k2), one sparsity per ladder")
     head_dim: int = Field(64, gt=0, description="heads = d_model / head_dim when a size does not give them")
     out: str | None = Field(None, description="the ladder's directory (runs/, ladder.json, fit/); default <run.dir>/<run.name>")
 

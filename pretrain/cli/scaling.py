@@ -9,7 +9,9 @@ is in pretrain.scaling.table (reading), .fit (fitting), .plots (drawing) and .re
     approach2          per budget its parabola's minimum (n_opt, d_opt, loss_min, inside, used), a and b with
                        ci95 (given 3+ budgets), n_opt and d_opt like approach3's; or {skipped: reason}
     target             flops; per approach n_opt, d_opt, tokens_per_param (and approach 3's loss), with ci95
-    runs, source       the points fitted and where they came from; flops_per_param_token: k in C = k N D
+    runs, source       the points fitted (each with params, params_active, n: the N fitted, tokens, flops,
+                       loss) and where they came from, source.params naming N: total, non-embedding or active
+                       (--params auto: active for a mixture of experts); flops_per_param_token: k in C = k N D
 
 and the plots isoflops.png, frontier.png, optimal.png and residuals.png. Bad input ends with one line on
 stderr (`error: ...`) and exit code 2.
@@ -50,7 +52,7 @@ def _read(sources: list[Path], metric: str, params: str, force: bool):
     if tables:
         if not tables[0].is_file():
             raise ScalingError(f"{tables[0]}: no such table")
-        return read_table(tables[0]), "table"
+        return read_table(tables[0], params=params), "table"
     files = [p for p in sources if p.is_file()]
     if files:
         raise ScalingError(f"{files[0]}: not a run directory or a .csv table")
@@ -66,7 +68,8 @@ def _report(result: dict, out: Path) -> None:
     from rich.table import Table
 
     a3, a2, target = result["approach3"], result["approach2"], result["target"]
-    table = Table(title=f"scaling fit: {result['source']['points']} runs ({result['source']['metric']})")
+    source = result["source"]
+    table = Table(title=f"scaling fit: {source['points']} runs ({source['metric']}), N = {source['params']} parameters")
     for col in ("", "value", "95% interval"):
         table.add_column(col, justify="right" if col else "left")
     for name in ("E", "A", "B", "alpha", "beta", "a", "b"):
@@ -104,7 +107,7 @@ def fit(
     bootstrap: int = typer.Option(300, "--bootstrap", min=0, help="bootstrap resamples for the intervals"),
     starts: Optional[int] = typer.Option(None, "--starts", min=1, help="run L-BFGS-B from only the N grid points of lowest objective (default: all 4,500 of Hoffmann et al.'s grid)"),
     metric: str = typer.Option("loss", "--metric", help="loss (final_val_loss, else final_loss) or bpb (final_val_bpb)"),
-    params: str = typer.Option("total", "--params", help="total or non-embedding parameter counts as N"),
+    params: str = typer.Option("auto", "--params", help="N: total, non-embedding or active parameters; auto: active when a run is a mixture of experts (fewer active than total), else total"),
     seed: int = typer.Option(0, "--seed", help="seed of the bootstrap resamples"),
 ) -> None:
     """Fit L(N, D) = E + A/N^alpha + B/D^beta (approach 3) and isoFLOP parabolas (approach 2)."""
@@ -113,7 +116,7 @@ def fit(
     try:
         points, kind = _read(sources, metric, params, force)
         doc = fit_and_write(points, kind, [str(p) for p in sources], out, target_flops=target_flops,
-                            bootstrap=bootstrap, starts=starts, seed=seed, params=params)
+                            bootstrap=bootstrap, starts=starts, seed=seed)
     except ScalingError as e:
         raise fail(str(e)) from None
     _report(doc, out)
@@ -132,12 +135,15 @@ def _plan_table(ladder) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"ladder: {len(ladder.rungs)} runs in {ladder.out}")
-    for col in ("size", "budget", "params", "non-emb", "FLOPs/token", "steps", "tokens"):
+    moe = ladder.moe
+    sparsity = f", {moe['n_experts']} experts, top-{moe['top_k']}: N = active parameters" if moe else ""
+    table = Table(title=f"ladder: {len(ladder.rungs)} runs in {ladder.out}{sparsity}")
+    for col in ("size", "budget", "params", "non-emb", *(["active"] if moe else []), "FLOPs/token", "steps", "tokens"):
         table.add_column(col, justify="left" if col == "size" else "right")
     for r in ladder.rungs:  # the run's name is <run.name>-<budget>-<size>
         table.add_row(r.size, f"{r.budget:.3g}", f"{r.params:,}", f"{r.params_non_embedding:,}",
-                      f"{r.flops_per_token:.3g}", f"{r.steps:,}", f"{r.tokens:,}")
+                      *([f"{r.params_active:,}"] if moe else []), f"{r.flops_per_token:.3g}", f"{r.steps:,}",
+                      f"{r.tokens:,}")
     Console().print(table)
     for s in ladder.skipped:
         typer.echo(f"skipped {s['size']} at {s['budget']:.3g} FLOPs: {s['reason']}", err=True)
@@ -170,7 +176,7 @@ def ladder(
     config: Path = typer.Argument(..., help="run config YAML (its ladder: block gives budgets and sizes), e.g. configs/ladder-tiny.yaml"),
     overrides: Optional[list[str]] = typer.Argument(None, help="section.key=value overrides of the runs' config"),
     budgets: Optional[str] = typer.Option(None, "--budgets", help="training FLOPs per run, comma-separated, e.g. 1e13,3e13,1e14"),
-    sizes: Optional[str] = typer.Option(None, "--sizes", help="shapes DxL (d_model x n_layers) or DxLxH, comma-separated, e.g. 64x2,128x4"),
+    sizes: Optional[str] = typer.Option(None, "--sizes", help="shapes DxL (d_model x n_layers) or DxLxH, comma-separated, e.g. 64x2,128x4; -eEkK after one makes it a mixture of E experts, K per token (64x2-e8k2)"),
     head_dim: Optional[int] = typer.Option(None, "--head-dim", min=1, help="heads = d_model / head_dim (default ladder.head_dim, 64)"),
     out: Optional[Path] = typer.Option(None, "--out", help="the ladder's directory (default ladder.out, else <run.dir>/<run.name>)"),
     address: Optional[str] = typer.Option(None, "--address", help="submit the ladder as one Ray job to this job API, e.g. http://HEAD:8265"),

@@ -5,7 +5,9 @@ Approach 3, the parametric law and its Huber fit, is in pretrain.scaling.approac
 parabolas and the power laws through their minima, in pretrain.scaling.approach2.
 
 Compute is C = k N D, k the runs' own FLOPs per parameter and token (6 in the usual approximation, Kaplan et
-al. 2020; more or less where attention is counted or embeddings are not).
+al. 2020; more or less where attention is counted or embeddings are not). For a mixture of experts N is best
+the active parameters (pretrain.scaling.table): FLOPs follow them, so k stays near 6 and the frontier's N_opt
+is the active size (the total is N_opt times the model's total-to-active ratio).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class ScalingFit:
     approach3_samples: np.ndarray  # (resamples, 5) of (E, A, B, alpha, beta)
     approach2: Approach2 | None
     approach2_skipped: str | None
+    params: str = "total"  # which count N is (table.PARAMS): the plots' axis names
 
     def sample_laws(self) -> list[Law]:
         return [Law(*row) for row in self.approach3_samples]
@@ -121,7 +124,7 @@ class ScalingFit:
 
 def fit_scaling(n: np.ndarray, d: np.ndarray, c: np.ndarray, loss: np.ndarray, *,
                 budget: np.ndarray | None = None, target_flops: float | None = None, resamples: int = 300,
-                starts: int | None = None, seed: int = 0,
+                starts: int | None = None, seed: int = 0, params: str = "total",
                 progress: Callable[[str, int, int], None] | None = None) -> ScalingFit:
     """Approach 3 (with `resamples` bootstrap refits) and approach 2 over the points (N, D, C, L)."""
     if len(n) < MIN_POINTS:
@@ -140,4 +143,4 @@ def fit_scaling(n: np.ndarray, d: np.ndarray, c: np.ndarray, loss: np.ndarray, *
     a2 = fit_approach2(n, c, loss, labels, budgets, k, resamples=resamples, rng=rng)
     target = float(target_flops) if target_flops else 10.0 * float(c.max())
     return ScalingFit(n, d, c, loss, labels, budgets, k, target, a3, samples,
-                      a2 if isinstance(a2, Approach2) else None, a2 if isinstance(a2, str) else None)
+                      a2 if isinstance(a2, Approach2) else None, a2 if isinstance(a2, str) else None, params)

@@ -6,12 +6,18 @@
 rule (pretrain/length.py) gives its steps: tokens = budget / FLOPs per token, rounded up to whole
 steps, FLOPs per token from the family's count (the figure the runs log). The ladder's directory holds
 
-    ladder.json            the plan: each run's shape, N, FLOPs per token, steps, tokens, FLOPs
+    ladder.json            the plan: each run's shape, N (total and active), FLOPs per token, steps, tokens, FLOPs
     runs/<name>/           each run's directory, its resolved config.yaml written before it starts
     fit/                   fit.json and the plots of `pretrain scaling fit`, from the same code path
 
 This module plans the ladder and keeps its books (which runs are done, which to run); running it is
 pretrain.scaling.runner, fitting it pretrain.scaling.report.
+
+A mixture-of-experts ladder: the config's model is one (`model.type: mixtral`, ..., or a `model.moe` section), or
+its sizes say so with `-eE` or `-eEkK` (`128x4-e8k2`: model.moe.n_experts 8, top_k 2, the rest of model.moe from
+the config or its defaults), which turns a dense config's ladder into a sparse one. FLOPs per token, hence
+tokens per budget, follow the active parameters, and the fit takes them as N. All sizes of one ladder share
+one sparsity (experts and top-k): the isoFLOP curves and the law compare sizes of one family only.
 
 Interrupted, the ladder resumes: a run whose summary.json is complete (a final loss, all planned steps) is
 kept; any other starts again, from its own checkpoints where it has them (the trainer resumes). A run
@@ -40,7 +46,7 @@ def _config(tree: dict) -> Config:
 
     return config_from_dict(tree)
 
-SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*(?:x\s*(\d+))?\s*$")
+SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*(?:x\s*(\d+))?\s*(?:-\s*e\s*(\d+)\s*(?:k\s*(\d+))?)?\s*$", re.I)
 
 
 class LadderError(ScalingError):
@@ -49,23 +55,32 @@ class LadderError(ScalingError):
 
 @dataclass(frozen=True)
 class Size:
-    label: str  # as written, normalised: 128x4 or 128x4x2
+    label: str  # as written, normalised: 128x4, 128x4x2 or 128x4-e8k2
     d_model: int
     n_layers: int
     n_heads: int
+    experts: int | None = None  # model.moe.n_experts a `-eE` suffix sets
+    top_k: int | None = None  # model.moe.top_k a `kK` suffix sets
 
 
 def parse_size(text: str, head_dim: int) -> Size:
-    """`DxL` (heads = D / head_dim, at least 1) or `DxLxH`."""
+    """`DxL` (heads = D / head_dim, at least 1) or `DxLxH`, either followed by `-eE` or `-eEkK` (E experts,
+    top-k K) for a mixture of experts."""
     m = SIZE.match(text)
     if not m:
-        raise LadderError(f"size {text!r}: write it as DxL (d_model x n_layers, e.g. 128x4) or DxLxH")
+        raise LadderError(f"size {text!r}: write it as DxL (d_model x n_layers, e.g. 128x4) or DxLxH, "
+                          "with -eE or -eEkK for E experts of which K per token (128x4-e8k2)")
     d, n_layers = int(m[1]), int(m[2])
     heads = int(m[3]) if m[3] else max(1, d // head_dim)
     if d % heads or not n_layers or not heads:
         raise LadderError(f"size {text!r}: d_model {d} does not split into {heads} heads"
                           + ("" if m[3] else f" of ladder.head_dim={head_dim}"))
-    return Size(f"{d}x{n_layers}" + (f"x{heads}" if m[3] else ""), d, n_layers, heads)
+    experts, top_k = (int(m[4]) if m[4] else None), (int(m[5]) if m[5] else None)
+    if experts == 0 or top_k == 0 or (top_k or 0) > (experts or 0):
+        raise LadderError(f"size {text!r}: want 1 <= top-k <= experts (-e{experts}k{top_k})")
+    label = (f"{d}x{n_layers}" + (f"x{heads}" if m[3] else "") + (f"-e{experts}" if experts else "")
+             + (f"k{top_k}" if top_k else ""))
+    return Size(label, d, n_layers, heads, experts, top_k)
 
 
 def budget_label(budget: float) -> str:
@@ -85,6 +100,7 @@ class Rung:
     n_heads: int
     params: int
     params_non_embedding: int
+    params_active: int  # what one token passes through: params for a dense model, less for a mixture of experts
     flops_per_token: float
     steps: int
     tokens: int  # what the steps train on
@@ -99,9 +115,11 @@ class Ladder:
     configs: dict[str, Config]  # by run name
     skipped: list[dict] = field(default_factory=list)  # (budget, size) pairs under one step
 
+    moe: dict | None = None  # the ladder's sparsity, {"n_experts", "top_k"}; None: dense
+
     def plan_json(self) -> dict:
         return {"out": str(self.out), "budgets": sorted({r.budget for r in self.rungs}),
-                "sizes": list(dict.fromkeys(r.size for r in self.rungs)),
+                "sizes": list(dict.fromkeys(r.size for r in self.rungs)), "moe": self.moe,
                 "runs": [asdict(r) for r in self.rungs], "skipped": self.skipped}
 
     def rdir(self, rung: Rung) -> Path:
@@ -136,9 +154,13 @@ def plan_ladder(cfg: Config, *, budgets: list[float] | None = None, sizes: list[
         base["train"][key] = None
 
     per_size = []  # (shape, per-budget tree, counts, flops per token, units per step)
+    sparsity = {}  # size label -> its model.moe's experts and top-k (None: dense)
     for shape in shapes:
         tree = json.loads(json.dumps(base))
         tree["model"].update(d_model=shape.d_model, n_layers=shape.n_layers, n_heads=shape.n_heads)
+        if shape.experts:  # over the config's model.moe (a preset's routing stays), or a new one
+            routing = dict(tree["model"].get("moe") or {}, n_experts=shape.experts)
+            tree["model"]["moe"] = routing if shape.top_k is None else dict(routing, top_k=shape.top_k)
         tree["train"]["flops"] = float(budgets[0])
         try:
             probe = _config(tree)
@@ -146,8 +168,11 @@ def plan_ladder(cfg: Config, *, budgets: list[float] | None = None, sizes: list[
             raise LadderError(f"size {shape.label}: {e}") from None
         objective = preflight(probe)  # the data, and that the objective accepts this shape
         counts = parameter_counts(probe)
+        m = getattr(probe.model, "moe", None)
+        sparsity[shape.label] = None if m is None else {"n_experts": m.n_experts, "top_k": m.top_k}
         per_size.append((shape, tree, counts, flops_per_unit(probe, objective, counts),
                          probe.train.global_batch_size * objective.units_per_sample()))
+    moe = _one_sparsity(sparsity)  # before any run is named: a mixed ladder is refused whole
 
     rungs, configs, skipped = [], {}, []
     for budget in sorted(set(float(b) for b in budgets)):
@@ -168,12 +193,27 @@ def plan_ladder(cfg: Config, *, budgets: list[float] | None = None, sizes: list[
             run_cfg = resolve_paths(_config(run_tree))
             steps = steps_for(units_per_step=per_step, flops=budget, flops_per_unit=fpt)
             rungs.append(Rung(name, budget, shape.label, shape.d_model, shape.n_layers, shape.n_heads,
-                              int(counts["params"]), int(counts["params_non_embedding"]), fpt, steps,
+                              int(counts["params"]), int(counts["params_non_embedding"]),
+                              int(counts.get("params_active", counts["params"])), fpt, steps,
                               steps * per_step, steps * per_step * fpt))
             configs[name] = run_cfg
     if cfg.schedule.type == "wsd" and cfg.checkpoint.every:
         rungs = _branches(rungs, configs, cfg.checkpoint.every, cfg.schedule.decay_fraction)
-    return Ladder(out, rungs, configs, skipped)
+    return Ladder(out, rungs, configs, skipped, moe)
+
+
+def _one_sparsity(by_size: dict[str, dict | None]) -> dict | None:
+    """The ladder's sparsity ({n_experts, top_k}; None: dense). Sizes that differ in it are refused: at one
+    budget, more experts at the same active size lower the loss, which no law in N and D alone describes."""
+    def say(s: dict | None) -> str:
+        return "dense" if s is None else f"{s['n_experts']} experts, top-{s['top_k']}"
+
+    (first, want), *rest = by_size.items()
+    for label, got in rest:
+        if got != want:
+            raise LadderError(f"sizes {first} ({say(want)}) and {label} ({say(got)}) differ in sparsity: a ladder "
+                              "fits one family; plan one ladder per experts and top-k")
+    return want
 
 
 def _branches(rungs: list[Rung], configs: dict[str, Config], every: int, fraction: float) -> list[Rung]:

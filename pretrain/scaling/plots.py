@@ -14,6 +14,13 @@ import numpy as np
 from pretrain.atomic import atomic_path
 from pretrain.scaling.fit import PUBLISHED_A, ScalingFit
 
+NAMES = {"total": "parameters", "non-embedding": "non-embedding parameters", "active": "active parameters"}
+
+
+def _n(fit: ScalingFit) -> str:
+    """The axis name of N: which count was fitted (a mixture of experts' active ones, most often)."""
+    return NAMES.get(fit.params, "parameters")
+
 
 def _figure(width: float = 7.0, height: float = 4.8, cols: int = 1):
     from matplotlib.figure import Figure
@@ -66,7 +73,7 @@ def plot_isoflops(fit: ScalingFit, path: Path) -> Path:
     n3 = law.optimum(fit.budgets, fit.k)[0]
     ax.scatter(n3, law.frontier_loss(fit.budgets, fit.k), marker="x", color="black", s=30, zorder=3,
                label="approach 3 optimum")
-    ax.set(xscale="log", xlabel="parameters N", ylabel="loss",
+    ax.set(xscale="log", xlabel=f"{_n(fit)} N", ylabel="loss",
            title="isoFLOP curves: parabolas in log N (solid), their minima (*), the law (dotted)")
     ax.legend(fontsize=7, ncols=2)
     return _save(fig, path)
@@ -76,7 +83,7 @@ def plot_frontier(fit: ScalingFit, path: Path) -> Path:
     fig, ax = _figure()
     law = fit.approach3.law
     sc = ax.scatter(fit.c, fit.loss, c=np.log10(fit.n), s=14, cmap="plasma")
-    fig.colorbar(sc, ax=ax, label="log10 N")
+    fig.colorbar(sc, ax=ax, label=f"log10 N ({_n(fit)})")
     grid = np.geomspace(fit.c.min() / 2, max(fit.target_flops, fit.c.max()) * 2, 200)
     ax.plot(grid, law.frontier_loss(grid, fit.k), color="black",
             label="approach 3 frontier L(N_opt(C), D_opt(C))")
@@ -101,7 +108,7 @@ def plot_optimal(fit: ScalingFit, path: Path) -> Path:
     law = fit.approach3.law
     grid = np.geomspace(fit.c.min() / 2, max(fit.target_flops, fit.c.max()) * 2, 200)
     mid = float(np.exp(np.log(fit.c).mean()))  # reference lines pass through our frontier here
-    for ax, which, name in ((axes[0], 0, "N_opt (parameters)"), (axes[1], 1, "D_opt (tokens)")):
+    for ax, which, name in ((axes[0], 0, f"N_opt ({_n(fit)})"), (axes[1], 1, "D_opt (tokens)")):
         ax.plot(grid, law.optimum(grid, fit.k)[which], color="black",
                 label=f"approach 3: {'a' if which == 0 else 'b'} = {law.a if which == 0 else law.b:.3f}")
         band = _band(fit, grid, lambda s, which=which: s.optimum(grid, fit.k)[which])
@@ -131,7 +138,7 @@ def plot_residuals(fit: ScalingFit, path: Path) -> Path:
     fig, axes = _figure(11.0, 4.2, cols=2)
     color, law = _colors(fit), fit.approach3.law
     r = np.log(fit.loss) - np.log(law.loss(fit.n, fit.d))
-    for ax, x, name in ((axes[0], fit.n, "parameters N"),
+    for ax, x, name in ((axes[0], fit.n, f"{_n(fit)} N"),
                         (axes[1], fit.d / fit.n, "tokens per parameter D/N")):
         ax.scatter(x, r, s=14, color=[color(fit.budgets[g]) for g in fit.labels])
         ax.axhline(0, color="black", lw=0.8)

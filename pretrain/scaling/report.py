@@ -13,10 +13,10 @@ from pretrain.scaling.ladder import Ladder, LadderError, finished
 
 
 def fit_and_write(points, kind: str, paths: list[str], out: Path, *, target_flops: float | None = None,
-                  bootstrap: int = 300, starts: int | None = None, seed: int = 0, params: str = "total",
-                  plots: bool = True) -> dict:
+                  bootstrap: int = 300, starts: int | None = None, seed: int = 0, plots: bool = True) -> dict:
     """Fit `points` (a table.Points) with a progress bar; write out/fit.json and the plots; return fit.json's
-    document. The one path from points to fit.json: `scaling fit` and `scaling ladder` both take it."""
+    document. The one path from points to fit.json: `scaling fit` and `scaling ladder` both take it. N is the
+    count the points hold (`points.params_kind`, source.params in fit.json)."""
     from rich.progress import Progress
 
     from pretrain.atomic import atomic_write
@@ -33,11 +33,11 @@ def fit_and_write(points, kind: str, paths: list[str], out: Path, *, target_flop
 
         result = fit_scaling(points.params, points.tokens, points.flops, points.loss,
                              budget=points.budget, target_flops=target_flops, resamples=bootstrap,
-                             starts=starts, seed=seed, progress=progress)
+                             starts=starts, seed=seed, params=points.params_kind, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     doc = {
         "source": {"kind": kind, "paths": paths, "points": len(points),
-                   "metric": points.metric, "params": params, **points.identity},
+                   "metric": points.metric, "params": points.params_kind, **points.identity},
         **result.to_json(),
         "runs": points.rows(),
     }
@@ -49,7 +49,8 @@ def fit_and_write(points, kind: str, paths: list[str], out: Path, *, target_flop
 
 def fit_ladder(ladder: Ladder, *, bootstrap: int = 300, seed: int = 0, starts: int | None = None,
                plots: bool = True) -> dict:
-    """`pretrain scaling fit` over the ladder's finished runs into <out>/fit/; returns fit.json's document."""
+    """`pretrain scaling fit` over the ladder's finished runs into <out>/fit/; returns fit.json's document. N is
+    the active parameters for a mixture-of-experts ladder, the total for a dense one (table.AUTO)."""
     from pretrain.scaling.table import read_runs
 
     dirs = [ladder.rdir(r) for r in ladder.rungs if finished(ladder.rdir(r), r)]
@@ -68,14 +69,16 @@ def log_wandb(ladder: Ladder, doc: dict, project: str, name: str) -> Path:
     fit_dir = ladder.out / "fit"
     run = wandb.init(project=project, name=name, job_type="scaling-ladder", dir=str(fit_dir), mode=wandb_mode(),
                      config=ladder.plan_json(), settings=wandb.Settings(console="off", silent=True))
-    columns = ["name", "budget", "params", "tokens", "flops", "loss"]
+    columns = ["name", "budget", "params", "params_active", "tokens", "flops", "loss"]
     by_path = {str(ladder.rdir(r)): r for r in ladder.rungs}
     rows = [[Path(p["name"]).name, by_path[p["name"]].budget if p["name"] in by_path else p.get("budget"),
-             p["params"], p["tokens"], p["flops"], p["loss"]] for p in doc["runs"]]
+             p["params"], p.get("params_active", p["params"]), p["tokens"], p["flops"], p["loss"]]
+            for p in doc["runs"]]
     images = {p.stem: wandb.Image(str(p)) for p in sorted(fit_dir.glob("*.png"))}
     run.log({"runs": wandb.Table(columns=columns, data=rows), **images})
     a3, target = doc["approach3"], doc["target"]
     summary = {f"approach3/{k}": a3[k] for k in ("E", "A", "B", "alpha", "beta", "a", "b")}
+    summary["params"] = doc["source"]["params"]  # which count N is: active for a mixture of experts
     summary.update({f"approach3/{k}_ci95": a3["ci95"][k] for k in ("a", "b") if a3["ci95"].get(k)})
     if "skipped" not in doc["approach2"]:
         summary.update({"approach2/a": doc["approach2"]["a"], "approach2/b": doc["approach2"]["b"]})

@@ -4,6 +4,10 @@ checked before anything is fitted. Every problem is one line (a `ScalingError`).
 What a run's `summary.json` must hold for a fit (the trainer writes it, pretrain/train/loop.py):
 
     params                N, total parameters (`params_non_embedding` instead with --params non-embedding)
+    params_active         the parameters one token passes through (a mixture of experts' k of E experts, pretrain/
+                          models/transformer.py); N with --params active, and by default when any run has fewer
+                          active than total parameters. A summary without it (a dense run from before mixtures
+                          of experts) counts all its parameters as active.
     tokens                D, training tokens
     flops                 C, training FLOPs (optional: 6 N D when absent)
     final_val_loss        the loss fitted (`final_loss`, the last training loss, when no run has a validation
@@ -17,7 +21,12 @@ What a run's `summary.json` must hold for a fit (the trainer writes it, pretrain
                           without it runs group by their FLOPs, see fit.group_budgets)
 
 A table is a CSV file with a header: columns `params`, `loss`, and `tokens` or `flops` (or both: the missing
-one is derived with C = 6 N D); optional `budget` and `name`; other columns are ignored.
+one is derived with C = 6 N D, N the parameters fitted); optional `params_active` (default: `params`),
+`params_non_embedding` (needed with --params non-embedding), `budget` and `name`; other columns are ignored.
+
+Which count is N (`--params`): `total`, `non-embedding`, `active`, or `auto` (the default): active when some
+row has fewer active than total parameters, else total. A mixture of experts' FLOPs per token follow its
+active parameters (C ~ 6 N_active D), so a fit on total parameters would misplace its compute-optimal frontier.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +44,8 @@ from pretrain.data.identity import identity  # noqa: F401  (pretrain.scaling.tab
 from pretrain.scaling import ScalingError
 
 METRICS = {"loss": ("final_val_loss", "final_loss"), "bpb": ("final_val_bpb",)}  # preference order
-PARAMS = {"total": "params", "non-embedding": "params_non_embedding"}
+PARAMS = {"total": "params", "non-embedding": "params_non_embedding", "active": "params_active"}
+AUTO = "auto"  # active parameters where some row has fewer than total (a mixture of experts), else total
 IDENTITY = ("data", "tokenizer", "objective")
 
 
@@ -51,14 +61,17 @@ class Points:
     names: list[str]
     metric: str  # the summary key (or table column) the loss came from
     identity: dict[str, str | None]  # the runs' common data, tokenizer, objective (None: not recorded)
+    params_kind: str = "total"  # which count `params` holds: a key of PARAMS, never "auto"
+    counts: dict[str, np.ndarray] = field(default_factory=dict)  # every count known, by its summary key
 
     def __len__(self) -> int:
         return len(self.names)
 
     def rows(self) -> list[dict]:
-        """One dict per point (name, params, tokens, flops, loss and budget when declared), for fit.json."""
-        return [{"name": name, "params": float(self.params[i]), "tokens": float(self.tokens[i]),
-                 "flops": float(self.flops[i]), "loss": float(self.loss[i]),
+        """One dict per point for fit.json: name, the counts under their summary keys (params is the total,
+        params_active beside it), n (the N fitted, as `params_kind` says), tokens, flops, loss, budget."""
+        return [{"name": name, **{k: float(v[i]) for k, v in self.counts.items()}, "n": float(self.params[i]),
+                 "tokens": float(self.tokens[i]), "flops": float(self.flops[i]), "loss": float(self.loss[i]),
                  **({} if self.budget is None else {"budget": float(self.budget[i])})}
                 for i, name in enumerate(self.names)]
 
@@ -73,11 +86,35 @@ def _positive(where: str, key: str, value: object) -> float:
     return x
 
 
+def _check_params(params: str) -> None:
+    if params != AUTO and params not in PARAMS:
+        raise ScalingError(f"--params must be one of {', '.join([AUTO, *PARAMS])} (got {params!r})")
+
+
+def _resolve(params: str, counts: dict[str, list[float]]) -> tuple[str, np.ndarray]:
+    """(the kind of N, N): `auto` is active where some row has fewer active than total parameters."""
+    if params == AUTO:
+        params = "active" if any(a < t for a, t in zip(counts["params_active"], counts["params"], strict=True)) \
+            else "total"
+    return params, np.array(counts[PARAMS[params]])
+
+
+def _active(where: str, total: float, value: object) -> float:
+    """A row's active parameters: `value`, or all of them when not given (a dense model)."""
+    if value is None or value == "":
+        return total
+    active = _positive(where, "params_active", value)
+    if active > total:
+        raise ScalingError(f"{where}: params_active ({active:g}) exceeds params ({total:g})")
+    return active
+
+
 # ------------------------------------------------------------------------------------------ tables
 
 
-def read_table(path: Path) -> Points:
-    """A CSV of params, tokens (or flops) and loss."""
+def read_table(path: Path, *, params: str = AUTO) -> Points:
+    """A CSV of params, tokens (or flops) and loss (and params_active for a mixture of experts)."""
+    _check_params(params)
     try:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
@@ -90,26 +127,34 @@ def read_table(path: Path) -> Points:
     missing = [c for c in ("params", "loss") if c not in columns]
     if "tokens" not in columns and "flops" not in columns:
         missing.append("tokens (or flops)")
+    if params in ("non-embedding", "active") and PARAMS[params] not in columns:
+        missing.append(f"{PARAMS[params]} (--params {params})")
     if missing:
         plural = "s" * (len(missing) > 1)
         raise ScalingError(f"{path}: the table lacks the column{plural} {', '.join(missing)} "
                            f"(it has: {', '.join(sorted(columns)) or 'none'})")
-    n, d, c, loss, budget, names = [], [], [], [], [], []
+    counts: dict[str, list[float]] = {k: [] for k in PARAMS.values() if k in columns or k == "params_active"}
+    given, loss, budget, names = [], [], [], []  # given: (tokens, flops), either may be None
     for i, r in enumerate(rows, start=2):  # row 1 is the header
         where = f"{path} row {i}"
-        n.append(_positive(where, "params", r["params"]))
+        counts["params"].append(_positive(where, "params", r["params"]))
+        counts["params_active"].append(_active(where, counts["params"][-1], r.get("params_active")))
+        if "params_non_embedding" in counts:
+            counts["params_non_embedding"].append(_positive(where, "params_non_embedding", r["params_non_embedding"]))
         loss.append(_positive(where, "loss", r["loss"]))
         tok = _positive(where, "tokens", r["tokens"]) if r.get("tokens") else None
         fl = _positive(where, "flops", r["flops"]) if r.get("flops") else None
         if tok is None and fl is None:
             raise ScalingError(f"{where}: needs tokens or flops")
-        d.append(tok if tok is not None else fl / (6.0 * n[-1]))
-        c.append(fl if fl is not None else 6.0 * n[-1] * d[-1])
+        given.append((tok, fl))
         budget.append(_positive(where, "budget", r["budget"]) if r.get("budget") else None)
         names.append(r.get("name") or f"row {i}")
-    return Points(np.array(n), np.array(d), np.array(c), np.array(loss),
-                  np.array(budget) if all(b is not None for b in budget) else None, names, "loss",
-                  {"data": None, "tokenizer": None})
+    kind, n = _resolve(params, counts)
+    d = np.array([tok if tok is not None else fl / (6.0 * ni) for (tok, fl), ni in zip(given, n, strict=True)])
+    c = np.array([fl if fl is not None else 6.0 * ni * di for (_, fl), ni, di in zip(given, n, d, strict=True)])
+    return Points(n, d, c, np.array(loss), np.array(budget) if all(b is not None for b in budget) else None,
+                  names, "loss", {"data": None, "tokenizer": None}, kind,
+                  {k: np.array(v) for k, v in counts.items()})
 
 
 # ------------------------------------------------------------------------------------------ runs
@@ -156,13 +201,12 @@ def _check_identity(names: list[str], ids: list[dict[str, str | None]], force: b
     return common
 
 
-def read_runs(paths: list[Path], *, metric: str = "loss", params: str = "total",
+def read_runs(paths: list[Path], *, metric: str = "loss", params: str = AUTO,
               force: bool = False) -> Points:
     """The runs under `paths`, one point each (see the module docstring for what a summary must hold)."""
     if metric not in METRICS:
         raise ScalingError(f"--metric must be one of {', '.join(METRICS)} (got {metric!r})")
-    if params not in PARAMS:
-        raise ScalingError(f"--params must be one of {', '.join(PARAMS)} (got {params!r})")
+    _check_params(params)
     dirs = run_dirs(paths)
     summaries = []
     for rdir in dirs:
@@ -178,18 +222,26 @@ def read_runs(paths: list[Path], *, metric: str = "loss", params: str = "total",
                        if not any(k in s for k in METRICS[metric]))
         raise ScalingError(f"{lacking}: summary.json has no {' or '.join(METRICS[metric])} "
                            "(every run of a fit needs the same loss)")
-    pkey = PARAMS[params]
-    n, d, c, loss, budget, ids = [], [], [], [], [], []
+    need = ["params", "tokens"] + (["params_non_embedding"] if params == "non-embedding" else [])
+    counts: dict[str, list[float]] = {"params": [], "params_active": []}
+    if all("params_non_embedding" in s for s in summaries):
+        counts["params_non_embedding"] = []
+    d, flops, loss, budget, ids = [], [], [], [], []
     for name, s in zip(names, summaries, strict=True):
-        if pkey not in s or "tokens" not in s:
-            raise ScalingError(f"{name}: summary.json lacks {pkey if pkey not in s else 'tokens'}")
-        n.append(_positive(name, pkey, s[pkey]))
+        if lacking := next((k for k in need if k not in s), None):
+            raise ScalingError(f"{name}: summary.json lacks {lacking}")
+        counts["params"].append(_positive(name, "params", s["params"]))
+        counts["params_active"].append(_active(name, counts["params"][-1], s.get("params_active")))
+        if "params_non_embedding" in counts:
+            counts["params_non_embedding"].append(_positive(name, "params_non_embedding", s["params_non_embedding"]))
         d.append(_positive(name, "tokens", s["tokens"]))
-        c.append(_positive(name, "flops", s["flops"]) if s.get("flops") is not None else 6.0 * n[-1] * d[-1])
+        flops.append(_positive(name, "flops", s["flops"]) if s.get("flops") is not None else None)
         loss.append(_positive(name, key, s[key]))
         budget.append(_positive(name, "budget", s["budget"]) if s.get("budget") is not None else None)
         own = {k: str(s[k]) for k in IDENTITY if s.get(k)}
         ids.append(own if len(own) == len(IDENTITY) else {**_identity_from_config(Path(name)), **own})
     identity = _check_identity(names, ids, force)
-    return Points(np.array(n), np.array(d), np.array(c), np.array(loss),
-                  np.array(budget) if all(b is not None for b in budget) else None, names, key, identity)
+    kind, n = _resolve(params, counts)
+    c = np.array([f if f is not None else 6.0 * ni * di for f, ni, di in zip(flops, n, d, strict=True)])
+    return Points(n, np.array(d), c, np.array(loss), np.array(budget) if all(b is not None for b in budget) else None,
+                  names, key, identity, kind, {k: np.array(v) for k, v in counts.items()})
