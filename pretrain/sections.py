@@ -4,6 +4,7 @@ bring) and reads YAML into it. Imports nothing of the project but `pretrain.erro
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -188,7 +189,14 @@ class LoraConfig(Section):
     alpha: float = Field(16.0, gt=0, description="scaling numerator: the update is B A x * alpha / r")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
     targets: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1,
-                               description="module names (last component, or fnmatch patterns on the full name) that get adapters")
+                               description="module names (last component, or fnmatch patterns on the full name) that get "
+                               "adapters; in MoE layers also the experts' stacked weights (gate_up, down)")
+
+    @staticmethod
+    def pattern_matches(pattern: str, name: str) -> bool:
+        """Whether a `targets` entry selects `name`: without a dot it names the last component (as PEFT's
+        target_modules do), with one it is an fnmatch pattern on the full name."""
+        return fnmatch.fnmatchcase(name if "." in pattern else name.rsplit(".", 1)[-1], pattern)
 
 
 class ZeroConfig(Section):

@@ -47,6 +47,11 @@ class Adapter:
         """The HF module path of one of our module paths (or parameter names)."""
         raise NotImplementedError
 
+    def peft_target(self, cfg: Any, ours: str) -> tuple[str, str | None]:
+        """Where PEFT adapts one of our LoRA targets in the transformers model (in memory): its module path, and the
+        parameter's name when PEFT adapts a raw parameter there rather than a Linear (`target_parameters`)."""
+        return self.hf_module(cfg, ours), None
+
     def to_hf(self, cfg: Any, tensors: Iterable[Named]) -> Iterator[Named]:
         """(our name, tensor) -> (HF name, tensor in HF's layout); may buffer a few (GPT-2's q/k/v)."""
         raise NotImplementedError

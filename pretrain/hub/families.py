@@ -79,3 +79,10 @@ def hf_name(model_cfg: Any, our_name: str) -> str:
     `model.layers.3.self_attn.q_proj` (Llama) or `transformer.h.3.attn.c_attn` (GPT-2, whose q/k/v share
     one fused Conv1D); a parameter name keeps its `.weight`/`.bias` suffix."""
     return adapter_for_ours(model_cfg).hf_module(model_cfg, our_name)
+
+
+def peft_target(model_cfg: Any, ours: str) -> tuple[str, str | None]:
+    """Where PEFT finds one of our LoRA targets in the transformers model: (module path, None) for a Linear it
+    adapts through `target_modules`, (module path, parameter) for a raw parameter it adapts through
+    `target_parameters` (transformers 5's stacked experts and MoE routers)."""
+    return adapter_for_ours(model_cfg).peft_target(model_cfg, ours)

@@ -9,7 +9,9 @@ hold one SwiGLU per expert, `experts.<e>.{gate,up,down}_proj` (Mixtral: `block_s
 product, (E, in, out): `experts.gate_up` (E, d, 2f: the gate's columns, then up's) and `experts.down` (E, f, d).
 Import transposes and stacks them lazily (`LazyStack`: a ZeRO-3 rank reads only the experts its partition
 covers); export slices them back. The router is HF's `gate`; Qwen2-MoE's `shared_expert` and
-`shared_expert_gate` are our `shared` and `shared_gate`.
+`shared_expert_gate` are our `shared` and `shared_gate`. For PEFT (`peft_target`) what counts is the model
+transformers 5 holds in memory: the block is `mlp` in every family, and the router and the experts are raw
+parameters (`mlp.gate.weight`, `mlp.experts.gate_up_proj` (E, 2f, d), `mlp.experts.down_proj` (E, d, f)).
 
 Routing settings map one to one: `num_experts`, `num_experts_per_tok`, `norm_topk_prob` (Mixtral always
 renormalises), `decoder_sparse_step` and a leading `mlp_only_layers` (our `every`, `first_dense`),
@@ -59,6 +61,7 @@ _FAMILIES = {
 }
 _MOE_PARTS = {"router": "gate", "shared": "shared_expert", "shared_gate": "shared_expert_gate"}
 _MOE_PARTS_INV = {v: k for k, v in _MOE_PARTS.items()}
+_EXPERT_PARAMS = {"gate_up": "gate_up_proj", "down": "down_proj"}  # transformers 5's stacked experts, (E, out, in)
 # Fields of DeepSeek-style configs that our attention and router cannot reproduce.
 _UNSUPPORTED = {"kv_lora_rank": "DeepSeek's latent attention", "q_lora_rank": "DeepSeek's latent attention",
                 "n_group": "grouped routing", "topk_group": "grouped routing"}
@@ -200,6 +203,19 @@ class MoeAdapter(Adapter):
                 raise CheckpointError(f"export: {ours} is stacked over the experts; Hugging Face has one module "
                                       "per expert")
         return to_hf_name(ours)
+
+    def peft_target(self, cfg: Any, ours: str) -> tuple[str, str | None]:
+        # transformers 5 names every family's MoE block `mlp` in memory (Mixtral's `block_sparse_moe` only on
+        # disk) and holds the router and the experts as raw parameters: PEFT's `target_parameters`.
+        parts = ours.split(".")
+        if parts[0] == "blocks" and len(parts) >= 4 and parts[2] == "mlp" and parts[3] in {*_MOE_PARTS, "experts"}:
+            layer = f"model.layers.{parts[1]}.mlp"
+            if parts[3] == "experts":
+                return f"{layer}.experts", _EXPERT_PARAMS[parts[4]]
+            if parts[3] == "router":
+                return f"{layer}.gate", "weight"
+            return ".".join([layer, _MOE_PARTS[parts[3]], *parts[4:]]), None
+        return self.hf_module(cfg, ours), None
 
     def to_hf(self, cfg: Any, tensors: Iterable[Named]) -> Iterator[Named]:
         fam = _FAMILIES[cfg.type]

@@ -30,6 +30,7 @@ version holding one rank's share (pretrain/train/expert_parallel.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -89,12 +90,18 @@ class Experts(nn.Module):
 
 
 def swiglu_experts(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor, d_expert: int,
-                   backend: str) -> torch.Tensor:
+                   backend: str, adapters: dict[str, Callable] | None = None) -> torch.Tensor:
     """Rows grouped by expert (`counts[e]` rows for expert e, in order) through their experts' SwiGLU: the
-    product shared by `Experts` and the trainer's expert-parallel version (pretrain/train/expert_parallel.py)."""
+    product shared by `Experts`, its LoRA version (`adapters`: "gate_up" / "down" -> a function of the rows and
+    counts that adds to that product, pretrain/models/lora_experts.py) and the trainer's expert-parallel version
+    (pretrain/train/expert_parallel.py)."""
+    adapters = adapters or {}
     gu = kernels.grouped_mm(xs, gate_up, counts, backend=backend)
+    if "gate_up" in adapters:
+        gu = gu + adapters["gate_up"](xs, counts)
     h = kernels.swiglu(gu[:, :d_expert], gu[:, d_expert:], backend=backend)
-    return kernels.grouped_mm(h, down, counts, backend=backend)
+    out = kernels.grouped_mm(h, down, counts, backend=backend)
+    return out + adapters["down"](h, counts) if "down" in adapters else out
 
 
 class MoE(nn.Module):
