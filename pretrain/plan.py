@@ -29,6 +29,8 @@ parameter shapes (the family builds it on the meta device: nothing is allocated)
   all-reduces flattened gradient buckets, ZeRO-1 flattens its reduce buckets, ZeRO-2 holds two
   reduce_bucket_size gradient buffers (contiguous_gradients with overlap_comm), ZeRO-3 one, plus the
   gathered largest layer (its parameters and full gradient) and the prefetch bucket.
+- mixtures of experts: the experts' sharding over expert-parallel ranks, their and the router's activations and the
+  all-to-all buffers (pretrain/plan_moe.py).
 
 Time comes from the family's model FLOPs per token at a stated MFU against the peak table
 (`pretrain.metrics.flops`, also the table of device memory). Not modelled: the CUDA context, NCCL's own
@@ -41,6 +43,7 @@ import bisect
 import math
 from dataclasses import asdict, dataclass, field
 
+from pretrain import plan_moe
 from pretrain.config import Config
 from pretrain.errors import PlanError
 
@@ -62,6 +65,7 @@ class ModelShape:
     groups: tuple[tuple[int, ...], ...]  # trainable sizes per optimizer group, in the engine's order
     largest_module: int  # most parameters one module holds itself (DeepSpeed's "largest layer")
     counts: dict = field(default_factory=dict)  # the family's count_parameters
+    experts: tuple[int, ...] = ()  # the trainable MoE expert weights' sizes (in numels and groups too)
 
     @property
     def trainable(self) -> int:
@@ -103,10 +107,42 @@ def model_shape(cfg: Config) -> ModelShape:
             from pretrain.models.lora import apply_lora
 
             apply_lora(model, cfg.lora)
+    from pretrain.models.moe import Experts
+
     params = list(model.parameters())
     groups = tuple(tuple(p.numel() for p in g["params"]) for g in _param_groups(model, cfg.optimizer.weight_decay))
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return ModelShape(sum(p.numel() for p in params), tuple(p.numel() for p in params), groups, largest, counts)
+    experts = tuple(p.numel() for m in model.modules() if isinstance(m, Experts) for p in m.parameters(recurse=False)
+                    if p.requires_grad)
+    return ModelShape(sum(p.numel() for p in params), tuple(p.numel() for p in params), groups, largest, counts,
+                      experts)
+
+
+def expert_sharded_states(shape: ModelShape, ep: int, stage: int, world: int, lp: int, **offload) -> dict[str, int]:
+    """`model_state_bytes` of a model whose experts are spread over `ep` ranks (pretrain/plan_moe.py): the dense part
+    partitioned over `world` ranks, plus this rank's 1 / ep of the experts partitioned over world / ep."""
+    if ep == 1 or not shape.experts:
+        return model_state_bytes(shape, stage, world, lp, **offload)
+    pool = list(shape.experts)
+    groups = []
+    for g in shape.groups:  # the groups without the expert weights (each size taken out once)
+        kept = []
+        for n in g:
+            if n in pool:
+                pool.remove(n)
+            else:
+                kept.append(n)
+        groups.append(tuple(kept))
+    x = sum(shape.experts)
+    dense = ModelShape(shape.params - x, tuple(shape.numels), tuple(groups), shape.largest_module, shape.counts)
+    local = tuple(n // ep for n in shape.experts)
+    mine = ModelShape(sum(local), local, (local,), max(local), shape.counts, local)
+    # Experts held by one rank only (world = ep) have no partition to reduce to: ZeRO-2 then holds their gradients
+    # once, as ZeRO-1 does (measured, tests/test_plan.py).
+    expert_stage = 1 if stage == 2 and world == ep else stage
+    a = model_state_bytes(dense, stage, world, lp, **offload)
+    b = model_state_bytes(mine, expert_stage, world // ep, lp, **offload)
+    return {k: a[k] + b[k] for k in a}
 
 
 def zero_settings(cfg: Config, world: int):
@@ -208,9 +244,15 @@ def activation_bytes(cfg: Config, micro_batch: int, seq_len: int, lp: int,
     mlp = (3 if m.mlp == "swiglu" else 2) * d_ff(m)
     stats = 2 * (8 if m.norm == "layernorm" else 4)  # fp32 mean and rstd (LayerNorm) or rstd (RMSNorm), 2 norms
     layer = tokens * (lp * (4 * h + 3 * q + 2 * kv + mlp) + 4 * m.n_heads + stats)
-    layers = m.n_layers * tokens * lp * h + layer if checkpointing else m.n_layers * layer
+    n_moe = plan_moe.moe_layers(m)  # mixture-of-experts layers keep their experts' and router's tensors instead
+    moe_layer = layer + tokens * (plan_moe.moe_layer_bytes_per_token(m, d_ff(m), lp) - lp * mlp) if n_moe else 0
+    if checkpointing:
+        layers = m.n_layers * tokens * lp * h + max(layer, moe_layer)
+    else:
+        layers = (m.n_layers - n_moe) * layer + n_moe * moe_layer
     head = tokens * 2 * lp * h + 4 * m.vocab_size * h + lp * chunk_rows(tokens, m.vocab_size, h) * m.vocab_size
-    return {"layers": layers, "head": head, "total": layers + head}
+    a2a = plan_moe.all_to_all_bytes(m, tokens, lp)
+    return {"layers": layers, "head": head, "all_to_all": a2a, "total": layers + head + a2a}
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -303,9 +345,9 @@ def make_plan(cfg: Config, gpu: str, gpus: int | None = None, mfu: float = 0.4,
     lp = 2 if t.precision == "bf16" else 4
     shape = model_shape(cfg)
     zero = zero_settings(cfg, world)
-    states = model_state_bytes(shape, z.stage, world, lp, offload_optimizer=z.offload_optimizer,
-                               offload_params=z.offload_params,
-                               persistence_threshold=zero.param_persistence_threshold)
+    states = expert_sharded_states(shape, plan_moe.expert_parallel(cfg.model), z.stage, world, lp,
+                                   offload_optimizer=z.offload_optimizer, offload_params=z.offload_params,
+                                   persistence_threshold=zero.param_persistence_threshold)
     buffers = buffer_bytes(shape, z.stage, lp, zero)
     fixed = states["params"] + states["grads"] + states["optimizer"] + sum(buffers.values())
     acts = {ac: activation_bytes(cfg, t.micro_batch_size, seq, lp, ac)["total"] for ac in (False, True)}

@@ -14,7 +14,15 @@ import torch
 from typer.testing import CliRunner
 
 from pretrain.load import config_from_dict, load_config
-from pretrain.plan import GiB, _overlap, activation_bytes, make_plan, model_shape, model_state_bytes
+from pretrain.plan import (
+    GiB,
+    _overlap,
+    activation_bytes,
+    expert_sharded_states,
+    make_plan,
+    model_shape,
+    model_state_bytes,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 # Two micro-batches per step: ZeRO-1 holds whole gradients while it accumulates.
@@ -27,7 +35,12 @@ GPT_TINY = ["model.n_layers=4", "model.d_model=128", "model.n_heads=4", "model.v
 LLAMA_100M = ["model.type=llama", "model.n_layers=8", "model.d_model=768", "model.n_heads=12", "model.d_ff=2048",
               "model.vocab_size=32000", "train.precision=bf16"]
 SHALLOW = {"llama-100m": ["model.n_layers=2"]}
-MODELS = {"gpt-tiny": [*TINY, *GPT_TINY], "llama-100m": [*TINY, *LLAMA_100M]}
+# A mixture of experts whose experts are most of its weights, spread over the two ranks (ZeRO 0-2 only).
+MOE_EP2 = ["model.type=mixtral", "model.n_layers=2", "model.d_model=128", "model.n_heads=4", "model.n_kv_heads=4",
+           "model.moe.n_experts=4", "model.moe.top_k=2", "model.moe.d_expert=512", "model.moe.expert_parallel=2",
+           "cluster.workers=2"]
+MODELS = {"gpt-tiny": [*TINY, *GPT_TINY], "llama-100m": [*TINY, *LLAMA_100M], "moe-ep2": [*TINY, *MOE_EP2]}
+STAGES = {"moe-ep2": range(3)}
 
 
 # ----------------------------------------------------------------------------- what an engine holds
@@ -118,7 +131,7 @@ def plan_vs_measured(tmp_path: Path, gloo_ranks) -> list[dict]:
     """One spawn of 2 ranks over both models and the four stages: rows of predicted and measured bytes."""
     cfgs = {(name, stage): load_config(ROOT / "configs/gpt-tiny.yaml",
                                        [*ov, *SHALLOW.get(name, []), f"zero.stage={stage}"])
-            for name, ov in MODELS.items() for stage in range(4)}
+            for name, ov in MODELS.items() for stage in STAGES.get(name, range(4))}
     trees = {f"{n}:{s}": c.model_dump(mode="json") for (n, s), c in cfgs.items()}
     gloo_ranks(_rank_main, trees, str(tmp_path), timeout=600, env={"LOCAL_RANK": "0"})
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -126,7 +139,7 @@ def plan_vs_measured(tmp_path: Path, gloo_ranks) -> list[dict]:
     for (name, stage), cfg in cfgs.items():
         shape = model_shape(cfg)
         lp = 2 if cfg.train.precision == "bf16" else 4
-        want = model_state_bytes(shape, stage, 2, lp)
+        want = expert_sharded_states(shape, cfg.model.moe.expert_parallel if name == "moe-ep2" else 1, stage, 2, lp)
         held = [r[f"{name}:{stage}"] for r in ranks]
         got = max(held, key=lambda k: sum(k.get(kind, 0) for kind in ("params", "grads", "optimizer")))
         rows.append({"model": name, "params": shape.params, "stage": stage, "precision": cfg.train.precision,
@@ -231,3 +244,26 @@ def test_submit_refuses_a_config_that_cannot_fit_before_connecting():
     assert "does not fit" in res.stderr and "--force" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     forced = _cli([*args, "--force"], RAY_ADDRESS="")  # past the check: now it needs a cluster
     assert forced.exit_code == 2 and "no Ray cluster address" in forced.stderr
+
+
+def test_a_moe_plan_shards_the_experts_and_counts_the_all_to_all_and_active_flops():
+    def plan(*ov):
+        cfg = load_config(ROOT / "configs/gpt-tiny.yaml", [*TINY, *MOE_EP2, *ov])
+        return cfg, make_plan(cfg, "h100-sxm", 2)
+
+    cfg, ep2 = plan()
+    _, ep1 = plan("model.moe.expert_parallel=1")
+    shape = model_shape(cfg)
+    experts = sum(shape.experts)
+    assert len(shape.experts) == 4 and experts > shape.params / 2  # two layers' gate_up and down: most weights
+    assert ep1.per_rank_bytes["params"] == 4 * shape.params
+    assert ep2.per_rank_bytes["params"] == 4 * (shape.params - experts // 2)  # each rank holds half the experts
+    k, d = cfg.model.moe.top_k, cfg.model.d_model
+    a1 = activation_bytes(cfg.model_copy(update={"model": cfg.model.model_copy(
+        update={"moe": cfg.model.moe.model_copy(update={"expert_parallel": 1})})}), 1, 128, 4, False)
+    a2 = activation_bytes(cfg, 1, 128, 4, False)
+    assert a1["all_to_all"] == 0 and a2["all_to_all"] == 2 * 4 * 128 * k * d
+    assert a2["layers"] == a1["layers"]  # the same tensors kept, wherever the experts are
+    # The router's top-k sends each token through k experts: FLOPs per token count k of E (active parameters).
+    _, top1 = plan("model.moe.top_k=1")
+    assert top1.flops_per_token < ep2.flops_per_token < 6 * shape.params
