@@ -132,10 +132,13 @@ def _(xs, w, counts):
 
 
 @torch.library.custom_op("pretrain_kernels::grouped_mm_bwd", mutates_args=())
-def _grouped_mm_bwd(dy: Tensor, xs: Tensor, w: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+def _grouped_mm_bwd(dy: Tensor, xs: Tensor, w: Tensor, counts: Tensor, need_dw: bool) -> tuple[Tensor, Tensor]:
+    """(dxs, dw); dw is empty when `need_dw` is false (frozen experts under LoRA: no weight gradient computed)."""
     d2, x2 = rows(dy), rows(xs)
     e, m, n = w.shape
     dxs = _gmm(d2, w, counts, m, (w.stride(0), w.stride(2), w.stride(1)), xs.dtype)
+    if not need_dw:
+        return dxs, w.new_empty(0)
     cfg = _gmm_config(xs)
     dw = new_empty((e, m, n), staged(w.dtype), w.device)
     if dw.numel():
@@ -145,8 +148,8 @@ def _grouped_mm_bwd(dy: Tensor, xs: Tensor, w: Tensor, counts: Tensor) -> tuple[
 
 
 @_grouped_mm_bwd.register_fake
-def _(dy, xs, w, counts):
-    return torch.empty_like(xs), torch.empty_like(w)
+def _(dy, xs, w, counts, need_dw):
+    return torch.empty_like(xs), torch.empty_like(w) if need_dw else w.new_empty(0)
 
 
 class GroupedMMFunction(torch.autograd.Function):
@@ -163,8 +166,8 @@ class GroupedMMFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         xs, w, counts = ctx.saved_tensors
-        dxs, dw = _grouped_mm_bwd(dy, xs, w, counts)
-        return dxs, dw, None
+        dxs, dw = _grouped_mm_bwd(dy, xs, w, counts, ctx.needs_input_grad[1])
+        return dxs, dw if ctx.needs_input_grad[1] else None, None
 
 
 torch.library.register_autograd("pretrain_kernels::grouped_mm_fwd", GroupedMMFunction.backward,

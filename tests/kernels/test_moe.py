@@ -115,6 +115,19 @@ def test_grouped_mm_empty_experts_get_zero_weight_gradient_and_backward_is_deter
     assert torch.equal(first[1][[0, 2, 4]], torch.zeros(3, 16, 20))
 
 
+def test_grouped_mm_of_frozen_experts_computes_no_weight_gradient():
+    """LoRA on experts freezes them: the backward gives the rows' gradient only, the same as with the weights'."""
+    counts = torch.tensor([5, 0, 7, 2, 1])
+    xs = torch.randn(15, 16, requires_grad=True)
+    w = torch.randn(E, 16, 20)
+    y = kernels.grouped_mm(xs, w, counts, backend="triton")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert w.grad is None
+    want = kernels.grouped_mm(xs, w.requires_grad_(), counts, backend="triton")
+    torch.testing.assert_close(xs.grad, torch.autograd.grad(want, xs, dy)[0], rtol=0, atol=0)
+
+
 def test_grouped_mm_with_no_rows():
     xs = torch.randn(0, 16, requires_grad=True)
     w = torch.randn(3, 16, 8, requires_grad=True)
