@@ -1,6 +1,6 @@
 """A mixture of experts trained end to end through Ray Train workers and DeepSpeed ZeRO-2, its experts spread over
 the two workers (expert parallelism 2): routing loads, the balance loss and the worst layer's max/mean load in every
-row, active parameters in the summary and the FLOPs; a run stopped at step 8 and resumed to 16 follows the
+row, a heatmap of the loads, active parameters in the summary and the FLOPs; a run stopped at step 8 and resumed to 16 follows the
 uninterrupted one within 1e-5 (the balance bias and both ranks' experts included), its checkpoint holds every expert
 in DeepSpeed's per-expert files, its final weights hold every expert, and a resume at another expert parallelism is
 refused in one line."""
@@ -39,6 +39,10 @@ def test_an_expert_parallel_moe_run_logs_its_routing_and_resumes_exactly(tmp_pat
     assert summary["params"] - summary["params_active"] == idle
     # FLOPs per token: 6 x the active matrix weights (the LM head included) plus attention.
     assert summary["flops_per_token"] < 6 * (summary["params"] - idle) + 12 * 2 * 64 * 32 + 1
+
+    # The load heatmap (layers x experts, the mean since the last evaluation; here the run's end) for W&B.
+    heat = runs / "full" / "heatmaps" / "moe-load-step-16.png"
+    assert heat.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and heat.stat().st_size > 5000
 
     # Every expert of both layers in DeepSpeed's per-expert files (each EP rank wrote its two).
     step8 = runs / "full" / "checkpoints" / "step-8"

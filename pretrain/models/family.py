@@ -27,6 +27,9 @@ class Family:
     # them on every rank alike (a router's balance bias). None: the family adds nothing.
     step_metrics: Callable[[Any], dict] | None = None
     after_reduce: Callable[[Any, dict], dict] | None = None
+    # (a step's metrics row) -> {name: (row labels, rows x columns values, x label, colour-bar label)}: grids the
+    # trainer averages and draws as heatmaps at each evaluation (a mixture of experts' load per layer and expert).
+    grids: Callable[[dict], dict] | None = None
 
 
 _FAMILIES: Registry[Family] = Registry("model.type")

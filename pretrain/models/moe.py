@@ -202,6 +202,21 @@ def moe_metrics(blocks) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
+def load_grid(row: dict) -> dict:
+    """The step's expert loads as one grid for the trainer's heatmaps (pretrain/metrics/heatmap.py): layers x
+    experts, each load as a multiple of the even share (1.0: balanced), from the row's `moe/l<i>/load<e>`."""
+    loads: dict[int, dict[int, float]] = {}
+    for key, value in row.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "moe" and parts[2].startswith("load") and parts[2][4:].isdigit():
+            loads.setdefault(int(parts[1][1:]), {})[int(parts[2][4:])] = float(value)
+    if not loads:
+        return {}
+    layers = sorted(loads)
+    values = [[loads[i][e] * len(loads[i]) for e in sorted(loads[i])] for i in layers]
+    return {"moe/load": ([f"layer {i}" for i in layers], values, "expert", "load / even share")}
+
+
 def after_reduce(blocks, values: dict[str, float]) -> dict[str, float]:
     """After the step's metrics are reduced over every rank: each MoE layer's max/mean load (`moe/l<i>/max_load`, and
     the worst layer's as `moe_max_load`), and the bias-balance update from the global loads (alike on every rank)."""

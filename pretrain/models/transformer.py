@@ -47,7 +47,7 @@ from pretrain.config import Section
 from pretrain.models.family import Family, register
 from pretrain.models.kv_cache import KVCache
 from pretrain.models.layers import Attention, GeluMLP, LayerNorm, RMSNorm, Rotary, SwiGLUMLP
-from pretrain.models.moe import MoE, MoeConfig, moe_metrics
+from pretrain.models.moe import MoE, MoeConfig, load_grid, moe_metrics
 from pretrain.models.moe import after_reduce as moe_after_reduce
 
 IGNORE = -100  # target value of positions that carry no loss
@@ -358,10 +358,15 @@ def after_reduce(model: Transformer, values: dict) -> dict:
     return moe_after_reduce(model.blocks, values) if model.cfg.moe is not None else values
 
 
+def grids(row: dict) -> dict:
+    """What the trainer draws as heatmaps at each evaluation: the MoE layers' expert loads (nothing when dense)."""
+    return load_grid(row)
+
+
 def register_preset(cls: type[TransformerConfig]) -> None:
     register(Family(name=cls.model_fields["type"].default, config=cls, build=Transformer,
                     count_parameters=count_parameters, flops_per_unit=flops_per_token, init_parameter=init_parameter,
-                    step_metrics=step_metrics, after_reduce=after_reduce))
+                    step_metrics=step_metrics, after_reduce=after_reduce, grids=grids))
 
 
 for _cls in (GPT2Config, LlamaConfig, BertConfig):

@@ -24,6 +24,7 @@ from pretrain.data import build_train_stream, build_val_batches, validate_data
 from pretrain.errors import RunError
 from pretrain.length import total_steps
 from pretrain.metrics.flops import peak_flops
+from pretrain.metrics.heatmap import Grids
 from pretrain.metrics.sinks import Deferred, Fanout, JsonlSink, Sink, open_wandb, rows, truncate_after
 from pretrain.models import get_family
 from pretrain.objectives import build_objective
@@ -177,6 +178,10 @@ def build_run(cfg: Config, startup: Marks, steps: int | None = None, owner: Owne
         hooks.add(partial(update_ema, ema), every=1)  # first: every later hook of the step sees the updated average
     hooks.add(log_step, every=1)
     hooks.add(partial(validate, run.val, fpu), every=cfg.eval.every, at_start=True)
+    if family.grids is not None:  # the family's heatmaps (an MoE's expert loads): summed every step, drawn at evals
+        grids = Grids(family.grids)
+        hooks.add(grids.add, every=1)
+        hooks.add(grids.draw, every=cfg.eval.every)
     hooks.add(save_checkpoint, every=cfg.checkpoint.every, checkpoint=True)  # after every other hook of its step
     c = cfg.cluster
     if world > 1:
