@@ -1,7 +1,8 @@
 """Expert parallelism (pretrain/train/expert_parallel.py): a layer whose experts are spread over two real gloo ranks
 computes what the whole layer computes, forward and backward; a tiny Mixtral trained with EP 2 on two ranks under
 ZeRO 0, 1 and 2 gives the losses of EP 1 on one rank with the same global batch, each rank holding only its experts,
-and continues exactly from its checkpoint; what cannot work is refused in one line."""
+and continues exactly from its checkpoint; ZeRO-3 at EP 1 on two ranks gives the one-rank losses too; what cannot
+work is refused in one line."""
 
 from __future__ import annotations
 
@@ -115,6 +116,8 @@ def _train_ranks(rank: int, world: int, ep: int, stage: int, out: str) -> None:
     else:
         losses, norms = steps(first, STEPS)
     experts = {n: list(p.shape) for n, p in first.module.named_parameters() if ".experts." in n}
+    partitions = {n: [p.ds_tensor.numel(), p.ds_numel] for n, p in first.module.named_parameters()
+                  if ".experts." in n and hasattr(p, "ds_tensor")}  # ZeRO-3: this rank's share, of the whole
     inner = getattr(first.optimizer, "optimizer", first.optimizer)
     groups = [len(pg["params"]) for pg in inner.param_groups]
     resumed = None
@@ -126,7 +129,7 @@ def _train_ranks(rank: int, world: int, ep: int, stage: int, out: str) -> None:
         resumed = steps(again, STEPS - SAVE_AT)[0]
     if rank == 0:
         Path(out).write_text(json.dumps({"losses": losses, "norms": norms, "experts": experts, "groups": groups,
-                                         "resumed": resumed}))
+                                         "resumed": resumed, "partitions": partitions}))
 
 
 @pytest.mark.slow
@@ -148,6 +151,18 @@ def test_expert_parallel_trains_as_one_rank_does(stage, gloo_ranks, tmp_path):
     assert len(ep["groups"]) > len(one["groups"])  # the experts' optimizer state in groups of their own
     # Restored from the step-6 checkpoint (both ranks' experts and optimizer state), the run goes on exactly.
     torch.testing.assert_close(torch.tensor(ep["resumed"]), torch.tensor(ep["losses"][SAVE_AT:]), rtol=1e-6, atol=0)
+
+
+@pytest.mark.slow
+def test_zero3_partitions_the_experts_at_expert_parallel_1_and_trains_as_one_rank_does(gloo_ranks, tmp_path):
+    gloo_ranks(_train_ranks, 1, 3, str(tmp_path / "one.json"), world=1, timeout=300)
+    gloo_ranks(_train_ranks, 1, 3, str(tmp_path / "two.json"), world=2, timeout=300)
+    one, two = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("one", "two"))
+    assert one["losses"][-1] < one["losses"][0] - 0.5, one["losses"]
+    diff = max(abs(a - b) for a, b in zip(one["losses"], two["losses"], strict=True))
+    assert diff < 1e-4, (diff, one["losses"], two["losses"])
+    # Partitioned like every other weight: each rank keeps half of every expert tensor's elements.
+    assert len(two["partitions"]) == 4 and all(2 * mine == whole for mine, whole in two["partitions"].values())
 
 
 def test_what_cannot_be_spread_is_refused_in_one_line():
