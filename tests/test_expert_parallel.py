@@ -173,6 +173,13 @@ def test_what_cannot_be_spread_is_refused_in_one_line():
                           "train": {"micro_batch_size": 1, "global_batch_size": 3}})
     with pytest.raises(ConfigError, match=r"needs zero.stage 0-2"):
         _config(2, 2, 3)
+    # Its checkpoints hold each EP rank's experts: no restart at another size, no EMA of other ranks' experts.
+    tree = _config(2, 2, 2).model_dump(mode="json")
+    with pytest.raises(ConfigError, match=r"expert_parallel \(2\) resumes only at the same number of workers"):
+        config_from_dict({**tree, "cluster": {"workers": 4, "min_workers": 2},
+                          "train": {**tree["train"], "micro_batch_size": 1}})
+    with pytest.raises(ConfigError, match=r"ema.decay with model.moe.expert_parallel \(2\)"):
+        config_from_dict({**tree, "ema": {"decay": 0.99}})
     from pretrain.train.expert_parallel import check
 
     cfg = _config(2, 2, 2)
