@@ -176,7 +176,7 @@ def test_what_cannot_be_spread_is_refused_in_one_line():
     # Its checkpoints hold each EP rank's experts: no restart at another size, no EMA of other ranks' experts.
     tree = _config(2, 2, 2).model_dump(mode="json")
     with pytest.raises(ConfigError, match=r"expert_parallel \(2\) resumes only at the same number of workers"):
-        config_from_dict({**tree, "cluster": {"workers": 4, "min_workers": 2},
+        config_from_dict({**tree, "cluster": {"workers": 4, "min_workers": 2, "worker_counts": [2, 4]},
                           "train": {**tree["train"], "micro_batch_size": 1}})
     with pytest.raises(ConfigError, match=r"ema.decay with model.moe.expert_parallel \(2\)"):
         config_from_dict({**tree, "ema": {"decay": 0.99}})
