@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from pretrain.errors import ConfigError, RunError
 from pretrain.load import config_from_dict
+from tests.helpers import run_gloo_ranks
 
 SEQ, VOCAB, GLOBAL, STEPS, SAVE_AT = 16, 64, 4, 10, 6
 
@@ -132,12 +133,19 @@ def _train_ranks(rank: int, world: int, ep: int, stage: int, out: str) -> None:
                                          "resumed": resumed, "partitions": partitions}))
 
 
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory) -> dict:
+    """The reference: EP 1 on one rank at ZeRO-0 (on one rank, stages 0-2 step alike)."""
+    where = tmp_path_factory.mktemp("one-rank")
+    run_gloo_ranks(_train_ranks, 1, 0, str(where / "one.json"), rendezvous=where / "rdzv", world=1, timeout=300)
+    return json.loads((where / "one.json").read_text())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 1, 0])
-def test_expert_parallel_trains_as_one_rank_does(stage, gloo_ranks, tmp_path):
-    gloo_ranks(_train_ranks, 1, stage, str(tmp_path / "one.json"), world=1, timeout=300)
+def test_expert_parallel_trains_as_one_rank_does(stage, one_rank, gloo_ranks, tmp_path):
     gloo_ranks(_train_ranks, 2, stage, str(tmp_path / "ep.json"), world=2, timeout=300)
-    one, ep = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("one", "ep"))
+    one, ep = one_rank, json.loads((tmp_path / "ep.json").read_text())
     assert one["losses"][-1] < one["losses"][0] - 0.5, one["losses"]  # it trains
     diff = max(abs(a - b) for a, b in zip(one["losses"], ep["losses"], strict=True))
     assert diff < 1e-4, (diff, one["losses"], ep["losses"])
@@ -154,10 +162,9 @@ def test_expert_parallel_trains_as_one_rank_does(stage, gloo_ranks, tmp_path):
 
 
 @pytest.mark.slow
-def test_zero3_partitions_the_experts_at_expert_parallel_1_and_trains_as_one_rank_does(gloo_ranks, tmp_path):
-    gloo_ranks(_train_ranks, 1, 3, str(tmp_path / "one.json"), world=1, timeout=300)
+def test_zero3_partitions_the_experts_at_expert_parallel_1_and_trains_as_one_rank_does(one_rank, gloo_ranks, tmp_path):
     gloo_ranks(_train_ranks, 1, 3, str(tmp_path / "two.json"), world=2, timeout=300)
-    one, two = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("one", "two"))
+    one, two = one_rank, json.loads((tmp_path / "two.json").read_text())
     assert one["losses"][-1] < one["losses"][0] - 0.5, one["losses"]
     diff = max(abs(a - b) for a, b in zip(one["losses"], two["losses"], strict=True))
     assert diff < 1e-4, (diff, one["losses"], two["losses"])
