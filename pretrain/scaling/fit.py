@@ -99,6 +99,8 @@ class ScalingFit:
             # N_opt = coefficient * C^exponent (and likewise D_opt), C in FLOPs
             "n_opt": {"coefficient": float(g / self.k ** law.a), "exponent": law.a},
             "d_opt": {"coefficient": float(1 / (g * self.k ** law.b)), "exponent": law.b},
+            # the bootstrap laws, rows of (E, A, B, alpha, beta): intervals at any C, N or D (scaling/saved.py)
+            "bootstrap_laws": s.tolist(),
         }
         out = {"flops_per_param_token": self.k, "approach3": approach3}
         if self.approach2 is None:

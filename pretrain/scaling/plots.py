@@ -79,12 +79,33 @@ def plot_isoflops(fit: ScalingFit, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_frontier(fit: ScalingFit, path: Path) -> Path:
+def read_checks(out: Path) -> list[dict]:
+    """The checked runs in out/checks.jsonl (`pretrain scaling check`), drawn on the frontier."""
+    import json
+
+    path = out / "checks.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+
+
+def _draw_checks(ax, checks: list[dict]) -> None:
+    """Each checked run: its prediction with the interval (open square, bar) and its loss (filled diamond)."""
+    for i, c in enumerate(checks):
+        lo, hi = c["ci95"] or (c["predicted"], c["predicted"])
+        ax.errorbar([c["flops"]], [c["predicted"]], yerr=[[c["predicted"] - lo], [hi - c["predicted"]]], fmt="s",
+                    mfc="none", color="tab:blue", capsize=3, label="checked: prediction" if i == 0 else None)
+        ax.scatter([c["flops"]], [c["loss"]], marker="D", s=30, color="tab:blue", zorder=4,
+                   label="checked: realized" if i == 0 else None)
+
+
+def plot_frontier(fit: ScalingFit, path: Path, checks: list[dict] | None = None) -> Path:
+    """Loss against compute with the frontier, its band, the target and the checked runs (default: those in
+    checks.jsonl beside the plot)."""
+    checks = checks if checks is not None else read_checks(path.parent)
     fig, ax = _figure()
     law = fit.approach3.law
     sc = ax.scatter(fit.c, fit.loss, c=np.log10(fit.n), s=14, cmap="plasma")
     fig.colorbar(sc, ax=ax, label=f"log10 N ({_n(fit)})")
-    grid = np.geomspace(fit.c.min() / 2, max(fit.target_flops, fit.c.max()) * 2, 200)
+    grid = np.geomspace(fit.c.min() / 2, max(fit.target_flops, fit.c.max(), *(c["flops"] for c in checks)) * 2, 200)
     ax.plot(grid, law.frontier_loss(grid, fit.k), color="black",
             label="approach 3 frontier L(N_opt(C), D_opt(C))")
     band = _band(fit, grid, lambda s: s.frontier_loss(grid, fit.k))
@@ -98,6 +119,7 @@ def plot_frontier(fit: ScalingFit, path: Path) -> Path:
     lo, hi = target["ci95"]["loss"] or (target["loss"], target["loss"])
     ax.errorbar([fit.target_flops], [target["loss"]], yerr=[[target["loss"] - lo], [hi - target["loss"]]],
                 fmt="o", color="tab:red", capsize=3, label=f"target {fit.target_flops:.2g} FLOPs")
+    _draw_checks(ax, checks)
     ax.set(xscale="log", xlabel="training FLOPs C", ylabel="loss", title="loss against compute")
     ax.legend(fontsize=7)
     return _save(fig, path)
