@@ -190,3 +190,22 @@ def test_mounted_on_the_pretrain_command():
     for command, option in (("recommend", "--gpu-hours"), ("check", "checks.jsonl"), ("hyperfit", "--bootstrap")):
         r = CliRunner().invoke(cli.app, ["scaling", command, "--help"])
         assert r.exit_code == 0 and option in r.output, r.output
+
+
+def test_hyperfit_reads_sweep_runs_and_lr_only_sweeps(tmp_path):
+    """Run directories: lr from the schedule, batch = tokens / steps. A sweep of lr alone gives the lr law only."""
+    s = _sweep_from_hidden_laws(1)
+    for i, (c, lr, b, loss) in enumerate(zip(s.flops, s.lr, s.batch, s.loss, strict=True)):
+        if i % 5 != 2:  # the middle batch of each budget's grid (batch is the inner loop)
+            continue
+        rdir = tmp_path / "sweep" / f"run-{i:03d}"
+        rdir.mkdir(parents=True)
+        steps = 100
+        (rdir / "summary.json").write_text(json.dumps({
+            "flops": c, "budget": c, "tokens": b * steps, "steps": steps, "schedule": {"lr": lr},
+            "final_val_loss": loss}))
+    r = invoke("hyperfit", str(tmp_path / "sweep"), "--out", str(tmp_path / "fit"), "--bootstrap", "50")
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "fit" / "hyper.json").read_text())
+    assert doc["batch"] is None and len(doc["runs"]) == 20
+    assert abs(doc["lr"]["exponent"] - TRUE_EXPONENTS["lr"]) < 0.05
