@@ -216,6 +216,8 @@ def load(engine, step_dir: Path, rank: int, universal_dir: Path | None = None, *
                                         custom_load_fn=expert_parallel.expert_loader(engine.module, strict))
     if pickled is None:
         raise ResumeError(f"checkpoint {d} could not be loaded")
+    if universal_dir is not None:
+        _restore_buffers(engine, universal_dir)
     state = step_dir / STATE
     # Earlier versions kept the loop's state in DeepSpeed's client state; theirs is read from there.
     client_state = json.loads(state.read_text()) if state.exists() else pickled
@@ -228,6 +230,27 @@ def load(engine, step_dir: Path, rank: int, universal_dir: Path | None = None, *
             warnings.simplefilter("ignore")  # "step() before optimizer.step()": deliberate here
             sched.step()
     return client_state
+
+
+# The model states a universal conversion copies beside the states (ZeRO 1-2's, else ZeRO-3's of rank 0).
+_MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+
+
+def _restore_buffers(engine, universal_dir: Path) -> None:
+    """DeepSpeed's universal load restores the parameters from the optimizer's states and never reads the module
+    state, so a persistent buffer that training moves (a mixture of experts' balance bias) would start again from its
+    initial value: those are read from the model states the conversion copied (alike on every rank)."""
+    module = engine.module
+    params = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+    names = [n for n in module.state_dict(keep_vars=True) if n not in params]
+    path = next((universal_dir / f for f in _MODEL_STATES if (universal_dir / f).exists()), None)
+    if not names or path is None:
+        return
+    saved = engine.checkpoint_engine.load(str(path), map_location="cpu")["module"]
+    missing = [n for n in names if n not in saved]
+    if missing:
+        raise ResumeError(f"{path}: no {', '.join(missing[:3])} in the checkpoint's model state")
+    module.load_state_dict({n: saved[n] for n in names}, strict=False)
 
 
 def restore(plan: Plan, engine, ema, stream, staging: Path, rank: int, world: int) -> dict:
