@@ -209,3 +209,16 @@ def test_hyperfit_reads_sweep_runs_and_lr_only_sweeps(tmp_path):
     doc = json.loads((tmp_path / "fit" / "hyper.json").read_text())
     assert doc["batch"] is None and len(doc["runs"]) == 20
     assert abs(doc["lr"]["exponent"] - TRUE_EXPONENTS["lr"]) < 0.05
+
+
+def test_a_fit_json_without_bootstrap_laws_is_rebootstrapped(fit_dir):
+    """fit.json from before approach3.bootstrap_laws: the laws are refitted from its runs, same count."""
+    from pretrain.scaling.saved import fit_from_json
+
+    doc = json.loads((fit_dir / "fit.json").read_text())
+    kept = fit_from_json(doc)
+    del doc["approach3"]["bootstrap_laws"]
+    redone = fit_from_json(doc)
+    assert len(redone.approach3_samples) == len(kept.approach3_samples) == doc["approach3"]["bootstrap"]
+    lo, hi = redone.predict3(1e22)["ci95"]["n_opt"]
+    assert lo < kept.predict3(1e22)["n_opt"] < hi

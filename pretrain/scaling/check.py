@@ -1,8 +1,8 @@
 """A prediction checked: a finished run's final loss against the fit's law at that run's N and D.
 
 The interval is the 95% interval of the law's loss at (N, D) over the fit's bootstrap laws: the uncertainty
-of the law, not the scatter of single runs about it (the fit's residuals show that; a run within it of the
-interval is not a miss of the law). Each check is appended to FIT_DIR/checks.jsonl, which the frontier plot
+of the law, not the scatter of single runs about it (the fit's rms residual, reported beside: a run outside
+the interval but within that scatter is noise more than a miss of the law). Each check is appended to FIT_DIR/checks.jsonl, which the frontier plot
 draws (pretrain.scaling.plots), and the frontier plot is redrawn.
 """
 
