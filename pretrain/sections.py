@@ -233,15 +233,32 @@ class ClusterConfig(Section):
 
 
 class LadderConfig(Section):
-    """An isoFLOP ladder over this config's model family, read by `pretrain scaling ladder` only (`pretrain train`
-    ignores it): every size at every budget, each run as long as its budget buys (pretrain/scaling/ladder.py)."""
+    """A scaling ladder over this config's model family, read by `pretrain scaling ladder` only (`pretrain train`
+    ignores it). `grid`: every size at every budget, each run as long as its budget buys (pretrain/scaling/ladder.py);
+    `wsds`: each size trained once on the wsd schedule, a cooldown branched at each token count
+    (pretrain/scaling/wsds.py)."""
 
-    budgets: list[Annotated[float, Field(gt=0)]] = Field(min_length=1, description="training FLOPs per run, one isoFLOP curve each")
+    mode: Literal["grid", "wsds"] | None = Field(None, description="grid (isoFLOP: every size at every budget, from "
+                                                 "scratch) or wsds (one stable trunk per size, a cooldown per point); "
+                                                 "default wsds when tokens_per_param is given, else grid")
+    budgets: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1, description="training FLOPs per run, "
+                                                               "one isoFLOP curve each")
+    tokens_per_param: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, min_length=1, description="wsds: each size's points as tokens per parameter (N: active parameters), "
+        "instead of budgets, e.g. [5, 10, 20, 40, 80]")
     sizes: list[str] = Field(min_length=1, description="model shapes as D x L (model.d_model x model.n_layers), e.g. 128x4; "
                              "or D x L x H to set model.n_heads too; a suffix -eE or -eEkK sets model.moe's experts "
                              "and top-k (128x4-e8k2), one sparsity per ladder")
     head_dim: int = Field(64, gt=0, description="heads = d_model / head_dim when a size does not give them")
     out: str | None = Field(None, description="the ladder's directory (runs/, ladder.json, fit/); default <run.dir>/<run.name>")
+
+    @model_validator(mode="after")
+    def _points(self) -> LadderConfig:
+        if self.budgets and self.tokens_per_param:
+            raise ValueError("give budgets or tokens_per_param, not both")
+        if self.tokens_per_param and self.mode == "grid":
+            raise ValueError("tokens_per_param needs mode wsds (a grid's runs are set by FLOP budgets)")
+        return self
 
 
 class LogConfig(Section):

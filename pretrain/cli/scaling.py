@@ -16,7 +16,8 @@ is in pretrain.scaling.table (reading), .fit (fitting), .plots (drawing) and .re
 and the plots isoflops.png, frontier.png, optimal.png and residuals.png. Bad input ends with one line on
 stderr (`error: ...`) and exit code 2.
 
-`pretrain scaling ladder CONFIG [--budgets ...] [--sizes ...] [--out DIR]` plans an isoFLOP ladder, runs it
+`pretrain scaling ladder CONFIG [--budgets ... | --tokens-per-param ...] [--mode grid|wsds] [--sizes ...] [--out DIR]`
+plans a ladder (an isoFLOP grid, or WSD-S: one wsd trunk per size, a cooldown per point), runs it
 (resuming an interrupted one) and fits it into DIR/fit/ (pretrain/scaling/ladder.py, runner.py, report.py).
 """
 
@@ -137,16 +138,26 @@ def _plan_table(ladder) -> None:
 
     moe = ladder.moe
     sparsity = f", {moe['n_experts']} experts, top-{moe['top_k']}: N = active parameters" if moe else ""
-    table = Table(title=f"ladder: {len(ladder.rungs)} runs in {ladder.out}{sparsity}")
-    for col in ("size", "budget", "params", "non-emb", *(["active"] if moe else []), "FLOPs/token", "steps", "tokens"):
+    wsds = ladder.mode == "wsds"
+    table = Table(title=f"ladder ({ladder.mode}): {len(ladder.rungs)} runs in {ladder.out}{sparsity}")
+    budgets = any(r.budget is not None for r in ladder.rungs)  # none: points in tokens per parameter
+    for col in ("size", *(["budget"] if budgets else []), *(["tok/param", "from step"] if wsds else []), "params", "non-emb",
+                *(["active"] if moe else []), "FLOPs/token", "steps", "tokens"):
         table.add_column(col, justify="left" if col == "size" else "right")
-    for r in ladder.rungs:  # the run's name is <run.name>-<budget>-<size>
-        table.add_row(r.size, f"{r.budget:.3g}", f"{r.params:,}", f"{r.params_non_embedding:,}",
-                      *([f"{r.params_active:,}"] if moe else []), f"{r.flops_per_token:.3g}", f"{r.steps:,}",
-                      f"{r.tokens:,}")
+    for r in ladder.rungs:  # the run's name is <run.name>-<budget>-<size>, or <run.name>-<size>-tpp<T>
+        start = "trunk" if not r.branch_from else r.branch_from.rsplit("@", 1)[1]
+        table.add_row(r.size, *([f"{r.budget:.3g}"] if budgets else []),
+                      *([f"{r.tokens / r.params_active:.3g}", start] if wsds else []), f"{r.params:,}",
+                      f"{r.params_non_embedding:,}", *([f"{r.params_active:,}"] if moe else []),
+                      f"{r.flops_per_token:.3g}", f"{r.steps:,}", f"{r.tokens:,}")
     Console().print(table)
+    cost = ladder.cost()
+    typer.echo(f"FLOPs: {cost['plan']:.3g} to train, against {cost['full_grid']:.3g} for the same "
+               f"{len(ladder.rungs)} points each from scratch ({cost['ratio']:.0%})"
+               + (f"; trunks checkpoint every {ladder.checkpoint_every} steps" if wsds else ""))
     for s in ladder.skipped:
-        typer.echo(f"skipped {s['size']} at {s['budget']:.3g} FLOPs: {s['reason']}", err=True)
+        at = f"at {s['budget']:.3g} FLOPs" if s.get("budget") is not None else f"point {s.get('point')}"
+        typer.echo(f"skipped {s['size']} {at}: {s['reason']}", err=True)
 
 
 def _submit(config: Path, overrides: list[str], address: str, argv: list[str]) -> None:
@@ -176,6 +187,8 @@ def ladder(
     config: Path = typer.Argument(..., help="run config YAML (its ladder: block gives budgets and sizes), e.g. configs/ladder-tiny.yaml"),
     overrides: Optional[list[str]] = typer.Argument(None, help="section.key=value overrides of the runs' config"),
     budgets: Optional[str] = typer.Option(None, "--budgets", help="training FLOPs per run, comma-separated, e.g. 1e13,3e13,1e14"),
+    tokens_per_param: Optional[str] = typer.Option(None, "--tokens-per-param", help="wsds: each size's points as tokens per (active) parameter, comma-separated, e.g. 5,10,20,40,80"),
+    mode: Optional[str] = typer.Option(None, "--mode", help="grid (every size at every budget, from scratch) or wsds (one wsd trunk per size, a cooldown branched per point); default ladder.mode, else wsds with tokens per parameter, else grid"),
     sizes: Optional[str] = typer.Option(None, "--sizes", help="shapes DxL (d_model x n_layers) or DxLxH, comma-separated, e.g. 64x2,128x4; -eEkK after one makes it a mixture of E experts, K per token (64x2-e8k2)"),
     head_dim: Optional[int] = typer.Option(None, "--head-dim", min=1, help="heads = d_model / head_dim (default ladder.head_dim, 64)"),
     out: Optional[Path] = typer.Option(None, "--out", help="the ladder's directory (default ladder.out, else <run.dir>/<run.name>)"),
@@ -184,8 +197,9 @@ def ladder(
     bootstrap: int = typer.Option(300, "--bootstrap", min=0, help="bootstrap resamples of the fit's intervals"),
     seed: int = typer.Option(0, "--seed", help="seed of the bootstrap resamples"),
 ) -> None:
-    """Plan an isoFLOP ladder (every size at every budget, tokens = budget / FLOPs per token), run it on Ray
-    (resuming an interrupted one), fit it into DIR/fit/ and log a W&B summary run."""
+    """Plan a ladder (an isoFLOP grid: every size at every budget; or WSD-S: one wsd trunk per size and a cooldown
+    branched at each point), run it on Ray (resuming an interrupted one), fit it into DIR/fit/ and log a W&B
+    summary run."""
     from pretrain.data import DataError
     from pretrain.load import load_config
     from pretrain.objectives import ObjectiveError
@@ -195,14 +209,15 @@ def ladder(
 
     overrides = list(overrides or [])
     if address:  # the same command as a Ray job, where RAY_ADDRESS makes it run the runs as concurrent tasks
-        given = {"--budgets": budgets, "--sizes": sizes, "--head-dim": head_dim, "--out": out,
+        given = {"--budgets": budgets, "--tokens-per-param": tokens_per_param, "--mode": mode, "--sizes": sizes, "--head-dim": head_dim, "--out": out,
                  "--bootstrap": bootstrap, "--seed": seed}
         argv = [str(config), *overrides, *[str(x) for k, v in given.items() if v is not None for x in (k, v)]]
         return _submit(config, overrides, address, argv)
     try:
         cfg = load_config(config, overrides)
         plan = plan_ladder(cfg, budgets=_floats(budgets, "--budgets"), sizes=sizes.split(",") if sizes else None,
-                           head_dim=head_dim, out=out)
+                           head_dim=head_dim, out=out, mode=mode,
+                           tokens_per_param=_floats(tokens_per_param, "--tokens-per-param"))
     except (ConfigError, ScalingError, DataError, ObjectiveError) as e:
         raise fail(str(e)) from None
     _plan_table(plan)

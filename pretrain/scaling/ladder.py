@@ -1,4 +1,4 @@
-"""An isoFLOP ladder: plan the runs (every size at every budget), run them on Ray, resume, then fit.
+"""A scaling ladder: plan the runs (an isoFLOP grid, or WSD-S trunks and cooldowns), run them on Ray, resume, fit.
 
 `pretrain scaling ladder CONFIG` reads a run config and its `ladder:` block (budgets, sizes, head_dim, out;
 `--budgets/--sizes` override it). A size is `DxL` (model.d_model x model.n_layers, heads = D / head_dim) or
@@ -9,6 +9,11 @@ steps, FLOPs per token from the family's count (the figure the runs log). The la
     ladder.json            the plan: each run's shape, N (total and active), FLOPs per token, steps, tokens, FLOPs
     runs/<name>/           each run's directory, its resolved config.yaml written before it starts
     fit/                   fit.json and the plots of `pretrain scaling fit`, from the same code path
+
+`ladder.mode: wsds` (or `ladder.tokens_per_param`) trains each size once on the wsd schedule and branches a
+cooldown at each point (tokens per parameter x N, or budget / FLOPs per token): pretrain.scaling.wsds places
+the trunk's checkpoints and the branch steps; ladder.json's `flops` holds the plan's cost against the same
+points each trained from scratch.
 
 This module plans the ladder and keeps its books (which runs are done, which to run); running it is
 pretrain.scaling.runner, fitting it pretrain.scaling.report.
@@ -93,7 +98,7 @@ class Rung:
     """One planned run of the ladder."""
 
     name: str
-    budget: float
+    budget: float | None
     size: str
     d_model: int
     n_layers: int
@@ -104,8 +109,10 @@ class Rung:
     flops_per_token: float
     steps: int
     tokens: int  # what the steps train on
-    flops: float  # what they cost: >= budget by less than one step
+    flops: float  # what they cost from scratch: >= budget by less than one step
     branch_from: str | None = None  # wsd: the same size's longest run at a stable-phase checkpoint (PATH@STEP)
+    own_flops: float | None = None  # what this run trains itself: a branch only its steps after the branch step
+    tokens_per_param: float | None = None  # wsds: the point as asked (budget is then None: no isoFLOP curve)
 
 
 @dataclass
@@ -116,10 +123,22 @@ class Ladder:
     skipped: list[dict] = field(default_factory=list)  # (budget, size) pairs under one step
 
     moe: dict | None = None  # the ladder's sparsity, {"n_experts", "top_k"}; None: dense
+    mode: str = "grid"  # or "wsds"
+    checkpoint_every: dict[str, int] = field(default_factory=dict)  # wsds: each size's trunk saves every E steps
+
+    def cost(self) -> dict:
+        """FLOPs the plan trains (branches only after their branch step) against the same points each trained
+        from scratch (the full grid), and their ratio."""
+        own = sum(r.flops if r.own_flops is None else r.own_flops for r in self.rungs)
+        grid = sum(r.flops for r in self.rungs)
+        return {"plan": own, "full_grid": grid, "ratio": own / grid if grid else None}
 
     def plan_json(self) -> dict:
-        return {"out": str(self.out), "budgets": sorted({r.budget for r in self.rungs}),
-                "sizes": list(dict.fromkeys(r.size for r in self.rungs)), "moe": self.moe,
+        return {"out": str(self.out), "mode": self.mode,
+                "budgets": sorted({r.budget for r in self.rungs if r.budget is not None}),
+                "tokens_per_param": sorted({r.tokens_per_param for r in self.rungs if r.tokens_per_param}),
+                "sizes": list(dict.fromkeys(r.size for r in self.rungs)), "moe": self.moe, "flops": self.cost(),
+                "checkpoint_every": self.checkpoint_every,
                 "runs": [asdict(r) for r in self.rungs], "skipped": self.skipped}
 
     def rdir(self, rung: Rung) -> Path:
@@ -130,30 +149,52 @@ class Ladder:
 
 
 def plan_ladder(cfg: Config, *, budgets: list[float] | None = None, sizes: list[str] | None = None,
-                head_dim: int | None = None, out: Path | None = None) -> Ladder:
+                head_dim: int | None = None, out: Path | None = None, tokens_per_param: list[float] | None = None,
+                mode: str | None = None) -> Ladder:
     """The runs of the ladder `cfg` (its `ladder:` block, or the arguments) describes; reads the data's
-    manifests, builds nothing but meta-device models."""
-    from pretrain.launch.local import resolve_paths
-    from pretrain.length import flops_per_unit, parameter_counts, steps_for
-    from pretrain.objectives.preflight import preflight
-
+    manifests, builds nothing but meta-device models. `mode`: grid (every size at every budget) or wsds (one
+    trunk per size, a cooldown per point; default when tokens_per_param is given)."""
     block = cfg.ladder
-    budgets = budgets or (block.budgets if block else None)
+    if tokens_per_param and budgets:
+        raise LadderError("give budgets or tokens per parameter, not both")
+    if budgets is None and tokens_per_param is None and block:
+        budgets, tokens_per_param = block.budgets, block.tokens_per_param
     sizes = sizes or (block.sizes if block else None)
-    if not budgets or not sizes:
+    mode = mode or (block.mode if block else None) or ("wsds" if tokens_per_param else "grid")
+    if mode not in ("grid", "wsds"):
+        raise LadderError(f"ladder mode {mode!r}: grid or wsds")
+    if tokens_per_param and mode != "wsds":
+        raise LadderError("tokens per parameter need the wsds mode (a grid's runs are set by FLOP budgets)")
+    if not (budgets or tokens_per_param) or not sizes:
         raise LadderError("a ladder needs budgets and sizes: --budgets 1e13,3e13 --sizes 64x2,128x4, or a ladder: block")
-    if any(not (b > 0 and math.isfinite(b)) for b in budgets):
-        raise LadderError(f"--budgets must be positive FLOP counts (got {budgets})")
+    for what, values in (("--budgets must be positive FLOP counts", budgets),
+                         ("--tokens-per-param must be positive", tokens_per_param)):
+        if values and any(not (v > 0 and math.isfinite(v)) for v in values):
+            raise LadderError(f"{what} (got {values})")
+    if mode == "wsds" and cfg.schedule.type != "wsd":
+        raise LadderError(f"a WSD-S ladder trains on schedule.type=wsd (the config has {cfg.schedule.type}): "
+                          "set schedule.type=wsd")
     head_dim = head_dim or (block.head_dim if block else 64)
     out = Path(out or (block.out if block and block.out else run_dir(cfg))).expanduser().resolve()
-    shapes = list({s.label: s for s in (parse_size(t, head_dim) for t in sizes)}.values())
+    per_size, moe = _probe(cfg, [parse_size(t, head_dim) for t in sizes], out, (budgets or [1e12])[0])
+    if mode == "wsds":
+        return _plan_wsds(cfg, per_size, out, moe, budgets=budgets, tokens_per_param=tokens_per_param)
+    return _plan_grid(cfg, per_size, out, moe, budgets)
+
+
+def _probe(cfg: Config, shapes: list[Size], out: Path, budget: float) -> tuple[list, dict | None]:
+    """Per size (shape, config tree, parameter counts, FLOPs per token, tokens per step), and the ladder's
+    sparsity; checks each shape's config, data and objective."""
+    from pretrain.length import flops_per_unit, parameter_counts
+    from pretrain.objectives.preflight import preflight
+
+    shapes = list({s.label: s for s in shapes}.values())
     base = cfg.model_dump(mode="json")
     base["ladder"] = None
     base["run"]["dir"] = str(out / "runs")
     for key in ("steps", "tokens", "flops"):
         base["train"][key] = None
-
-    per_size = []  # (shape, per-budget tree, counts, flops per token, units per step)
+    per_size = []
     sparsity = {}  # size label -> its model.moe's experts and top-k (None: dense)
     for shape in shapes:
         tree = json.loads(json.dumps(base))
@@ -161,7 +202,7 @@ def plan_ladder(cfg: Config, *, budgets: list[float] | None = None, sizes: list[
         if shape.experts:  # over the config's model.moe (a preset's routing stays), or a new one
             routing = dict(tree["model"].get("moe") or {}, n_experts=shape.experts)
             tree["model"]["moe"] = routing if shape.top_k is None else dict(routing, top_k=shape.top_k)
-        tree["train"]["flops"] = float(budgets[0])
+        tree["train"]["flops"] = float(budget)
         try:
             probe = _config(tree)
         except ConfigError as e:
@@ -172,7 +213,19 @@ def plan_ladder(cfg: Config, *, budgets: list[float] | None = None, sizes: list[
         sparsity[shape.label] = None if m is None else {"n_experts": m.n_experts, "top_k": m.top_k}
         per_size.append((shape, tree, counts, flops_per_unit(probe, objective, counts),
                          probe.train.global_batch_size * objective.units_per_sample()))
-    moe = _one_sparsity(sparsity)  # before any run is named: a mixed ladder is refused whole
+    return per_size, _one_sparsity(sparsity)  # before any run is named: a mixed ladder is refused whole
+
+
+def _rung(name: str, budget: float | None, shape: Size, counts: dict, fpt: float, steps: int, per_step: int,
+          **extra) -> Rung:
+    return Rung(name, budget, shape.label, shape.d_model, shape.n_layers, shape.n_heads, int(counts["params"]),
+                int(counts["params_non_embedding"]), int(counts.get("params_active", counts["params"])), fpt,
+                steps, steps * per_step, steps * per_step * fpt, **extra)
+
+
+def _plan_grid(cfg: Config, per_size: list, out: Path, moe: dict | None, budgets: list[float]) -> Ladder:
+    from pretrain.launch.local import resolve_paths
+    from pretrain.length import steps_for
 
     rungs, configs, skipped = [], {}, []
     for budget in sorted(set(float(b) for b in budgets)):
@@ -190,16 +243,66 @@ def plan_ladder(cfg: Config, *, budgets: list[float] | None = None, sizes: list[
             run_tree = json.loads(json.dumps(tree))
             run_tree["run"]["name"] = name
             run_tree["train"]["flops"] = budget
-            run_cfg = resolve_paths(_config(run_tree))
+            configs[name] = resolve_paths(_config(run_tree))
             steps = steps_for(units_per_step=per_step, flops=budget, flops_per_unit=fpt)
-            rungs.append(Rung(name, budget, shape.label, shape.d_model, shape.n_layers, shape.n_heads,
-                              int(counts["params"]), int(counts["params_non_embedding"]),
-                              int(counts.get("params_active", counts["params"])), fpt, steps,
-                              steps * per_step, steps * per_step * fpt))
-            configs[name] = run_cfg
+            rungs.append(_rung(name, budget, shape, counts, fpt, steps, per_step))
     if cfg.schedule.type == "wsd" and cfg.checkpoint.every:
         rungs = _branches(rungs, configs, cfg.checkpoint.every, cfg.schedule.decay_fraction)
     return Ladder(out, rungs, configs, skipped, moe)
+
+
+def _plan_wsds(cfg: Config, per_size: list, out: Path, moe: dict | None, *, budgets: list[float] | None,
+               tokens_per_param: list[float] | None) -> Ladder:
+    """Per size, its points (tokens per parameter x N active, or budget / FLOPs per token) in whole steps; the
+    longest trains from scratch (the trunk, checkpointing every E steps, keeping them all), each other branches
+    from the trunk's checkpoint at its cooldown start (pretrain.scaling.wsds)."""
+    from pretrain.launch.local import resolve_paths
+    from pretrain.length import steps_for
+    from pretrain.scaling.wsds import plan_size
+
+    rungs, configs, skipped, every = [], {}, [], {}
+    for shape, tree, counts, fpt, per_step in per_size:
+        n = int(counts.get("params_active", counts["params"]))
+        asked = ([(f"tpp{t:g}", t, None, steps_for(units_per_step=per_step, tokens=t * n))
+                  for t in sorted(set(tokens_per_param))] if tokens_per_param else
+                 [(budget_label(b), None, b, steps_for(units_per_step=per_step, flops=b, flops_per_unit=fpt))
+                  for b in sorted(set(float(b) for b in budgets)) if b >= fpt * per_step])
+        skipped += [{"budget": b, "size": shape.label, "reason": "less than one step"}
+                    for b in (budgets or []) if b < fpt * per_step]
+        if not asked:
+            continue
+        every[shape.label], points = plan_size([(a[0], a[3]) for a in asked], fraction=cfg.schedule.decay_fraction,
+                                               warmup=cfg.schedule.warmup_steps, size=shape.label)
+        kept = {p.label for p in points}
+        skipped += [{"size": shape.label, "point": a[0], "reason": "the same steps as a shorter point"}
+                    for a in asked if a[0] not in kept]
+        trunk = next(p for p in points if p.trunk)
+        by_label = {a[0]: a for a in asked}
+        for p in sorted(points, key=lambda p: p.steps):
+            label, tpp, budget, _ = by_label[p.label]
+            name = (f"{cfg.run.name}-{shape.label}-{label}" if tpp else f"{cfg.run.name}-{label}-{shape.label}")
+            run_tree = json.loads(json.dumps(tree))
+            run_tree["run"]["name"] = name
+            run_tree["train"].update(flops=None, steps=p.steps)
+            if p.trunk:  # a checkpoint at every branch step, all kept until the branches have read them
+                run_tree["checkpoint"].update(every=every[shape.label], keep=None, keep_every=None)
+            else:
+                trunk_name = (f"{cfg.run.name}-{shape.label}-{trunk.label}" if tpp
+                              else f"{cfg.run.name}-{trunk.label}-{shape.label}")
+                run_tree["checkpoint"]["branch_from"] = f"{_trunk_dir(cfg, out, trunk_name)}@{p.start}"
+            configs[name] = resolve_paths(_config(run_tree))
+            own = p.steps if p.trunk else p.steps - p.start
+            rungs.append(_rung(name, budget, shape, counts, fpt, p.steps, per_step,
+                               branch_from=run_tree["checkpoint"]["branch_from"],
+                               own_flops=own * per_step * fpt, tokens_per_param=tpp))
+    if not rungs:
+        raise LadderError("no size gets one step at any budget: raise the budgets or lower train.global_batch_size")
+    return Ladder(out, rungs, configs, skipped, moe, mode="wsds", checkpoint_every=every)
+
+
+def _trunk_dir(cfg: Config, out: Path, name: str) -> str:
+    """Where a trunk's checkpoints are: <cluster.storage>/<name> when set, else its run directory."""
+    return f"{cfg.cluster.storage.rstrip('/')}/{name}" if cfg.cluster.storage else str(out / "runs" / name)
 
 
 def _one_sparsity(by_size: dict[str, dict | None]) -> dict | None:
@@ -242,7 +345,7 @@ def _branches(rungs: list[Rung], configs: dict[str, Config], every: int, fractio
         tree = configs[r.name].model_dump(mode="json")
         tree["checkpoint"]["branch_from"] = spec
         configs[r.name] = _config(tree)
-        out.append(dataclasses.replace(r, branch_from=spec))
+        out.append(dataclasses.replace(r, branch_from=spec, own_flops=r.flops * (r.steps - k) / r.steps))
     return out
 
 

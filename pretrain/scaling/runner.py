@@ -1,5 +1,7 @@
 """Running a planned ladder (pretrain.scaling.ladder): its unfinished runs, locally or as concurrent Ray
-tasks, with a progress display; each finished run's summary marked with its planned budget.
+tasks, with a progress display; each finished run's summary marked with its planned budget. Runs that start
+from no other run (a grid's runs, WSD-S trunks) go first, then the branches (cooldowns) that read their
+checkpoints; a branch whose trunk failed is reported failed without starting.
 
 Where the runs go: without an address, one after another in this process, on one embedded Ray (the first
 `launch` starts it, the others find it). With `cluster.address` (or RAY_ADDRESS, as inside a Ray job) this
@@ -132,6 +134,12 @@ def _steps_done(rdir: Path) -> int:
     return max(0, last_step(rdir / "metrics.jsonl"))
 
 
+def _trunk_of(ladder: Ladder, branch: Rung) -> Rung | None:
+    """The rung whose run directory (or storage location) a branch's branch_from names."""
+    path = branch.branch_from.rsplit("@", 1)[0].rstrip("/")
+    return next((r for r in ladder.rungs if r.name == path.rsplit("/", 1)[-1] and not r.branch_from), None)
+
+
 def run_ladder(ladder: Ladder, *, run_fn: Callable[[dict], None] = train_run, cluster: bool | None = None,
                show: bool = True) -> Tracker:
     """Run the ladder's unfinished runs (keeping the finished ones), marking each finished summary with its
@@ -170,9 +178,18 @@ def run_ladder(ladder: Ladder, *, run_fn: Callable[[dict], None] = train_run, cl
         poller = threading.Thread(target=refresh, daemon=True)
         poller.start()
         try:
-            # Trunks and independent runs first, then the branches: each needs its trunk's checkpoint.
-            for wave in ([r for r in todo if not r.branch_from], [r for r in todo if r.branch_from]):
-                (_run_cluster if cluster else _run_local)(ladder, wave, tracker, run_fn)
+            # Trunks and independent runs first, then the branches: each needs its trunk's checkpoint. A branch
+            # whose trunk failed is reported failed without starting (it would only fail to find the checkpoint).
+            (_run_cluster if cluster else _run_local)(ladder, [r for r in todo if not r.branch_from], tracker, run_fn)
+            branches = []
+            for r in (r for r in todo if r.branch_from):
+                trunk = _trunk_of(ladder, r)
+                if trunk is not None and trunk.name in tracker.failed:
+                    tracker.start(r.name)
+                    tracker.end(r.name, f"its trunk {trunk.name} failed")
+                else:
+                    branches.append(r)
+            (_run_cluster if cluster else _run_local)(ladder, branches, tracker, run_fn)
         finally:
             stop.set()
             poller.join(timeout=5)
