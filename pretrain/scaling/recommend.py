@@ -29,6 +29,7 @@ SHAPE_RULE = ("depth from N_opt at the base config's aspect ratio d_model/n_laye
               "(Kaplan et al. 2020, section 3.1: loss is flat over aspect ratios 20-200)")
 EXTRAPOLATION = 100.0  # warn beyond two decades past the ladder's largest budget
 MAX_LAYERS = 512
+FAR = 1.5  # warn when the shape's N is further than this factor from N_opt
 
 
 @dataclass
@@ -129,6 +130,9 @@ def recommend(fit_dir: Path, cfg: Config, flops: float, *, gpus: int | None = No
     kind = doc["source"].get("params", "total")
     model, n_shape = shape_for(cfg, pred["n_opt"], kind)
     tokens = flops / (fit.k * n_shape)
+    if abs(math.log(n_shape / pred["n_opt"])) > math.log(FAR):
+        warnings.append(f"the nearest shape by the rule has {n_shape:,} parameters, {n_shape / pred['n_opt']:.2g} x "
+                        f"N_opt: the family's shapes are coarse here (or N_opt is below its smallest)")
     seq = getattr(cfg.model, "max_seq_len", None) or 1
     world = gpus or cfg.cluster.workers
     multiple = cfg.train.micro_batch_size * world
