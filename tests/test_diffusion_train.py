@@ -64,12 +64,13 @@ def _sample(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_zero_stages_agree(tmp_path, fashion, ray_local):
-    """ZeRO 1, 2 and 3 on 2 workers against ZeRO-0 on 1 worker, at step 10 (fp32)."""
+    """ZeRO 2 and 3 on 2 workers against ZeRO-0 on 1 worker, at step 10 (fp32); ZeRO-1 shares ZeRO-2's code in
+    DeepSpeed and is held to ZeRO-0 by the language models' tests."""
     ref = _train(tmp_path, fashion, "z0", "train.steps=10", "cluster.workers=1", "zero.stage=0",
                  "ema.decay=null")
     assert [r["step"] for r in ref] == list(range(1, 11)) and ref[-1]["images"] == 160
     assert ref[-1]["loss"] < ref[0]["loss"]
-    for stage in (1, 2, 3):
+    for stage in (2, 3):
         rows = _train(tmp_path, fashion, f"z{stage}", "train.steps=10", "cluster.workers=2", f"zero.stage={stage}",
                       "ema.decay=null")
         assert [r["step"] for r in rows] == list(range(1, 11))

@@ -84,7 +84,7 @@ def _size(d: Path) -> int:
 
 def test_lora_and_full_finetune_under_zero3_match_zero0(tmp_path, released, sft_data, ray_local):
     base_bytes = (released / "model.safetensors").stat().st_size
-    for kind, stages in (("lora", (1, 2, 3)), ("full", (3,))):
+    for kind, stages in (("lora", (2, 3)), ("full", (3,))):
         ref = _train(tmp_path, released, sft_data, f"{kind}-z0", "cluster.workers=1", "zero.stage=0", lora=kind == "lora")
         assert ref[-1]["loss"] < ref[0]["loss"], kind  # it learns
         for stage in stages:
