@@ -31,6 +31,7 @@ from scipy import stats
 from pretrain.scaling import ScalingError
 from pretrain.scaling.approach2 import group_budgets
 from pretrain.scaling.fit import interval
+from pretrain.scaling.table import positive
 
 MIN_VALUES = 3  # distinct values an axis needs per budget for its parabola
 QUANTITIES = ("lr", "batch")  # batch: tokens per optimizer step
@@ -49,16 +50,6 @@ class Sweep:
 
     def __len__(self) -> int:
         return len(self.names)
-
-
-def _positive(where: str, key: str, value: object) -> float:
-    try:
-        x = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ScalingError(f"{where}: {key} must be a positive number (got {value!r})") from None
-    if not (math.isfinite(x) and x > 0):
-        raise ScalingError(f"{where}: {key} must be a positive number (got {value!r})")
-    return x
 
 
 def read_sweep_table(path: Path) -> Sweep:
@@ -82,11 +73,11 @@ def read_sweep_table(path: Path) -> Sweep:
         where = f"{path} row {i}"
         if r["loss"].lower() in ("nan", "inf", "+inf"):
             continue
-        out["budget"].append(_positive(where, "budget", r["budget"]) if r.get("budget") else None)
-        out["flops"].append(_positive(where, "flops", r["flops"]) if r.get("flops") else out["budget"][-1])
-        out["lr"].append(_positive(where, "lr", r["lr"]))
-        out["batch"].append(_positive(where, "batch_tokens", r["batch_tokens"]))
-        out["loss"].append(_positive(where, "loss", r["loss"]))
+        out["budget"].append(positive(where, "budget", r["budget"]) if r.get("budget") else None)
+        out["flops"].append(positive(where, "flops", r["flops"]) if r.get("flops") else out["budget"][-1])
+        out["lr"].append(positive(where, "lr", r["lr"]))
+        out["batch"].append(positive(where, "batch_tokens", r["batch_tokens"]))
+        out["loss"].append(positive(where, "loss", r["loss"]))
         out["names"].append(r.get("name") or f"row {i}")
     return _sweep(out)
 
@@ -109,11 +100,11 @@ def read_sweep_runs(paths: list[Path], metric: str = "loss") -> Sweep:
         loss = float(s[key])
         if not math.isfinite(loss):
             continue  # diverged
-        out["flops"].append(_positive(str(rdir), "flops", s.get("flops")))
-        out["lr"].append(_positive(str(rdir), "schedule.lr", lr))
-        out["batch"].append(_positive(str(rdir), "tokens", s.get("tokens")) / int(s["steps"]))
-        out["loss"].append(_positive(str(rdir), key, loss))
-        out["budget"].append(_positive(str(rdir), "budget", s["budget"]) if s.get("budget") else None)
+        out["flops"].append(positive(str(rdir), "flops", s.get("flops")))
+        out["lr"].append(positive(str(rdir), "schedule.lr", lr))
+        out["batch"].append(positive(str(rdir), "tokens", s.get("tokens")) / int(s["steps"]))
+        out["loss"].append(positive(str(rdir), key, loss))
+        out["budget"].append(positive(str(rdir), "budget", s["budget"]) if s.get("budget") else None)
         out["names"].append(str(rdir))
     return _sweep(out)
 

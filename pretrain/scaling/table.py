@@ -76,7 +76,7 @@ class Points:
                 for i, name in enumerate(self.names)]
 
 
-def _positive(where: str, key: str, value: object) -> float:
+def positive(where: str, key: str, value: object) -> float:
     try:
         x = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -103,7 +103,7 @@ def _active(where: str, total: float, value: object) -> float:
     """A row's active parameters: `value`, or all of them when not given (a dense model)."""
     if value is None or value == "":
         return total
-    active = _positive(where, "params_active", value)
+    active = positive(where, "params_active", value)
     if active > total:
         raise ScalingError(f"{where}: params_active ({active:g}) exceeds params ({total:g})")
     return active
@@ -137,17 +137,17 @@ def read_table(path: Path, *, params: str = AUTO) -> Points:
     given, loss, budget, names = [], [], [], []  # given: (tokens, flops), either may be None
     for i, r in enumerate(rows, start=2):  # row 1 is the header
         where = f"{path} row {i}"
-        counts["params"].append(_positive(where, "params", r["params"]))
+        counts["params"].append(positive(where, "params", r["params"]))
         counts["params_active"].append(_active(where, counts["params"][-1], r.get("params_active")))
         if "params_non_embedding" in counts:
-            counts["params_non_embedding"].append(_positive(where, "params_non_embedding", r["params_non_embedding"]))
-        loss.append(_positive(where, "loss", r["loss"]))
-        tok = _positive(where, "tokens", r["tokens"]) if r.get("tokens") else None
-        fl = _positive(where, "flops", r["flops"]) if r.get("flops") else None
+            counts["params_non_embedding"].append(positive(where, "params_non_embedding", r["params_non_embedding"]))
+        loss.append(positive(where, "loss", r["loss"]))
+        tok = positive(where, "tokens", r["tokens"]) if r.get("tokens") else None
+        fl = positive(where, "flops", r["flops"]) if r.get("flops") else None
         if tok is None and fl is None:
             raise ScalingError(f"{where}: needs tokens or flops")
         given.append((tok, fl))
-        budget.append(_positive(where, "budget", r["budget"]) if r.get("budget") else None)
+        budget.append(positive(where, "budget", r["budget"]) if r.get("budget") else None)
         names.append(r.get("name") or f"row {i}")
     kind, n = _resolve(params, counts)
     d = np.array([tok if tok is not None else fl / (6.0 * ni) for (tok, fl), ni in zip(given, n, strict=True)])
@@ -230,14 +230,14 @@ def read_runs(paths: list[Path], *, metric: str = "loss", params: str = AUTO,
     for name, s in zip(names, summaries, strict=True):
         if lacking := next((k for k in need if k not in s), None):
             raise ScalingError(f"{name}: summary.json lacks {lacking}")
-        counts["params"].append(_positive(name, "params", s["params"]))
+        counts["params"].append(positive(name, "params", s["params"]))
         counts["params_active"].append(_active(name, counts["params"][-1], s.get("params_active")))
         if "params_non_embedding" in counts:
-            counts["params_non_embedding"].append(_positive(name, "params_non_embedding", s["params_non_embedding"]))
-        d.append(_positive(name, "tokens", s["tokens"]))
-        flops.append(_positive(name, "flops", s["flops"]) if s.get("flops") is not None else None)
-        loss.append(_positive(name, key, s[key]))
-        budget.append(_positive(name, "budget", s["budget"]) if s.get("budget") is not None else None)
+            counts["params_non_embedding"].append(positive(name, "params_non_embedding", s["params_non_embedding"]))
+        d.append(positive(name, "tokens", s["tokens"]))
+        flops.append(positive(name, "flops", s["flops"]) if s.get("flops") is not None else None)
+        loss.append(positive(name, key, s[key]))
+        budget.append(positive(name, "budget", s["budget"]) if s.get("budget") is not None else None)
         own = {k: str(s[k]) for k in IDENTITY if s.get(k)}
         ids.append(own if len(own) == len(IDENTITY) else {**_identity_from_config(Path(name)), **own})
     identity = _check_identity(names, ids, force)
