@@ -51,7 +51,12 @@ class Grids:
         self.first = None
 
     def add(self, v) -> None:
-        got = self.grids(dict(v.row)) if v.row else {}
+        if self.grids is None or not v.row:
+            return
+        got = self.grids(dict(v.row))
+        if not got and not self.sums:  # a model without grids (a dense one): nothing more to look for
+            self.grids = None
+            return
         for name, (rows, values, xlabel, cbar) in got.items():
             values = np.asarray(values, dtype=float)
             self.sums[name] = self.sums.get(name, 0) + values
