@@ -131,7 +131,7 @@ def test_config_yaml_holds_no_secret_and_still_loads(cfg):
 def test_ladder_compares_redacted_configs(cfg, tmp_path):
     """A ladder resumed over its redacted config.yaml finds the same config, not another one."""
     from pretrain.config import dump_config
-    from pretrain.scaling.ladder import _config_change
+    from pretrain.scaling.books import _config_change
 
     (tmp_path / "config.yaml").write_text(redact_yaml(dump_config(cfg)))
     assert _config_change(tmp_path, cfg) is None

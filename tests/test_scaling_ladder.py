@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from pretrain.load import config_from_dict, load_config
 from pretrain.scaling.approach3 import Law
-from pretrain.scaling.ladder import LadderError, finished, parse_size, plan_ladder, prepare
+from pretrain.scaling.books import finished, prepare
+from pretrain.scaling.ladder import LadderError, parse_size, plan_ladder
 from pretrain.scaling.report import fit_ladder
 from pretrain.scaling.runner import run_ladder
 

@@ -13,7 +13,8 @@ import yaml
 from typer.testing import CliRunner
 
 from pretrain.load import load_config
-from pretrain.scaling.ladder import finished, plan_ladder
+from pretrain.scaling.books import finished
+from pretrain.scaling.ladder import plan_ladder
 from pretrain.scaling.runner import run_ladder, train_run
 from pretrain.scaling.wsds import WsdsError, checkpoint_every, cooldown_start, plan_size, total_for_start
 

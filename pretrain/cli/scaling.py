@@ -223,7 +223,7 @@ def ladder(
     _plan_table(plan)
     try:
         if plan_only:
-            from pretrain.scaling.ladder import prepare
+            from pretrain.scaling.books import prepare
 
             done, todo = prepare(plan)
             typer.echo(f"planned {plan.out / 'ladder.json'}: {len(done)} runs done, {len(todo)} to run")
@@ -233,7 +233,7 @@ def ladder(
     except ScalingError as e:
         raise fail(str(e)) from None
     except KeyboardInterrupt:
-        from pretrain.scaling.ladder import prepare
+        from pretrain.scaling.books import prepare
 
         done, _ = prepare(plan)
         raise fail(f"interrupted: {len(done)} of {len(plan.rungs)} runs done; the same command resumes the rest "

@@ -15,8 +15,8 @@ cooldown at each point (tokens per parameter x N, or budget / FLOPs per token): 
 the trunk's checkpoints and the branch steps; ladder.json's `flops` holds the plan's cost against the same
 points each trained from scratch.
 
-This module plans the ladder and keeps its books (which runs are done, which to run); running it is
-pretrain.scaling.runner, fitting it pretrain.scaling.report.
+This module plans the ladder; pretrain.scaling.books keeps its books (which runs are done, which to run),
+pretrain.scaling.runner runs it, pretrain.scaling.report fits it.
 
 A mixture-of-experts ladder: the config's model is one (`model.type: mixtral`, ..., or a `model.moe` section), or
 its sizes say so with `-eE` or `-eEkK` (`128x4-e8k2`: model.moe.n_experts 8, top_k 2, the rest of model.moe from
@@ -37,14 +37,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
-
-from pretrain.config import Config, ConfigError, dump_config, run_dir
-from pretrain.redact import redact_yaml, redacted_tree
+from pretrain.config import Config, ConfigError, run_dir
 from pretrain.scaling import ScalingError
 
 
-def _config(tree: dict) -> Config:
+def config_of(tree: dict) -> Config:
     """`pretrain.load.config_from_dict`, imported on first use: the loader imports the model and objective
     registries (torch, 2 s), which `pretrain scaling fit` and every command's start-up do not need."""
     from pretrain.load import config_from_dict
@@ -204,7 +201,7 @@ def _probe(cfg: Config, shapes: list[Size], out: Path, budget: float) -> tuple[l
             tree["model"]["moe"] = routing if shape.top_k is None else dict(routing, top_k=shape.top_k)
         tree["train"]["flops"] = float(budget)
         try:
-            probe = _config(tree)
+            probe = config_of(tree)
         except ConfigError as e:
             raise LadderError(f"size {shape.label}: {e}") from None
         objective = preflight(probe)  # the data, and that the objective accepts this shape
@@ -243,7 +240,7 @@ def _plan_grid(cfg: Config, per_size: list, out: Path, moe: dict | None, budgets
             run_tree = json.loads(json.dumps(tree))
             run_tree["run"]["name"] = name
             run_tree["train"]["flops"] = budget
-            configs[name] = resolve_paths(_config(run_tree))
+            configs[name] = resolve_paths(config_of(run_tree))
             steps = steps_for(units_per_step=per_step, flops=budget, flops_per_unit=fpt)
             rungs.append(_rung(name, budget, shape, counts, fpt, steps, per_step))
     if cfg.schedule.type == "wsd" and cfg.checkpoint.every:
@@ -290,7 +287,7 @@ def _plan_wsds(cfg: Config, per_size: list, out: Path, moe: dict | None, *, budg
                 trunk_name = (f"{cfg.run.name}-{shape.label}-{trunk.label}" if tpp
                               else f"{cfg.run.name}-{trunk.label}-{shape.label}")
                 run_tree["checkpoint"]["branch_from"] = f"{_trunk_dir(cfg, out, trunk_name)}@{p.start}"
-            configs[name] = resolve_paths(_config(run_tree))
+            configs[name] = resolve_paths(config_of(run_tree))
             own = p.steps if p.trunk else p.steps - p.start
             rungs.append(_rung(name, budget, shape, counts, fpt, p.steps, per_step,
                                branch_from=run_tree["checkpoint"]["branch_from"],
@@ -344,77 +341,6 @@ def _branches(rungs: list[Rung], configs: dict[str, Config], every: int, fractio
         spec = f"{where}@{k}"
         tree = configs[r.name].model_dump(mode="json")
         tree["checkpoint"]["branch_from"] = spec
-        configs[r.name] = _config(tree)
+        configs[r.name] = config_of(tree)
         out.append(dataclasses.replace(r, branch_from=spec, own_flops=r.flops * (r.steps - k) / r.steps))
     return out
-
-
-# ------------------------------------------------------------------------------------------ bookkeeping
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _config_change(rdir: Path, cfg: Config) -> str | None:
-    """The first key where rdir/config.yaml differs from `cfg` ("key: old -> new"); None when equal or absent."""
-    path = rdir / "config.yaml"
-    if not path.is_file():
-        return None
-    try:
-        old = _flat(redacted_tree(_config(yaml.safe_load(path.read_text()) or {}).model_dump(mode="json")))
-    except (ConfigError, yaml.YAMLError) as e:
-        return f"its config.yaml does not load ({e})"
-    new = _flat(redacted_tree(cfg.model_dump(mode="json")))  # both redacted: config.yaml is written so
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            return f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-    return None
-
-
-def finished(rdir: Path, rung: Rung) -> bool:
-    """Whether the run is complete: its summary.json has a final loss and all the planned steps."""
-    try:
-        summary = json.loads((rdir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return summary.get("final_loss") is not None and int(summary.get("steps", 0)) >= rung.steps
-
-
-def prepare(ladder: Ladder) -> tuple[list[Rung], list[Rung]]:
-    """Write ladder.json and the configs of the runs still to do; (done, todo). Refuses a run directory that
-    holds another config (changing the ladder's config under a finished run would mix two ladders)."""
-    from pretrain.atomic import atomic_write
-
-    done, todo = [], []
-    for rung in ladder.rungs:
-        rdir, cfg = ladder.rdir(rung), ladder.configs[rung.name]
-        change = _config_change(rdir, cfg)
-        if change is not None:
-            raise LadderError(f"{rdir} holds a run of another config ({change}): delete it or give another --out")
-        (done if finished(rdir, rung) else todo).append(rung)
-    ladder.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(ladder.out / "ladder.json", json.dumps(ladder.plan_json(), indent=2) + "\n")
-    for rung in todo:
-        rdir = ladder.rdir(rung)
-        rdir.mkdir(parents=True, exist_ok=True)
-        atomic_write(rdir / "config.yaml", redact_yaml(dump_config(ladder.configs[rung.name])))
-    return done, todo
-
-
-def mark(rdir: Path, rung: Rung) -> None:
-    """Add the planned budget and size to a finished run's summary.json, so `pretrain scaling fit` on the
-    runs groups them by the budget they were planned for (their FLOPs overshoot it by under one step)."""
-    from pretrain.atomic import atomic_write
-
-    path = rdir / "summary.json"
-    summary = json.loads(path.read_text())
-    if summary.get("budget") != rung.budget or summary.get("ladder_size") != rung.size:
-        summary.update(budget=rung.budget, ladder_size=rung.size)
-        atomic_write(path, json.dumps(summary, indent=2) + "\n")

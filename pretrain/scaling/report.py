@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 
 from pretrain.metrics.sinks import wandb_mode
-from pretrain.scaling.ladder import Ladder, LadderError, finished
+from pretrain.scaling.books import finished
+from pretrain.scaling.ladder import Ladder, LadderError
 
 
 def fit_and_write(points, kind: str, paths: list[str], out: Path, *, target_flops: float | None = None,

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from pretrain.config import Config
 from pretrain.load import config_from_dict
-from pretrain.scaling.ladder import Ladder, Rung, finished, mark, prepare
+from pretrain.scaling.books import finished, mark, prepare
+from pretrain.scaling.ladder import Ladder, Rung
 
 
 def train_run(tree: dict) -> None:
