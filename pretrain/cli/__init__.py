@@ -264,7 +264,7 @@ def _mount(argv: list[str]) -> None:
 
         app.add_typer(data_app, name="data", help="Write and inspect webdataset shards.")
     if everything or command == "scaling":
-        from pretrain.cli import scaling_decide  # noqa: F401  (adds hyperfit, recommend, check to the app)
+        from pretrain.cli import scaling_decide, scaling_sweep  # noqa: F401  (add hyperfit, recommend, check, sweep)
         from pretrain.cli.scaling import app as scaling_app
 
         app.add_typer(scaling_app, name="scaling", help="Scaling laws: run isoFLOP ladders, fit runs or published tables.")

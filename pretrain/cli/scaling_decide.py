@@ -34,8 +34,8 @@ def hyperfit(
     seed: int = typer.Option(0, "--seed", help="seed of the bootstrap"),
 ) -> None:
     """Fit eta_opt = a C^alpha and B_opt = b C^beta (DeepSeek LLM 2024, section 3.1) to a learning-rate x batch sweep."""
-    from pretrain.atomic import atomic_write
-    from pretrain.scaling.hyper import fit_hyper, plot_sweep, read_sweep_runs, read_sweep_table
+    from pretrain.scaling.hyper import fit_hyper, read_sweep_runs, read_sweep_table
+    from pretrain.scaling.sweep import write_fit
 
     try:
         if len(sources) == 1 and sources[0].suffix.lower() == ".csv":
@@ -47,18 +47,20 @@ def hyperfit(
         fit = fit_hyper(sweep, resamples=bootstrap, seed=seed)
     except ScalingError as e:
         raise fail(str(e)) from None
-    out.mkdir(parents=True, exist_ok=True)
-    doc = {"source": {"paths": [str(p) for p in sources], "runs": len(sweep)}, "bootstrap": bootstrap, **fit.to_json()}
-    atomic_write(out / "hyper.json", json.dumps(doc, indent=2) + "\n")
-    plot_sweep(fit, out / "hyper.png")
+    print_hyper(fit, write_fit(fit, [str(p) for p in sources], out, bootstrap), out)
+
+
+def print_hyper(fit, doc: dict, out: Path) -> None:
+    """Each budget's optimum (or why it is not used), the laws with their 95% intervals, and where
+    they were written: what `hyperfit` and `sweep` print."""
     for o in fit.optima:
         at = ", ".join(f"{q} {getattr(o, q):.3g}" for q in ("lr", "batch") if getattr(o, q) is not None)
         typer.echo(f"{o.flops:.3g} FLOPs, {o.runs} runs: " + (f"optimum {at}" if o.used else f"not used: {o.reason}"))
     for q, unit in (("lr", ""), ("batch", " tokens")):
         law = doc[q]
         if law:
-            typer.echo(f"{q}_opt = {law['coefficient']:.4g} C^{law['exponent']:.4f}{unit}   exponent 95% "
-                       f"{_ci(law['ci95']['exponent'], '.4f')}")
+            typer.echo(f"{q}_opt = {law['coefficient']:.4g} C^{law['exponent']:.4f}{unit}   95%: coefficient "
+                       f"{_ci(law['ci95']['coefficient'], '.3g')}, exponent {_ci(law['ci95']['exponent'], '.4f')}")
     typer.echo(f"wrote {out / 'hyper.json'} and {out / 'hyper.png'}")
 
 
