@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import make_tiny_shards, run_gloo_ranks
+from tests.helpers import make_fashion_shards, make_tiny_shards, run_gloo_ranks
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +27,12 @@ def _reset_state():
 def tiny_shards(tmp_path_factory) -> object:
     """train/ and val/ webdataset shards (GPT-2 BPE, seq_len 32) of a small generated corpus."""
     return make_tiny_shards(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def fashion(tmp_path_factory) -> object:
+    """train/ and val/ image shards of the first 480 training and 96 test images of Debian's Fashion-MNIST."""
+    return make_fashion_shards(tmp_path_factory.mktemp("fashion"))
 
 
 @pytest.fixture(scope="module")

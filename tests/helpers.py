@@ -183,3 +183,25 @@ def moto_server(aws_dir: Path) -> Iterator[str]:
             S3FileSystem.clear_instance_cache()
             proc.terminate()
             proc.wait(timeout=10)
+
+
+def make_fashion_shards(root: Path, train: int = 480, test: int = 96) -> Path:
+    """Image shards of the first `train` training and `test` test images of Debian's Fashion-MNIST files under
+    root/shards (train/ and val/); returns that directory."""
+    import gzip
+
+    import pytest
+
+    from pretrain.data.write_images import FASHION_MNIST, read_idx, write_images
+
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail("needs the Debian package: apt-get install -y dataset-fashion-mnist")
+    for split, n in (("train", train), ("t10k", test)):
+        for kind in ("images-idx3-ubyte.gz", "labels-idx1-ubyte.gz"):
+            arr = read_idx(FASHION_MNIST / f"{split}-{kind}")[:n]
+            header = bytes([0, 0, 8, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+            (root / "idx").mkdir(parents=True, exist_ok=True)
+            with gzip.open(root / "idx" / f"{split}-{kind}", "wb") as f:
+                f.write(header + arr.tobytes())
+    write_images(str(root / "idx"), out=root / "shards", shard_samples=100)
+    return root / "shards"

@@ -471,3 +471,28 @@ def test_config_defaults_and_sampler_choice():
     assert (flow.sampler, flow.time_sampling, ddpm.sampler, ddpm.timesteps) == ("euler", "logit_normal", "ddpm", 1000)
     with pytest.raises(ObjectiveError, match="objective.sampler=ddim is not one of euler, heun"):
         objective().sample(TinyNet(), torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 32, 32), sampler="ddim")
+
+
+@pytest.mark.parametrize("kind", ["rectified_flow", "ddpm"])
+def test_validation_at_fixed_noise_levels_scores_every_image_at_each(kind):
+    """objective.val_times: the validation loss is every image's loss at each listed level (the same images,
+    noise and levels whatever the run), not at the drawn times; unset, it is the training loss's draws."""
+    levels = [0.1, 0.5, 0.9]
+    obj = objective(kind, objective_cfg={"val_times": levels})
+    drawn = objective(kind)
+    batches = [(obj.prepare(raw_batch(np.arange(i, i + 16), seed=i), torch.device("cpu")), True) for i in (0, 16)]
+    model = TinyNet()
+    got = obj.evaluate(model, batches)
+    total, count = (v.item() for v in got["loss"])
+    assert count == 2 * 16 * len(levels)
+    want = 0.0
+    for batch, _ in batches:
+        for f in levels:
+            t = torch.full_like(batch["t"], f) if kind == "rectified_flow" else torch.full_like(batch["t"], int(f * 1000))
+            want += obj.loss(model, dict(batch, t=t))[0].item()
+    assert total == pytest.approx(want, rel=1e-6)
+    assert got["loss_t0"][1].item() == 2 * 16 and got["loss_t1"][1].item() == 0  # 0.1 -> [0, 1/4), 0.5 -> [1/2, 3/4)
+    plain = drawn.evaluate(model, batches)
+    assert plain["loss"][1].item() == 2 * 16 and plain["loss"][0].item() != pytest.approx(total / len(levels))
+    with pytest.raises(ConfigError, match="val_times"):
+        objective(kind, objective_cfg={"val_times": [0.5, 1.0]})

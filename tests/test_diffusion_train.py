@@ -5,7 +5,6 @@ refuses a run that kept none)."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 import subprocess
@@ -18,9 +17,9 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from pretrain.data.write_images import FASHION_MNIST, read_idx, write_images
 from pretrain.launch.local import launch
 from pretrain.load import load_config
+from pretrain.scaling.table import read_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/dit-fashion.yaml"
@@ -31,23 +30,6 @@ TINY = ["model.d_model=48", "model.n_layers=2", "model.n_heads=3", "model.kernel
         "train.micro_batch_size=8", "train.global_batch_size=16", "schedule.warmup_steps=3", "schedule.decay_steps=20",
         "eval.every=0", "checkpoint.every=0", "eval.batches=1", "objective.eval_samples=0",
         "objective.grid_samples=0", "log.wandb=false"]
-
-
-@pytest.fixture(scope="module")
-def fashion(tmp_path_factory) -> Path:
-    """Shards of the first 480 training and 96 test images of Debian's Fashion-MNIST files."""
-    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
-        pytest.fail("needs the Debian package: apt-get install -y dataset-fashion-mnist")
-    root = tmp_path_factory.mktemp("fashion")
-    for split, n in (("train", 480), ("t10k", 96)):
-        for kind in ("images-idx3-ubyte.gz", "labels-idx1-ubyte.gz"):
-            arr = read_idx(FASHION_MNIST / f"{split}-{kind}")[:n]
-            header = bytes([0, 0, 8, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
-            (root / "idx").mkdir(exist_ok=True)
-            with gzip.open(root / "idx" / f"{split}-{kind}", "wb") as f:
-                f.write(header + arr.tobytes())
-    write_images(str(root / "idx"), out=root / "shards", shard_samples=100)
-    return root / "shards"
 
 
 def _train(tmp_path: Path, data: Path, name: str, *extra: str) -> list[dict]:
@@ -67,9 +49,16 @@ def test_zero_stages_agree(tmp_path, fashion, ray_local):
     """ZeRO 2 and 3 on 2 workers against ZeRO-0 on 1 worker, at step 10 (fp32); ZeRO-1 shares ZeRO-2's code in
     DeepSpeed and is held to ZeRO-0 by the language models' tests."""
     ref = _train(tmp_path, fashion, "z0", "train.steps=10", "cluster.workers=1", "zero.stage=0",
-                 "ema.decay=null")
+                 "ema.decay=null", "objective.val_times=[0.25,0.75]")
     assert [r["step"] for r in ref] == list(range(1, 11)) and ref[-1]["images"] == 160
     assert ref[-1]["loss"] < ref[0]["loss"]
+    # What a diffusion ladder's fit reads of the run (pretrain/scaling/table.py): D in images, the validation
+    # loss at the fixed noise levels (8 images x 2 levels), the FLOPs the run logged.
+    summary = json.loads((tmp_path / "runs" / "z0" / "summary.json").read_text())
+    points = read_runs([tmp_path / "runs" / "z0"])
+    assert points.unit == summary["unit"] == "images" and points.tokens[0] == summary["images"] == 160
+    assert points.loss[0] == summary["final_val_loss"] < summary["initial_val_loss"]
+    assert points.flops[0] == summary["flops"] == pytest.approx(160 * summary["flops_per_image"])
     for stage in (2, 3):
         rows = _train(tmp_path, fashion, f"z{stage}", "train.steps=10", "cluster.workers=2", f"zero.stage={stage}",
                       "ema.decay=null")

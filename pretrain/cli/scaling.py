@@ -70,6 +70,7 @@ def _report(result: dict, out: Path) -> None:
 
     a3, a2, target = result["approach3"], result["approach2"], result["target"]
     source = result["source"]
+    unit = source.get("unit", "tokens")
     table = Table(title=f"scaling fit: {source['points']} runs ({source['metric']}), N = {source['params']} parameters")
     for col in ("", "value", "95% interval"):
         table.add_column(col, justify="right" if col else "left")
@@ -89,8 +90,8 @@ def _report(result: dict, out: Path) -> None:
             continue
         label = f"{approach[:-1]} {approach[-1]} at {target['flops']:.3g} FLOPs:"
         table.add_row(f"{label} N_opt", f"{pred['n_opt']:.4g}", _ci(pred["ci95"]["n_opt"], ".4g"))
-        table.add_row("  D_opt (tokens)", f"{pred['d_opt']:.4g}", _ci(pred["ci95"]["d_opt"], ".4g"))
-        table.add_row("  tokens per parameter", f"{pred['tokens_per_param']:.3g}",
+        table.add_row(f"  D_opt ({unit})", f"{pred['d_opt']:.4g}", _ci(pred["ci95"]["d_opt"], ".4g"))
+        table.add_row(f"  {unit} per parameter", f"{pred['tokens_per_param']:.3g}",
                       _ci(pred["ci95"]["tokens_per_param"], ".3g"))
         if "loss" in pred:
             table.add_row("  loss", f"{pred['loss']:.4f}", _ci(pred["ci95"]["loss"], ".4f"))
@@ -142,7 +143,7 @@ def _plan_table(ladder) -> None:
     table = Table(title=f"ladder ({ladder.mode}): {len(ladder.rungs)} runs in {ladder.out}{sparsity}")
     budgets = any(r.budget is not None for r in ladder.rungs)  # none: points in tokens per parameter
     for col in ("size", *(["budget"] if budgets else []), *(["tok/param", "from step"] if wsds else []), "params", "non-emb",
-                *(["active"] if moe else []), "FLOPs/token", "steps", "tokens"):
+                *(["active"] if moe else []), f"FLOPs/{ladder.unit.rstrip('s')}", "steps", ladder.unit):
         table.add_column(col, justify="left" if col == "size" else "right")
     for r in ladder.rungs:  # the run's name is <run.name>-<budget>-<size>, or <run.name>-<size>-tpp<T>
         start = "trunk" if not r.branch_from else r.branch_from.rsplit("@", 1)[1]

@@ -171,6 +171,10 @@ class DDPM(ImageObjective):
     def time_fraction(self, t: torch.Tensor) -> torch.Tensor:
         return t.float() / self.cfg.objective.timesteps
 
+    def time_at(self, fraction: float, like: torch.Tensor) -> torch.Tensor:
+        t_max = self.cfg.objective.timesteps
+        return torch.full_like(like, min(int(fraction * t_max), t_max - 1), dtype=torch.int64)
+
     def vb_terms(self, pred: torch.Tensor, v: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor,
                  t: torch.Tensor) -> torch.Tensor:
         """L_vlb of each image in bits per dimension: KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)), and at

@@ -13,7 +13,7 @@ Box-Muller. Losses are computed in fp32 whatever the model's precision.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from pydantic import Field
 
 from pretrain.config import Section
 from pretrain.hooks import Hook, StepView
-from pretrain.objectives.base import Metrics, Objective, ObjectiveError
+from pretrain.objectives.base import Metrics, Objective, ObjectiveError, add_metrics
 from pretrain.objectives.sample_rng import normal, uniform
 
 # Streams of sample_rng (apart from masked_lm's 1-4 and the evaluation's): one per kind of draw, so the
@@ -37,6 +37,10 @@ class ImageSampling(Section):
     cfg_scale: float = Field(4.0, ge=0, description="classifier-free guidance scale s: u + s (c - u); 1 is none")
     eval_samples: int = Field(500, ge=0, description="images sampled at each evaluation for the quality numbers")
     grid_samples: int = Field(100, ge=0, description="images in the sample grid written at each evaluation")
+    val_times: list[Annotated[float, Field(ge=0, lt=1)]] | None = Field(
+        None, min_length=1, description="noise levels (fractions of the time range, in [0, 1)) at which every "
+        "validation image is scored, the loss their mean: one fixed set for every run of a scaling ladder; "
+        "unset: each image at its own drawn time, as in training")
 
 
 def per_image_mean(x: torch.Tensor) -> torch.Tensor:
@@ -186,6 +190,25 @@ class ImageObjective(Objective):
     def time_fraction(self, t: torch.Tensor) -> torch.Tensor:
         """t as a fraction in [0, 1) (for the buckets)."""
         return t.float()
+
+    def time_at(self, fraction: float, like: torch.Tensor) -> torch.Tensor:
+        """The time `fraction` of the way through the time range, for every image of `like` (the inverse of
+        time_fraction)."""
+        return torch.full_like(like, fraction, dtype=torch.float32)
+
+    def evaluate(self, model, batches: list[tuple[dict, bool]]) -> Metrics:
+        """The validation loss: with objective.val_times, every image at each of those noise levels (the same
+        images, noise and levels for every run, so runs of a ladder compare on one fixed set); without, each
+        image at its own drawn time, as the training loss."""
+        levels = self.cfg.objective.val_times
+        if not levels:
+            return super().evaluate(model, batches)
+        out: Metrics = {}
+        for batch, counted in batches:
+            for fraction in levels:
+                total, n, metrics = self.loss(model, dict(batch, t=self.time_at(fraction, batch["t"])))
+                add_metrics(out, {"loss": (total, n), **metrics}, 1.0 if counted else 0.0)
+        return out
 
     def per_image_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss of each image (B,) fp32, extra per-image terms by name, logged beside the loss)."""

@@ -56,6 +56,7 @@ class ScalingFit:
     approach2: Approach2 | None
     approach2_skipped: str | None
     params: str = "total"  # which count N is (table.PARAMS): the plots' axis names
+    unit: str = "tokens"  # what D counts (images for a diffusion model): the plots' axis names
 
     def sample_laws(self) -> list[Law]:
         return [Law(*row) for row in self.approach3_samples]
@@ -126,7 +127,7 @@ class ScalingFit:
 
 def fit_scaling(n: np.ndarray, d: np.ndarray, c: np.ndarray, loss: np.ndarray, *,
                 budget: np.ndarray | None = None, target_flops: float | None = None, resamples: int = 300,
-                starts: int | None = None, seed: int = 0, params: str = "total",
+                starts: int | None = None, seed: int = 0, params: str = "total", unit: str = "tokens",
                 progress: Callable[[str, int, int], None] | None = None) -> ScalingFit:
     """Approach 3 (with `resamples` bootstrap refits) and approach 2 over the points (N, D, C, L)."""
     if len(n) < MIN_POINTS:
@@ -145,4 +146,4 @@ def fit_scaling(n: np.ndarray, d: np.ndarray, c: np.ndarray, loss: np.ndarray, *
     a2 = fit_approach2(n, c, loss, labels, budgets, k, resamples=resamples, rng=rng)
     target = float(target_flops) if target_flops else 10.0 * float(c.max())
     return ScalingFit(n, d, c, loss, labels, budgets, k, target, a3, samples,
-                      a2 if isinstance(a2, Approach2) else None, a2 if isinstance(a2, str) else None, params)
+                      a2 if isinstance(a2, Approach2) else None, a2 if isinstance(a2, str) else None, params, unit)

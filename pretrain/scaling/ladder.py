@@ -48,7 +48,8 @@ def config_of(tree: dict) -> Config:
 
     return config_from_dict(tree)
 
-SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*(?:x\s*(\d+))?\s*(?:-\s*e\s*(\d+)\s*(?:k\s*(\d+))?)?\s*$", re.I)
+SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*(?:x\s*(\d+))?\s*(?:-\s*p\s*(\d+))?\s*(?:-\s*e\s*(\d+)\s*(?:k\s*(\d+))?)?\s*$",
+                  re.I)
 
 
 class LadderError(ScalingError):
@@ -57,32 +58,36 @@ class LadderError(ScalingError):
 
 @dataclass(frozen=True)
 class Size:
-    label: str  # as written, normalised: 128x4, 128x4x2 or 128x4-e8k2
+    label: str  # as written, normalised: 128x4, 128x4x2, 128x4-e8k2 or (a DiT) 192x6-p4
     d_model: int
     n_layers: int
     n_heads: int
     experts: int | None = None  # model.moe.n_experts a `-eE` suffix sets
     top_k: int | None = None  # model.moe.top_k a `kK` suffix sets
+    patch: int | None = None  # model.patch_size a `-pP` suffix sets (a DiT's patch side)
 
 
 def parse_size(text: str, head_dim: int) -> Size:
-    """`DxL` (heads = D / head_dim, at least 1) or `DxLxH`, either followed by `-eE` or `-eEkK` (E experts,
-    top-k K) for a mixture of experts."""
+    """`DxL` (heads = D / head_dim, at least 1) or `DxLxH`, then `-pP` for a DiT's patch side P, and `-eE` or
+    `-eEkK` (E experts, top-k K) for a mixture of experts."""
     m = SIZE.match(text)
     if not m:
-        raise LadderError(f"size {text!r}: write it as DxL (d_model x n_layers, e.g. 128x4) or DxLxH, "
-                          "with -eE or -eEkK for E experts of which K per token (128x4-e8k2)")
+        raise LadderError(f"size {text!r}: write it as DxL (d_model x n_layers, e.g. 128x4) or DxLxH, with "
+                          "-pP for a DiT's patch side (192x6-p4), -eE or -eEkK for E experts of which K per token "
+                          "(128x4-e8k2)")
     d, n_layers = int(m[1]), int(m[2])
     heads = int(m[3]) if m[3] else max(1, d // head_dim)
     if d % heads or not n_layers or not heads:
         raise LadderError(f"size {text!r}: d_model {d} does not split into {heads} heads"
                           + ("" if m[3] else f" of ladder.head_dim={head_dim}"))
-    experts, top_k = (int(m[4]) if m[4] else None), (int(m[5]) if m[5] else None)
+    patch, experts, top_k = (int(m[i]) if m[i] else None for i in (4, 5, 6))
+    if patch == 0:
+        raise LadderError(f"size {text!r}: a patch side is at least 1 (-p{patch})")
     if experts == 0 or top_k == 0 or (top_k or 0) > (experts or 0):
         raise LadderError(f"size {text!r}: want 1 <= top-k <= experts (-e{experts}k{top_k})")
-    label = (f"{d}x{n_layers}" + (f"x{heads}" if m[3] else "") + (f"-e{experts}" if experts else "")
-             + (f"k{top_k}" if top_k else ""))
-    return Size(label, d, n_layers, heads, experts, top_k)
+    label = (f"{d}x{n_layers}" + (f"x{heads}" if m[3] else "") + (f"-p{patch}" if patch else "")
+             + (f"-e{experts}" if experts else "") + (f"k{top_k}" if top_k else ""))
+    return Size(label, d, n_layers, heads, experts, top_k, patch)
 
 
 def budget_label(budget: float) -> str:
@@ -122,6 +127,7 @@ class Ladder:
     moe: dict | None = None  # the ladder's sparsity, {"n_experts", "top_k"}; None: dense
     mode: str = "grid"  # or "wsds"
     checkpoint_every: dict[str, int] = field(default_factory=dict)  # wsds: each size's trunk saves every E steps
+    unit: str = "tokens"  # what a rung's `tokens` count: the objective's unit (images for a diffusion model)
 
     def cost(self) -> dict:
         """FLOPs the plan trains (branches only after their branch step) against the same points each trained
@@ -131,7 +137,7 @@ class Ladder:
         return {"plan": own, "full_grid": grid, "ratio": own / grid if grid else None}
 
     def plan_json(self) -> dict:
-        return {"out": str(self.out), "mode": self.mode,
+        return {"out": str(self.out), "mode": self.mode, "unit": self.unit,
                 "budgets": sorted({r.budget for r in self.rungs if r.budget is not None}),
                 "tokens_per_param": sorted({r.tokens_per_param for r in self.rungs if r.tokens_per_param}),
                 "sizes": list(dict.fromkeys(r.size for r in self.rungs)), "moe": self.moe, "flops": self.cost(),
@@ -173,15 +179,18 @@ def plan_ladder(cfg: Config, *, budgets: list[float] | None = None, sizes: list[
                           "set schedule.type=wsd")
     head_dim = head_dim or (block.head_dim if block else 64)
     out = Path(out or (block.out if block and block.out else run_dir(cfg))).expanduser().resolve()
-    per_size, moe = _probe(cfg, [parse_size(t, head_dim) for t in sizes], out, (budgets or [1e12])[0])
+    per_size, moe, unit = _probe(cfg, [parse_size(t, head_dim) for t in sizes], out, (budgets or [1e12])[0])
     if mode == "wsds":
-        return _plan_wsds(cfg, per_size, out, moe, budgets=budgets, tokens_per_param=tokens_per_param)
-    return _plan_grid(cfg, per_size, out, moe, budgets)
+        ladder = _plan_wsds(cfg, per_size, out, moe, budgets=budgets, tokens_per_param=tokens_per_param)
+    else:
+        ladder = _plan_grid(cfg, per_size, out, moe, budgets)
+    ladder.unit = unit
+    return ladder
 
 
-def _probe(cfg: Config, shapes: list[Size], out: Path, budget: float) -> tuple[list, dict | None]:
-    """Per size (shape, config tree, parameter counts, FLOPs per token, tokens per step), and the ladder's
-    sparsity; checks each shape's config, data and objective."""
+def _probe(cfg: Config, shapes: list[Size], out: Path, budget: float) -> tuple[list, dict | None, str]:
+    """Per size (shape, config tree, parameter counts, FLOPs per unit, units per step), the ladder's sparsity,
+    and its unit (the objective's: tokens, or images); checks each shape's config, data and objective."""
     from pretrain.length import flops_per_unit, parameter_counts
     from pretrain.objectives.preflight import preflight
 
@@ -196,6 +205,11 @@ def _probe(cfg: Config, shapes: list[Size], out: Path, budget: float) -> tuple[l
     for shape in shapes:
         tree = json.loads(json.dumps(base))
         tree["model"].update(d_model=shape.d_model, n_layers=shape.n_layers, n_heads=shape.n_heads)
+        if shape.patch:
+            if "patch_size" not in tree["model"]:
+                raise LadderError(f"size {shape.label}: model.type={tree['model']['type']} has no patch size "
+                                  "(-pP is for a DiT)")
+            tree["model"]["patch_size"] = shape.patch
         if shape.experts:  # over the config's model.moe (a preset's routing stays), or a new one
             routing = dict(tree["model"].get("moe") or {}, n_experts=shape.experts)
             tree["model"]["moe"] = routing if shape.top_k is None else dict(routing, top_k=shape.top_k)
@@ -210,7 +224,8 @@ def _probe(cfg: Config, shapes: list[Size], out: Path, budget: float) -> tuple[l
         sparsity[shape.label] = None if m is None else {"n_experts": m.n_experts, "top_k": m.top_k}
         per_size.append((shape, tree, counts, flops_per_unit(probe, objective, counts),
                          probe.train.global_batch_size * objective.units_per_sample()))
-    return per_size, _one_sparsity(sparsity)  # before any run is named: a mixed ladder is refused whole
+    unit = str(objective.unit)
+    return per_size, _one_sparsity(sparsity), unit  # before any run is named: a mixed ladder is refused whole
 
 
 def _rung(name: str, budget: float | None, shape: Size, counts: dict, fpt: float, steps: int, per_step: int,

@@ -130,7 +130,7 @@ def plot_optimal(fit: ScalingFit, path: Path) -> Path:
     law = fit.approach3.law
     grid = np.geomspace(fit.c.min() / 2, max(fit.target_flops, fit.c.max()) * 2, 200)
     mid = float(np.exp(np.log(fit.c).mean()))  # reference lines pass through our frontier here
-    for ax, which, name in ((axes[0], 0, f"N_opt ({_n(fit)})"), (axes[1], 1, "D_opt (tokens)")):
+    for ax, which, name in ((axes[0], 0, f"N_opt ({_n(fit)})"), (axes[1], 1, f"D_opt ({fit.unit})")):
         ax.plot(grid, law.optimum(grid, fit.k)[which], color="black",
                 label=f"approach 3: {'a' if which == 0 else 'b'} = {law.a if which == 0 else law.b:.3f}")
         band = _band(fit, grid, lambda s, which=which: s.optimum(grid, fit.k)[which])
@@ -161,7 +161,7 @@ def plot_residuals(fit: ScalingFit, path: Path) -> Path:
     color, law = _colors(fit), fit.approach3.law
     r = np.log(fit.loss) - np.log(law.loss(fit.n, fit.d))
     for ax, x, name in ((axes[0], fit.n, f"{_n(fit)} N"),
-                        (axes[1], fit.d / fit.n, "tokens per parameter D/N")):
+                        (axes[1], fit.d / fit.n, f"{fit.unit} per parameter D/N")):
         ax.scatter(x, r, s=14, color=[color(fit.budgets[g]) for g in fit.labels])
         ax.axhline(0, color="black", lw=0.8)
         ax.set(xscale="log", xlabel=name, ylabel="log L - log L_fit")

@@ -34,11 +34,13 @@ def fit_and_write(points, kind: str, paths: list[str], out: Path, *, target_flop
 
         result = fit_scaling(points.params, points.tokens, points.flops, points.loss,
                              budget=points.budget, target_flops=target_flops, resamples=bootstrap,
-                             starts=starts, seed=seed, params=points.params_kind, progress=progress)
+                             starts=starts, seed=seed, params=points.params_kind, unit=points.unit,
+                             progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     doc = {
         "source": {"kind": kind, "paths": paths, "points": len(points),
-                   "metric": points.metric, "params": points.params_kind, **points.identity},
+                   "metric": points.metric, "params": points.params_kind, "unit": points.unit,
+                   **points.identity},
         **result.to_json(),
         "runs": points.rows(),
     }

@@ -8,7 +8,8 @@ What a run's `summary.json` must hold for a fit (the trainer writes it, pretrain
                           models/transformer.py); N with --params active, and by default when any run has fewer
                           active than total parameters. A summary without it (a dense run from before mixtures
                           of experts) counts all its parameters as active.
-    tokens                D, training tokens
+    tokens                D, training tokens; a run whose `unit` is another (a diffusion run's `images`) has D
+                          under that key instead, and every run of a fit must count D in the same unit
     flops                 C, training FLOPs (optional: 6 N D when absent)
     final_val_loss        the loss fitted (`final_loss`, the last training loss, when no run has a validation
                           loss; `final_val_bpb`, bits per byte, with --metric bpb)
@@ -63,6 +64,7 @@ class Points:
     identity: dict[str, str | None]  # the runs' common data, tokenizer, objective (None: not recorded)
     params_kind: str = "total"  # which count `params` holds: a key of PARAMS, never "auto"
     counts: dict[str, np.ndarray] = field(default_factory=dict)  # every count known, by its summary key
+    unit: str = "tokens"  # what D counts: tokens, or images for a diffusion model (summary.json's `unit`)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -222,7 +224,12 @@ def read_runs(paths: list[Path], *, metric: str = "loss", params: str = AUTO,
                        if not any(k in s for k in METRICS[metric]))
         raise ScalingError(f"{lacking}: summary.json has no {' or '.join(METRICS[metric])} "
                            "(every run of a fit needs the same loss)")
-    need = ["params", "tokens"] + (["params_non_embedding"] if params == "non-embedding" else [])
+    units = {str(s.get("unit") or "tokens") for s in summaries}
+    if len(units) > 1:
+        raise ScalingError(f"runs count their data in {' and '.join(sorted(units))}: a fit needs one unit of D "
+                           "(a language model's tokens and a diffusion model's images do not compare)")
+    unit = units.pop()
+    need = ["params", unit] + (["params_non_embedding"] if params == "non-embedding" else [])
     counts: dict[str, list[float]] = {"params": [], "params_active": []}
     if all("params_non_embedding" in s for s in summaries):
         counts["params_non_embedding"] = []
@@ -234,7 +241,7 @@ def read_runs(paths: list[Path], *, metric: str = "loss", params: str = AUTO,
         counts["params_active"].append(_active(name, counts["params"][-1], s.get("params_active")))
         if "params_non_embedding" in counts:
             counts["params_non_embedding"].append(positive(name, "params_non_embedding", s["params_non_embedding"]))
-        d.append(positive(name, "tokens", s["tokens"]))
+        d.append(positive(name, unit, s[unit]))
         flops.append(positive(name, "flops", s["flops"]) if s.get("flops") is not None else None)
         loss.append(positive(name, key, s[key]))
         budget.append(positive(name, "budget", s["budget"]) if s.get("budget") is not None else None)
@@ -244,4 +251,4 @@ def read_runs(paths: list[Path], *, metric: str = "loss", params: str = AUTO,
     kind, n = _resolve(params, counts)
     c = np.array([f if f is not None else 6.0 * ni * di for f, ni, di in zip(flops, n, d, strict=True)])
     return Points(n, np.array(d), c, np.array(loss), np.array(budget) if all(b is not None for b in budget) else None,
-                  names, key, identity, kind, {k: np.array(v) for k, v in counts.items()})
+                  names, key, identity, kind, {k: np.array(v) for k, v in counts.items()}, unit=unit)
