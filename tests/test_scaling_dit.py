@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pretrain.cli.scaling import app
+from pretrain.cli.scaling_decide import app  # the `pretrain scaling` app, with check mounted
 from pretrain.load import load_config
 from pretrain.scaling import ScalingError
 from pretrain.scaling.approach3 import Law
@@ -87,3 +87,36 @@ def test_the_fit_counts_images(tmp_path):
     _runs(tmp_path / "lm", "tokens", law, sizes=(3e5,), budgets=(1e12,))
     with pytest.raises(ScalingError, match="runs count their data in images and tokens: a fit needs one unit"):
         read_runs([tmp_path / "dit", tmp_path / "lm"])
+
+
+def test_check_a_run_in_images_extends_the_ladder_wandb_run(tmp_path, monkeypatch):
+    """`pretrain scaling check` on a fit of images: D read in images (a run in tokens refused in one line), and
+    the check's table and the redrawn frontier go to the ladder's W&B summary run, resumed by its id."""
+    import wandb
+
+    from pretrain.scaling.report import WANDB_RUN
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    law = Law(E=0.3, A=40.0, B=60.0, alpha=0.4, beta=0.3)
+    _runs(tmp_path / "dit", "images", law)
+    fit = tmp_path / "fit"
+    assert CliRunner().invoke(app, ["fit", str(tmp_path / "dit"), "--out", str(fit), "--starts", "8",
+                                    "--bootstrap", "16"]).exit_code == 0
+    run = wandb.init(project="p", name="ladder", dir=str(fit), mode="offline",
+                     settings=wandb.Settings(console="off", silent=True))
+    run_id = run.id
+    run.finish()
+    (fit / WANDB_RUN).write_text(json.dumps({"id": run_id, "project": "p", "name": "ladder"}))
+    _runs(tmp_path / "probe", "images", law, sizes=(1e6,), budgets=(4e12,))
+    probe = next((tmp_path / "probe").iterdir())
+    r = CliRunner().invoke(app, ["check", str(fit), str(probe), "--json"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.stdout[r.stdout.index("{"):])
+    assert rec["unit"] == "images" and rec["tokens"] == pytest.approx(4e12 / 6e6)
+    assert rec["loss"] == pytest.approx(rec["predicted"], rel=2e-3)  # the probe lies on the law the fit found
+    tables = list((fit / "wandb").glob(f"offline-run-*-{run_id}/files/media/table/checks_*.table.json"))
+    assert len(list((fit / "wandb").glob(f"offline-run-*-{run_id}"))) == 2 and len(tables) == 1
+    assert json.loads(tables[0].read_text())["data"][0][0] == str(probe.resolve())
+    _runs(tmp_path / "lm", "tokens", law, sizes=(3e5,), budgets=(1e12,))
+    r = CliRunner().invoke(app, ["check", str(fit), str(next((tmp_path / "lm").iterdir()))])
+    assert r.exit_code == 2 and "counts its data in tokens, the fit in images" in r.output

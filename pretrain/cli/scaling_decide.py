@@ -170,6 +170,14 @@ def check(
         raise fail(str(e)) from None
     for k, v in rec["differs"].items():
         typer.echo(f"warning: the run's {k} ({v['run']}) is not the fit's ({v['fit']})", err=True)
+    from pretrain.scaling.plots import read_checks
+    from pretrain.scaling.report import log_to_fit_run
+
+    logged = log_to_fit_run(fit_dir, [fit_dir / "frontier.png"], {"checks": read_checks(fit_dir)},
+                            {"checks/last/where": rec["where"], "checks/last/loss": rec["loss"],
+                             "checks/last/predicted": rec["predicted"]})
+    if logged is not None:
+        typer.echo(f"W&B summary run: {logged}", err=True)
     if as_json:
         typer.echo(json.dumps(rec, indent=2))
         return

@@ -51,11 +51,14 @@ def check_run(fit_dir: Path, run_dir: Path) -> dict:
     n = s.get(key) if key != "params_active" else s.get("params_active", s.get("params"))  # dense: all active
     if metric in METRICS:  # a fit of a table names its column (loss, bpb): the summary keys that hold it
         metric = next((k for k in METRICS[metric] if s.get(k) is not None), METRICS[metric][0])
-    loss = s.get(metric)
-    if loss is None or n is None or s.get("tokens") is None:
-        lacking = metric if loss is None else key if n is None else "tokens"
+    loss, unit = s.get(metric), doc["source"].get("unit", "tokens")
+    if str(s.get("unit") or "tokens") != unit:
+        raise ScalingError(f"{run_dir}: the run counts its data in {s.get('unit') or 'tokens'}, the fit in {unit}: "
+                           "a check compares a run with a fit of its own kind")
+    if loss is None or n is None or s.get(unit) is None:
+        lacking = metric if loss is None else key if n is None else unit
         raise ScalingError(f"{run_dir}: summary.json lacks {lacking}, which the fit's points used")
-    loss, n, d = float(loss), float(n), float(s["tokens"])
+    loss, n, d = float(loss), float(n), float(s[unit])
     if not (math.isfinite(loss) and loss > 0):
         raise ScalingError(f"{run_dir}: {metric} is {loss} (a diverged run has nothing to check)")
     fit = fit_from_json(doc)
@@ -65,7 +68,7 @@ def check_run(fit_dir: Path, run_dir: Path) -> dict:
     fitted = np.log(fit.loss) - np.log(fit.approach3.law.loss(fit.n, fit.d)) if len(fit.n) else np.zeros(0)
     differs = {k: (s.get(k), doc["source"].get(k)) for k in IDENTITY
                if s.get(k) and doc["source"].get(k) and str(s.get(k)) != str(doc["source"].get(k))}
-    record = {"run": str(Path(run_dir).resolve()), "metric": metric, "params": kind, "n": n, "tokens": d,
+    record = {"run": str(Path(run_dir).resolve()), "metric": metric, "params": kind, "n": n, "tokens": d, "unit": unit,
               "flops": float(s.get("flops") or fit.k * n * d), "loss": loss, "predicted": pred["loss"],
               "ci95": pred["ci95"], "where": side, "position": position, "log_residual": residual,
               "fit_rms_log_residual": float(np.sqrt(np.mean(fitted ** 2))) if len(fitted) else None,

@@ -91,7 +91,10 @@ def _draw_checks(ax, checks: list[dict]) -> None:
     """Each checked run: its prediction with the interval (open square, bar) and its loss (filled diamond)."""
     for i, c in enumerate(checks):
         lo, hi = c["ci95"] or (c["predicted"], c["predicted"])
-        ax.errorbar([c["flops"]], [c["predicted"]], yerr=[[c["predicted"] - lo], [hi - c["predicted"]]], fmt="s",
+        # The law's own loss may lie just outside its bootstrap laws' interval (a tight fit of few resamples):
+        # the bar then ends at the prediction, never below it (matplotlib refuses negative lengths).
+        down, up = max(0.0, c["predicted"] - lo), max(0.0, hi - c["predicted"])
+        ax.errorbar([c["flops"]], [c["predicted"]], yerr=[[down], [up]], fmt="s",
                     mfc="none", color="tab:blue", capsize=3, label="checked: prediction" if i == 0 else None)
         ax.scatter([c["flops"]], [c["loss"]], marker="D", s=30, color="tab:blue", zorder=4,
                    label="checked: realized" if i == 0 else None)

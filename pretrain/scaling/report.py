@@ -89,5 +89,41 @@ def log_wandb(ladder: Ladder, doc: dict, project: str, name: str) -> Path:
                     **{f"target/{k}": v for k, v in (target.get("approach3") or {}).items() if not isinstance(v, dict)}})
     run.summary.update(summary)
     path = Path(run.dir).parent
+    from pretrain.atomic import atomic_write
+
+    atomic_write(fit_dir / WANDB_RUN, json.dumps({"id": run.id, "project": project, "name": name}) + "\n")
     run.finish()
     return path
+
+
+WANDB_RUN = "wandb.json"  # in a fit directory: the ladder's W&B summary run, which later checks and sweeps extend
+
+
+def log_to_fit_run(fit_dir: Path, images: list[Path] = (), tables: dict[str, list[dict]] | None = None,
+                   summary: dict | None = None) -> Path | None:
+    """Add to the W&B summary run of the ladder whose fit directory this is (resumed by its id, offline unless
+    an API key is set): `images` by their stems, `tables` (rows of dicts, by name), `summary` keys. None, and
+    nothing logged, when the fit has no such run (`pretrain scaling fit` logs none)."""
+    try:
+        known = json.loads((Path(fit_dir) / WANDB_RUN).read_text())
+    except (OSError, ValueError):
+        return None
+    import wandb
+
+    run = wandb.init(project=known["project"], name=known["name"], id=known["id"], resume="allow",
+                     job_type="scaling-ladder", dir=str(fit_dir), mode=wandb_mode(),
+                     settings=wandb.Settings(console="off", silent=True))
+    data = {p.stem: wandb.Image(str(p)) for p in images if Path(p).is_file()}
+    for key, rows in (tables or {}).items():
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        data[key] = wandb.Table(columns=columns, data=[[_cell(r.get(c)) for c in columns] for r in rows])
+    run.log(data)
+    run.summary.update(summary or {})
+    path = Path(run.dir).parent
+    run.finish()
+    return path
+
+
+def _cell(v):
+    """A table cell W&B takes: numbers and strings as they are, anything else (lists, dicts) as JSON text."""
+    return v if v is None or isinstance(v, (int, float, str, bool)) else json.dumps(v)

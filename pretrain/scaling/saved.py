@@ -59,7 +59,8 @@ def fit_from_json(doc: dict) -> ScalingFit:
                      int(a3.get("starts_converged", 0)), int(a3.get("starts_at_best", 0)))
     return ScalingFit(col["n"], col["tokens"], col["flops"], col["loss"], labels, budgets,
                       float(doc["flops_per_param_token"]), float(doc["target"]["flops"]), fit3, samples,
-                      approach2, a2.get("skipped"), doc["source"].get("params", "total"))
+                      approach2, a2.get("skipped"), doc["source"].get("params", "total"),
+                      doc["source"].get("unit", "tokens"))
 
 
 def predict_point(fit: ScalingFit, n: float, d: float) -> dict:
