@@ -19,9 +19,12 @@ eval.batches x micro-batch x workers sequences (pretrain/train/run.py), so eval.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
+
+import numpy as np
 
 from pretrain.config import Config, ConfigError, run_dir
 from pretrain.scaling import ScalingError
@@ -138,6 +141,10 @@ def fit_sweep(ladder: Ladder, fit_dir: Path, *, bootstrap: int = 300, seed: int 
     if not dirs:
         raise SweepError(f"{ladder.out}: no finished runs to fit")
     sweep = read_sweep_runs(dirs, metric)
+    # The planned tokens per step, not read_sweep_runs' tokens / steps: a step the spike guard skipped
+    # (pretrain/train/spike.py) trained no tokens, which puts a run at 510 tokens per step instead of 512.
+    planned = {str(ladder.rdir(r)): r.tokens / r.steps for r in ladder.rungs}
+    sweep = dataclasses.replace(sweep, batch=np.array([planned[n] for n in sweep.names]))
     fit_dir.mkdir(parents=True, exist_ok=True)
     try:
         fit = fit_hyper(sweep, resamples=bootstrap, seed=seed)
