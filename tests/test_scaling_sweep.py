@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -87,6 +88,37 @@ def test_bad_input_is_one_line(tmp_path, tiny_shards):
                                      "1e13,1e14", "--plan"])
     assert r.exit_code == 0 and "FLOPs: " in r.output, r.output
     assert len(json.loads((tmp_path / "p" / "ladder.json").read_text())["runs"]) == 2 * 3 * 3
+
+
+def test_fit_recovers_laws_from_the_planned_batches(tmp_path, tiny_shards):
+    """Without training: each run writes the summary of a loss bowl about known optima, one step skipped by
+    the spike guard (its tokens not trained); the fit reads the planned batches and recovers the laws."""
+    from pretrain.scaling.hyper import load_hyper
+    from pretrain.scaling.runner import run_ladder
+    from pretrain.scaling.sweep import fit_sweep
+
+    cfg = _tiny(tmp_path, tiny_shards)
+    per_seq = _per_token(cfg) * 32
+    lad = plan_sweep(cfg, [s * 4 * per_seq for s in (40, 120, 360)], [1e-3, 3e-3, 1e-2], [2, 4, 8],
+                     out=tmp_path / "sw")
+    c0 = lad.rungs[0].budget
+
+    def fake(tree: dict) -> None:
+        r = next(r for r in lad.rungs if r.name == tree["run"]["name"])
+        lr, per_step = tree["optimizer"]["lr"], r.tokens // r.steps
+        lr_opt, b_opt = 3e-3 * (r.budget / c0) ** -0.1, 128 * (r.budget / c0) ** 0.3
+        loss = 5 + 0.1 * np.log(lr / lr_opt) ** 2 + 0.1 * np.log(per_step / b_opt) ** 2
+        (Path(tree["run"]["dir"]) / r.name / "summary.json").write_text(json.dumps({
+            "steps": r.steps, "tokens": (r.steps - 1) * per_step, "flops": r.flops, "skipped_steps": 1,
+            "schedule": {"lr": lr}, "final_loss": loss, "final_val_loss": loss}))
+
+    assert not run_ladder(lad, run_fn=fake, cluster=False, show=False).failed
+    fit, doc = fit_sweep(lad, tmp_path / "fit", bootstrap=20)
+    assert [o.used for o in fit.optima] == [True] * 3
+    assert doc["lr"]["exponent"] == pytest.approx(-0.1, abs=1e-6) and doc["batch"]["exponent"] == pytest.approx(0.3, abs=1e-6)
+    assert sorted({r["batch_tokens"] for r in doc["runs"]}) == [64, 128, 256]  # not (steps - 1) / steps of it
+    assert load_hyper(tmp_path / "fit" / "hyper.json")["batch_unit"] == "tokens per step"
+    assert (tmp_path / "fit" / "hyper.png").is_file()
 
 
 @pytest.mark.slow
