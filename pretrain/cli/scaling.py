@@ -161,16 +161,17 @@ def _plan_table(ladder) -> None:
         typer.echo(f"skipped {s['size']} {at}: {s['reason']}", err=True)
 
 
-def _submit(config: Path, overrides: list[str], address: str, argv: list[str]) -> None:
-    """The ladder as one Ray job: this command again (without --address) as the job's entrypoint."""
+def submit_command(command: str, config: Path, overrides: list[str], address: str, argv: list[str]) -> None:
+    """`pretrain scaling COMMAND` (ladder, sweep) as one Ray job: the same command again (without --address) as
+    the job's entrypoint, where RAY_ADDRESS makes the runner run the runs as concurrent Ray tasks."""
     import shlex
 
     from pretrain.launch.jobs import JobCommandError, build_job, connect
 
     try:
         spec = build_job(config, overrides)
-        spec["entrypoint"] = shlex.join(["pretrain", "scaling", "ladder", *argv])
-        spec["metadata"]["kind"] = "scaling-ladder"
+        spec["entrypoint"] = shlex.join(["pretrain", "scaling", command, *argv])
+        spec["metadata"]["kind"] = f"scaling-{command}"
         client, addr = connect(address)
         for w in spec.pop("warnings"):
             typer.echo(f"warning: {w}", err=True)
@@ -178,7 +179,7 @@ def _submit(config: Path, overrides: list[str], address: str, argv: list[str]) -
     except JobCommandError as e:
         raise fail(str(e), e.code) from None
     except Exception as e:  # noqa: BLE001 - Ray's client errors: one line
-        raise fail(f"submitting the ladder to {address}: {first_line(e)}", 1) from None
+        raise fail(f"submitting the {command} to {address}: {first_line(e)}", 1) from None
     typer.echo(f"submitted to {addr}: {spec['entrypoint']}", err=True)
     typer.echo(jid)
 
@@ -213,7 +214,7 @@ def ladder(
         given = {"--budgets": budgets, "--tokens-per-param": tokens_per_param, "--mode": mode, "--sizes": sizes, "--head-dim": head_dim, "--out": out,
                  "--bootstrap": bootstrap, "--seed": seed}
         argv = [str(config), *overrides, *[str(x) for k, v in given.items() if v is not None for x in (k, v)]]
-        return _submit(config, overrides, address, argv)
+        return submit_command("ladder", config, overrides, address, argv)
     try:
         cfg = load_config(config, overrides)
         plan = plan_ladder(cfg, budgets=_floats(budgets, "--budgets"), sizes=sizes.split(",") if sizes else None,

@@ -20,10 +20,9 @@ from typing import Optional
 import typer
 
 from pretrain.cli.common import fail
-from pretrain.cli.scaling import _floats, app
+from pretrain.cli.scaling import _floats, app, submit_command
 from pretrain.cli.scaling_decide import print_hyper
 from pretrain.config import ConfigError
-from pretrain.errors import first_line
 from pretrain.scaling import ScalingError
 
 # The grid of configs/sweep-tiny.yaml (a config holds no sweep: block): 27 runs of 31 to 1,234 steps.
@@ -49,30 +48,6 @@ def _plan_table(plan) -> None:
     typer.echo(f"FLOPs: {plan.cost()['plan']:.3g} in all")
     for s in plan.skipped:
         typer.echo(f"skipped {s['budget']:.3g} FLOPs lr {s['lr']:.3g} batch {s['batch']}: {s['reason']}", err=True)
-
-
-def _submit(config: Path, overrides: list[str], address: str, argv: list[str]) -> None:
-    """The sweep as one Ray job: this command again (without --address) as the job's entrypoint, where
-    RAY_ADDRESS makes the runner run the runs as concurrent Ray tasks (pretrain.cli.scaling._submit's twin for
-    `ladder`, which names its own command)."""
-    import shlex
-
-    from pretrain.launch.jobs import JobCommandError, build_job, connect
-
-    try:
-        spec = build_job(config, overrides)
-        spec["entrypoint"] = shlex.join(["pretrain", "scaling", "sweep", *argv])
-        spec["metadata"]["kind"] = "scaling-sweep"
-        client, addr = connect(address)
-        for w in spec.pop("warnings"):
-            typer.echo(f"warning: {w}", err=True)
-        jid = client.submit_job(**spec)
-    except JobCommandError as e:
-        raise fail(str(e), e.code) from None
-    except Exception as e:  # noqa: BLE001 - Ray's client errors: one line
-        raise fail(f"submitting the sweep to {address}: {first_line(e)}", 1) from None
-    typer.echo(f"submitted to {addr}: {spec['entrypoint']}", err=True)
-    typer.echo(jid)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -105,7 +80,7 @@ def sweep(
         given = {"--budgets": budgets, "--lrs": lrs, "--batches": batches, "--size": size, "--out": out,
                  "--fit-dir": fit_dir, "--bootstrap": bootstrap, "--seed": seed}
         argv = [str(config), *overrides, *[str(x) for k, v in given.items() if v is not None for x in (k, v)]]
-        return _submit(config, overrides, address, argv)
+        return submit_command("sweep", config, overrides, address, argv)
     try:
         cfg = load_config(config, overrides)
         plan = plan_sweep(cfg, _floats(budgets, "--budgets"), _floats(lrs, "--lrs"), _floats(batches, "--batches"),
