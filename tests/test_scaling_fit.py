@@ -174,7 +174,7 @@ def test_fit_run_directories(tmp_path):
     assert r.exit_code == 0, r.output
     fit = json.loads((out / "fit.json").read_text())
     assert fit["source"] == {"kind": "runs", "paths": [str(tmp_path / "ladder")], "points": 12,
-                             "metric": "final_val_loss", "params": "total", "data": "corpus-a",
+                             "metric": "final_val_loss", "params": "total", "unit": "tokens", "data": "corpus-a",
                              "tokenizer": "gpt2:abc", "objective": "causal_lm"}
     assert fit["flops_per_param_token"] == pytest.approx(6.0)  # no flops in the summaries: C = 6 N D
     assert [b["flops"] for b in fit["approach2"]["budgets"]] == pytest.approx([1e15, 1e16, 1e17])

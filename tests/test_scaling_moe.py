@@ -38,7 +38,7 @@ def test_moe_sizes():
     assert parse_size("64x2", 64).experts is None  # dense, as before
     with pytest.raises(LadderError, match=r"want 1 <= top-k <= experts \(-e2k4\)"):
         parse_size("64x2-e2k4", 64)
-    with pytest.raises(LadderError, match="with -eE or -eEkK"):
+    with pytest.raises(LadderError, match="-eE or -eEkK for E experts"):
         parse_size("64x2-8e2", 64)
 
 
