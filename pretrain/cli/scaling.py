@@ -184,6 +184,31 @@ def submit_command(command: str, config: Path, overrides: list[str], address: st
     typer.echo(jid)
 
 
+def run_planned(plan, plan_only: bool, what: str):
+    """Run a planned ladder or sweep (resuming it), or with `plan_only` write its plan and configs only (None).
+    Prints the outcome and each failed run; Ctrl-C ends with one line saying how to resume."""
+    from pretrain.scaling.books import prepare
+    from pretrain.scaling.runner import run_ladder
+
+    try:
+        if plan_only:
+            done, todo = prepare(plan)
+            typer.echo(f"planned {plan.out / 'ladder.json'}: {len(done)} runs done, {len(todo)} to run")
+            return None
+        started = time.time()
+        tracker = run_ladder(plan)
+    except ScalingError as e:
+        raise fail(str(e)) from None
+    except KeyboardInterrupt:
+        done, _ = prepare(plan)
+        raise fail(f"interrupted: {len(done)} of {len(plan.rungs)} runs done; the same command resumes the rest "
+                   "(a run in flight from its last checkpoint)", 130) from None
+    typer.echo(f"{what}: {tracker.line()} in {time.time() - started:.0f}s")
+    for name, line in tracker.failed.items():
+        typer.echo(f"failed {name}: {line}", err=True)
+    return tracker
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def ladder(
     config: Path = typer.Argument(..., help="run config YAML (its ladder: block gives budgets and sizes), e.g. configs/ladder-tiny.yaml"),
@@ -207,7 +232,6 @@ def ladder(
     from pretrain.objectives import ObjectiveError
     from pretrain.scaling.ladder import plan_ladder
     from pretrain.scaling.report import fit_ladder, log_wandb
-    from pretrain.scaling.runner import run_ladder
 
     overrides = list(overrides or [])
     if address:  # the same command as a Ray job, where RAY_ADDRESS makes it run the runs as concurrent tasks
@@ -223,26 +247,9 @@ def ladder(
     except (ConfigError, ScalingError, DataError, ObjectiveError) as e:
         raise fail(str(e)) from None
     _plan_table(plan)
-    try:
-        if plan_only:
-            from pretrain.scaling.books import prepare
-
-            done, todo = prepare(plan)
-            typer.echo(f"planned {plan.out / 'ladder.json'}: {len(done)} runs done, {len(todo)} to run")
-            return
-        started = time.time()
-        tracker = run_ladder(plan)
-    except ScalingError as e:
-        raise fail(str(e)) from None
-    except KeyboardInterrupt:
-        from pretrain.scaling.books import prepare
-
-        done, _ = prepare(plan)
-        raise fail(f"interrupted: {len(done)} of {len(plan.rungs)} runs done; the same command resumes the rest "
-                   "(a run in flight from its last checkpoint)", 130) from None
-    typer.echo(f"ladder: {tracker.line()} in {time.time() - started:.0f}s")
-    for name, line in tracker.failed.items():
-        typer.echo(f"failed {name}: {line}", err=True)
+    tracker = run_planned(plan, plan_only, "ladder")
+    if tracker is None:
+        return
     try:
         doc = fit_ladder(plan, bootstrap=bootstrap, seed=seed)
     except ScalingError as e:

@@ -13,14 +13,13 @@ on stderr (`error: ...`) and exit code 2; failed runs with exit code 1 after the
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from pretrain.cli.common import fail
-from pretrain.cli.scaling import _floats, app, submit_command
+from pretrain.cli.scaling import _floats, app, run_planned, submit_command
 from pretrain.cli.scaling_decide import print_hyper
 from pretrain.config import ConfigError
 from pretrain.scaling import ScalingError
@@ -71,8 +70,6 @@ def sweep(
     from pretrain.data import DataError
     from pretrain.load import load_config
     from pretrain.objectives import ObjectiveError
-    from pretrain.scaling.books import prepare
-    from pretrain.scaling.runner import run_ladder
     from pretrain.scaling.sweep import fit_sweep, log_wandb, plan_sweep
 
     overrides = list(overrides or [])
@@ -89,22 +86,9 @@ def sweep(
         raise fail(str(e)) from None
     _plan_table(plan)
     fit_dir = (fit_dir or plan.out / "fit").expanduser().resolve()
-    try:
-        if plan_only:
-            done, todo = prepare(plan)
-            typer.echo(f"planned {plan.out / 'ladder.json'}: {len(done)} runs done, {len(todo)} to run")
-            return
-        started = time.time()
-        tracker = run_ladder(plan)
-    except ScalingError as e:
-        raise fail(str(e)) from None
-    except KeyboardInterrupt:
-        done, _ = prepare(plan)
-        raise fail(f"interrupted: {len(done)} of {len(plan.rungs)} runs done; the same command resumes the rest "
-                   "(a run in flight from its last checkpoint)", 130) from None
-    typer.echo(f"sweep: {tracker.line()} in {time.time() - started:.0f}s")
-    for name, line in tracker.failed.items():
-        typer.echo(f"failed {name}: {line}", err=True)
+    tracker = run_planned(plan, plan_only, "sweep")
+    if tracker is None:
+        return
     try:
         fit, doc = fit_sweep(plan, fit_dir, bootstrap=bootstrap, seed=seed)
     except ScalingError as e:
