@@ -17,7 +17,7 @@ import numpy as np
 
 from pretrain.scaling import ScalingError
 from pretrain.scaling.saved import fit_from_json, predict_point, read_fit
-from pretrain.scaling.table import IDENTITY, METRICS, PARAMS
+from pretrain.scaling.table import IDENTITY, METRICS, PARAMS, summary_unit
 
 
 def _summary(run_dir: Path) -> dict:
@@ -52,8 +52,8 @@ def check_run(fit_dir: Path, run_dir: Path) -> dict:
     if metric in METRICS:  # a fit of a table names its column (loss, bpb): the summary keys that hold it
         metric = next((k for k in METRICS[metric] if s.get(k) is not None), METRICS[metric][0])
     loss, unit = s.get(metric), doc["source"].get("unit", "tokens")
-    if str(s.get("unit") or "tokens") != unit:
-        raise ScalingError(f"{run_dir}: the run counts its data in {s.get('unit') or 'tokens'}, the fit in {unit}: "
+    if summary_unit(s) != unit:
+        raise ScalingError(f"{run_dir}: the run counts its data in {summary_unit(s)}, the fit in {unit}: "
                            "a check compares a run with a fit of its own kind")
     if loss is None or n is None or s.get(unit) is None:
         lacking = metric if loss is None else key if n is None else unit

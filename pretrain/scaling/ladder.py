@@ -179,7 +179,7 @@ def plan_ladder(cfg: Config, *, budgets: list[float] | None = None, sizes: list[
                           "set schedule.type=wsd")
     head_dim = head_dim or (block.head_dim if block else 64)
     out = Path(out or (block.out if block and block.out else run_dir(cfg))).expanduser().resolve()
-    per_size, moe, unit = _probe(cfg, [parse_size(t, head_dim) for t in sizes], out, (budgets or [1e12])[0])
+    per_size, moe, unit = probe_sizes(cfg, [parse_size(t, head_dim) for t in sizes], out, (budgets or [1e12])[0])
     if mode == "wsds":
         ladder = _plan_wsds(cfg, per_size, out, moe, budgets=budgets, tokens_per_param=tokens_per_param)
     else:
@@ -188,7 +188,7 @@ def plan_ladder(cfg: Config, *, budgets: list[float] | None = None, sizes: list[
     return ladder
 
 
-def _probe(cfg: Config, shapes: list[Size], out: Path, budget: float) -> tuple[list, dict | None, str]:
+def probe_sizes(cfg: Config, shapes: list[Size], out: Path, budget: float) -> tuple[list, dict | None, str]:
     """Per size (shape, config tree, parameter counts, FLOPs per unit, units per step), the ladder's sparsity,
     and its unit (the objective's: tokens, or images); checks each shape's config, data and objective."""
     from pretrain.length import flops_per_unit, parameter_counts
@@ -228,7 +228,7 @@ def _probe(cfg: Config, shapes: list[Size], out: Path, budget: float) -> tuple[l
     return per_size, _one_sparsity(sparsity), unit  # before any run is named: a mixed ladder is refused whole
 
 
-def _rung(name: str, budget: float | None, shape: Size, counts: dict, fpt: float, steps: int, per_step: int,
+def make_rung(name: str, budget: float | None, shape: Size, counts: dict, fpt: float, steps: int, per_step: int,
           **extra) -> Rung:
     return Rung(name, budget, shape.label, shape.d_model, shape.n_layers, shape.n_heads, int(counts["params"]),
                 int(counts["params_non_embedding"]), int(counts.get("params_active", counts["params"])), fpt,
@@ -257,7 +257,7 @@ def _plan_grid(cfg: Config, per_size: list, out: Path, moe: dict | None, budgets
             run_tree["train"]["flops"] = budget
             configs[name] = resolve_paths(config_of(run_tree))
             steps = steps_for(units_per_step=per_step, flops=budget, flops_per_unit=fpt)
-            rungs.append(_rung(name, budget, shape, counts, fpt, steps, per_step))
+            rungs.append(make_rung(name, budget, shape, counts, fpt, steps, per_step))
     if cfg.schedule.type == "wsd" and cfg.checkpoint.every:
         rungs = _branches(rungs, configs, cfg.checkpoint.every, cfg.schedule.decay_fraction)
     return Ladder(out, rungs, configs, skipped, moe)
@@ -304,7 +304,7 @@ def _plan_wsds(cfg: Config, per_size: list, out: Path, moe: dict | None, *, budg
                 run_tree["checkpoint"]["branch_from"] = f"{_trunk_dir(cfg, out, trunk_name)}@{p.start}"
             configs[name] = resolve_paths(config_of(run_tree))
             own = p.steps if p.trunk else p.steps - p.start
-            rungs.append(_rung(name, budget, shape, counts, fpt, p.steps, per_step,
+            rungs.append(make_rung(name, budget, shape, counts, fpt, p.steps, per_step,
                                branch_from=run_tree["checkpoint"]["branch_from"],
                                own_flops=own * per_step * fpt, tokens_per_param=tpp))
     if not rungs:

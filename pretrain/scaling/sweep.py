@@ -29,7 +29,7 @@ import numpy as np
 from pretrain.config import Config, ConfigError, run_dir
 from pretrain.scaling import ScalingError
 from pretrain.scaling.books import finished
-from pretrain.scaling.ladder import Ladder, Size, _probe, _rung, budget_label, config_of, parse_size
+from pretrain.scaling.ladder import Ladder, Size, budget_label, config_of, make_rung, parse_size, probe_sizes
 
 MIN_STEPS = 10  # fewer, and a run is mostly warm-up and start-up: its loss says little about its lr
 
@@ -87,7 +87,7 @@ def plan_sweep(cfg: Config, budgets: list[float], lrs: list[float], batches: lis
     batches = _check("batches", batches, integer=True)
     micro = {b: _micro(cfg, b) for b in batches}
     out = Path(out or run_dir(cfg)).expanduser().resolve()
-    [(shape, tree, counts, fpt, per_step)], moe, *_ = _probe(cfg, [_shape(cfg, size)], out, budgets[0])
+    [(shape, tree, counts, fpt, per_step)], moe, *_ = probe_sizes(cfg, [_shape(cfg, size)], out, budgets[0])
     per_sample = per_step // cfg.train.global_batch_size  # tokens per sequence (the objective's units)
     warmup = cfg.schedule.warmup_steps
     rungs, configs, skipped = [], {}, []
@@ -113,7 +113,7 @@ def plan_sweep(cfg: Config, budgets: list[float], lrs: list[float], batches: lis
                     configs[name] = resolve_paths(config_of(run_tree))
                 except ConfigError as e:
                     raise SweepError(f"run {name}: {e}") from None
-                rungs.append(_rung(name, budget, shape, counts, fpt, steps, batch * per_sample))
+                rungs.append(make_rung(name, budget, shape, counts, fpt, steps, batch * per_sample))
         if not fits:
             most = steps_for(units_per_step=batches[0] * per_sample, flops=budget, flops_per_unit=fpt)
             raise SweepError(f"budget {budget:.3g} FLOPs: no batch gets {max(MIN_STEPS, warmup + 1)} steps at "

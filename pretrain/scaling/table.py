@@ -78,6 +78,11 @@ class Points:
                 for i, name in enumerate(self.names)]
 
 
+def summary_unit(summary: dict) -> str:
+    """What a run's summary.json counts D in: its `unit` (images for a diffusion model), tokens when unsaid."""
+    return str(summary.get("unit") or "tokens")
+
+
 def positive(where: str, key: str, value: object) -> float:
     try:
         x = float(value)  # type: ignore[arg-type]
@@ -224,7 +229,7 @@ def read_runs(paths: list[Path], *, metric: str = "loss", params: str = AUTO,
                        if not any(k in s for k in METRICS[metric]))
         raise ScalingError(f"{lacking}: summary.json has no {' or '.join(METRICS[metric])} "
                            "(every run of a fit needs the same loss)")
-    units = {str(s.get("unit") or "tokens") for s in summaries}
+    units = {summary_unit(s) for s in summaries}
     if len(units) > 1:
         raise ScalingError(f"runs count their data in {' and '.join(sorted(units))}: a fit needs one unit of D "
                            "(a language model's tokens and a diffusion model's images do not compare)")
