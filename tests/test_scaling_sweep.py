@@ -90,12 +90,16 @@ def test_bad_input_is_one_line(tmp_path, tiny_shards):
     assert len(json.loads((tmp_path / "p" / "ladder.json").read_text())["runs"]) == 2 * 3 * 3
 
 
-def test_fit_recovers_laws_from_the_planned_batches(tmp_path, tiny_shards):
+def test_fit_recovers_laws_from_the_planned_batches(tmp_path, tiny_shards, monkeypatch):
     """Without training: each run writes the summary of a loss bowl about known optima, one step skipped by
-    the spike guard (its tokens not trained); the fit reads the planned batches and recovers the laws."""
+    the spike guard (its tokens not trained); the fit reads the planned batches and recovers the laws. Into a
+    ladder's fit directory, the sweep's plot and laws also extend the ladder's W&B summary run."""
+    import wandb
+
     from pretrain.scaling.hyper import load_hyper
+    from pretrain.scaling.report import WANDB_RUN
     from pretrain.scaling.runner import run_ladder
-    from pretrain.scaling.sweep import fit_sweep
+    from pretrain.scaling.sweep import fit_sweep, log_wandb
 
     cfg = _tiny(tmp_path, tiny_shards)
     per_seq = _per_token(cfg) * 32
@@ -119,6 +123,18 @@ def test_fit_recovers_laws_from_the_planned_batches(tmp_path, tiny_shards):
     assert sorted({r["batch_tokens"] for r in doc["runs"]}) == [64, 128, 256]  # not (steps - 1) / steps of it
     assert load_hyper(tmp_path / "fit" / "hyper.json")["batch_unit"] == "tokens per step"
     assert (tmp_path / "fit" / "hyper.png").is_file()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    fit_dir = tmp_path / "fit"
+    ladder = wandb.init(project="p", name="ladder", dir=str(fit_dir), mode="offline",
+                        settings=wandb.Settings(console="off", silent=True))
+    ladder_id = ladder.id
+    ladder.finish()
+    (fit_dir / WANDB_RUN).write_text(json.dumps({"id": ladder_id, "project": "p", "name": "ladder"}))
+    own, extended = log_wandb(lad, doc, fit_dir, "p", "sweep")
+    assert own != extended and extended.name.endswith(ladder_id)
+    assert len(list(extended.glob("files/media/images/hyper_*.png"))) == 1
+    assert len(list(extended.glob("files/media/table/sweep_*.table.json"))) == 1
+    assert len(list(own.glob("files/media/images/hyper_*.png"))) == 1
 
 
 @pytest.mark.slow

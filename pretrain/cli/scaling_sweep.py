@@ -95,6 +95,9 @@ def sweep(
         raise fail(str(e), 1) from None
     print_hyper(fit, doc, fit_dir)
     if cfg.log.wandb:
-        typer.echo(f"W&B summary run: {log_wandb(plan, doc, fit_dir, cfg.log.project, f'{cfg.run.name}-sweep')}")
+        own, ladder_run = log_wandb(plan, doc, fit_dir, cfg.log.project, f"{cfg.run.name}-sweep")
+        typer.echo(f"W&B summary run: {own}")
+        if ladder_run:
+            typer.echo(f"hyper.png and the laws added to the ladder's W&B summary run: {ladder_run}")
     if tracker.failed:
         raise typer.Exit(1)

@@ -172,15 +172,16 @@ def write_fit(fit, paths: list[str], fit_dir: Path, bootstrap: int) -> dict:
     return doc
 
 
-def log_wandb(ladder: Ladder, doc: dict, fit_dir: Path, project: str, name: str) -> Path:
+def log_wandb(ladder: Ladder, doc: dict, fit_dir: Path, project: str, name: str) -> tuple[Path, Path | None]:
     """One W&B run for the sweep (offline unless an API key is set): the runs' table, the laws in its summary,
-    hyper.png. Returns its directory."""
+    hyper.png. When `fit_dir` is a ladder's fit directory, the same plot, table and laws (keys under `hyper/`)
+    also go to the ladder's W&B summary run (`report.log_to_fit_run`). Returns the sweep run's directory and
+    the ladder run's (None when the fit has no such run)."""
     import wandb
 
     from pretrain.metrics.sinks import wandb_mode
+    from pretrain.scaling.report import log_to_fit_run
 
-    run = wandb.init(project=project, name=name, job_type="scaling-sweep", dir=str(fit_dir), mode=wandb_mode(),
-                     config=ladder.plan_json(), settings=wandb.Settings(console="off", silent=True))
     columns = ["name", "budget", "lr", "batch_sequences", "batch_tokens", "steps", "flops", "loss"]
     by_dir = {str(ladder.rdir(r)): r for r in ladder.rungs}
     rows = []
@@ -189,14 +190,19 @@ def log_wandb(ladder: Ladder, doc: dict, fit_dir: Path, project: str, name: str)
         batch = run_settings(ladder, rung.name)[1] if rung else None
         rows.append([Path(p["name"]).name, rung.budget if rung else None, p["lr"], batch, p["batch_tokens"],
                      rung.steps if rung else None, p["flops"], p["loss"]])
-    run.log({"runs": wandb.Table(columns=columns, data=rows),
-             **({"hyper": wandb.Image(str(fit_dir / "hyper.png"))} if (fit_dir / "hyper.png").is_file() else {})})
     summary = {}
     for q in ("lr", "batch"):
         if doc.get(q):
             summary.update({f"{q}/coefficient": doc[q]["coefficient"], f"{q}/exponent": doc[q]["exponent"],
                             f"{q}/exponent_ci95": doc[q]["ci95"]["exponent"]})
+    plot = fit_dir / "hyper.png"
+    run = wandb.init(project=project, name=name, job_type="scaling-sweep", dir=str(fit_dir), mode=wandb_mode(),
+                     config=ladder.plan_json(), settings=wandb.Settings(console="off", silent=True))
+    run.log({"runs": wandb.Table(columns=columns, data=rows),
+             **({"hyper": wandb.Image(str(plot))} if plot.is_file() else {})})
     run.summary.update(summary)
     path = Path(run.dir).parent
     run.finish()
-    return path
+    ladder_run = log_to_fit_run(fit_dir, [plot], {"sweep": [dict(zip(columns, r, strict=True)) for r in rows]},
+                                {f"hyper/{k}": v for k, v in summary.items()})
+    return path, ladder_run
