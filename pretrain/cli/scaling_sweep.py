@@ -85,6 +85,10 @@ def sweep(
     except (ConfigError, ScalingError, DataError, ObjectiveError) as e:
         raise fail(str(e)) from None
     _plan_table(plan)
+    if cfg.spike.sigma is not None:
+        typer.echo(f"warning: the spike guard skips steps over {cfg.spike.sigma:g} sigma: at small batches it skips "
+                   "ordinary steps, and a sweep's losses then leave out what each lr and batch did "
+                   "(spike.sigma=null: non-finite steps only)", err=True)
     fit_dir = (fit_dir or plan.out / "fit").expanduser().resolve()
     tracker = run_planned(plan, plan_only, "sweep")
     if tracker is None:
