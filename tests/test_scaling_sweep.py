@@ -87,7 +87,7 @@ def test_bad_input_is_one_line(tmp_path, tiny_shards):
     r = CliRunner().invoke(cli.app, ["scaling", "sweep", str(config), "--out", str(tmp_path / "p"), "--budgets",
                                      "1e13,1e14", "--plan"])
     assert r.exit_code == 0 and "FLOPs: " in r.output and "warning" not in r.stderr, r.output
-    assert len(json.loads((tmp_path / "p" / "ladder.json").read_text())["runs"]) == 2 * 3 * 3
+    assert len(json.loads((tmp_path / "p" / "ladder.json").read_text())["runs"]) == 2 * 3 * 4
     r = CliRunner().invoke(cli.app, ["scaling", "sweep", str(config), "spike.sigma=6", "--out", str(tmp_path / "q"),
                                      "--budgets", "1e13,1e14", "--plan"])  # the guard on: said, and planned
     assert r.exit_code == 0 and "warning: the spike guard skips steps over 6 sigma" in r.stderr, r.output

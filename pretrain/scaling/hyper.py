@@ -294,7 +294,7 @@ def plot_sweep(fit: HyperFit, path: Path) -> Path:
             sel = idx[s.batch[idx] == b]
             sel = sel[np.argsort(s.lr[sel])]
             ax.plot(s.lr[sel], s.loss[sel], marker="o", ms=3, lw=1, color=colormaps["viridis"](0.9 * norm(b)),
-                    label=f"batch {b:.3g} tokens")
+                    label=f"batch {b:,.0f} tokens" if b < 1e7 else f"batch {b:.3g} tokens")
         if opt.lr is not None:
             ax.scatter([opt.lr], [opt.loss], marker="*", s=140, zorder=3, edgecolors="black",
                        facecolors="tab:red" if opt.used else "none",
