@@ -76,6 +76,9 @@ def test_row_has_no_mfu_without_a_peak_and_the_console_says_so():
     row = {"step": 3, "loss": 2.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1000.0, "step_time_s": 0.5}
     assert "mfu n/a" in format_row(row, 10)
     assert "mfu 25.0%" in format_row({**row, **mfu_field(5e12, 10e12, world=2)}, 10)
+    # Straggler windows: a line only where a rank is notably slower than the median (even ranks: no line).
+    assert format_row({"step": 50, "straggle": 1.07, "slowest_rank": 0}, 100) is None
+    assert "straggle 1.42 (rank 1)" in format_row({"step": 50, "straggle": 1.42, "slowest_rank": 1}, 100)
 
 
 # -------------------------------------------------------------------------- FLOPs per token, counted

@@ -31,12 +31,20 @@ def _extra(row: dict, prefix: str = "") -> str:
     return "".join(f"  {k} {row[k]:.4f}" for k in keys)
 
 
-def format_row(row: dict, total_steps: int, unit: str = "tokens") -> str:
+# A straggler window is printed when its slowest rank is this much slower than the median rank (below it the
+# ranks are even, and the line would be noise between the progress lines); metrics.jsonl keeps every window.
+STRAGGLE_SHOWN = 1.1
+
+
+def format_row(row: dict, total_steps: int, unit: str = "tokens") -> str | None:
+    """The console line of one metrics row; None for a row not worth a line (an even straggler window)."""
     if "warning" in row:  # a straggler named, a step skipped: said once, in the run's own words
         return f"[yellow]warning: {row['warning']}[/]"
     if "val_loss" in row:
         return f"[bold]step {row['step']:>6}/{total_steps}  val_loss {row['val_loss']:.4f}{_extra(row, 'val_')}[/]"
     if "straggle" in row and "loss" not in row:  # a straggler window (pretrain/train/straggle.py)
+        if row["straggle"] < STRAGGLE_SHOWN:
+            return None
         return f"[dim]step {row['step']:>6}/{total_steps}  straggle {row['straggle']:.2f} (rank {row['slowest_rank']})[/]"
     if "loss" not in row:  # an objective's evaluation (fd, class_agreement of samples)
         return f"[bold]step {row['step']:>6}/{total_steps} {_extra(row)}[/]"
@@ -76,7 +84,9 @@ def follow_metrics(path: Path, total: int, unit: str, log_every: int = 1, enable
                     row = json.loads(ln)
                     step = row["step"]
                     if "loss" not in row or step % log_every == 0 or step in (1, total):
-                        console.print(format_row(row, total, unit))
+                        line = format_row(row, total, unit)
+                        if line is not None:
+                            console.print(line)
             if done:
                 return
             stop.wait(poll_s)

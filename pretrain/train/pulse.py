@@ -31,6 +31,7 @@ import statistics
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 # The phases a rank reports; in the long ones a hang is judged by cluster.startup_timeout_s.
@@ -59,15 +60,22 @@ class Pulse:
         self._events: list = []  # CUDA (start, end) event pairs of the forward passes since the last take
         self.spent: dict[str, float] = dict.fromkeys(PHASES, 0.0)  # wall seconds in each phase, for goodput
         self._since = time.perf_counter()
+        # Called (by the training thread) when the rank leaves a long phase: the heartbeat's beat sent at once,
+        # so the watcher moves to the short step limit without waiting up to HEARTBEAT_S for the next beat (a
+        # rank that hung a few fast steps later was otherwise still "in start-up" to it, under the long limit).
+        self.on_leave_long: Callable[[], None] | None = None
 
     def at(self, phase: str, step: int | None = None) -> None:
         now = time.perf_counter()
         self.spent[self.phase] += now - self._since
         self._since = now
+        left_long = self.phase in LONG_PHASES and phase not in LONG_PHASES
         self.phase = phase
         self.seq += 1
         if step is not None:
             self.step = step
+        if left_long and self.on_leave_long is not None:
+            self.on_leave_long()
 
     def settle(self) -> None:
         """Count the current phase's time so far into `spent` (the phase stays)."""
@@ -186,15 +194,25 @@ def start_heartbeats(address: str | None, token: str, rank: int, attempt: str,
     ident = {"t": token, "r": rank, "pid": os.getpid(), "host": socket.gethostname(), "node": _node_id(), "g": group,
              "sf": str(arm_stacks(stacks)) if stacks is not None else None}
 
+    def send() -> None:
+        p = PULSE
+        msg = {**ident, "s": p.step, "p": p.phase, "q": p.seq, "m": p.median_step_s()}
+        sock.sendto(json.dumps(msg).encode(), (host, int(port)))
+
+    def send_now() -> None:  # from the training thread, out of turn (Pulse.on_leave_long): one UDP datagram
+        try:
+            send()
+        except OSError:
+            pass  # the watcher is gone: the heartbeat thread says nothing either
+
     def beat() -> None:
         from pretrain import compat
 
         while stop is None or not stop.is_set():
             p = PULSE
-            msg = {**ident, "s": p.step, "p": p.phase, "q": p.seq, "m": p.median_step_s()}
             deadline = time.monotonic() + HEARTBEAT_S
             try:
-                sock.sendto(json.dumps(msg).encode(), (host, int(port)))
+                send()
                 while (left := deadline - time.monotonic()) > 0:
                     ready, _, _ = select.select([sock], [], [], left)
                     if ready and sock.recv(256).decode(errors="replace") == f"stop {token}":
@@ -203,8 +221,11 @@ def start_heartbeats(address: str | None, token: str, rank: int, attempt: str,
                 time.sleep(HEARTBEAT_S)  # the watcher is gone (the driver ended): nothing to report to
             if p.stop_reason is None and compat.ray_preemption_notice() is not None:
                 p.request_stop("Ray's preemption notice")
+        if PULSE.on_leave_long is send_now:
+            PULSE.on_leave_long = None
         sock.close()
 
+    PULSE.on_leave_long = send_now
     thread = threading.Thread(target=beat, name="pretrain-heartbeat", daemon=True)
     thread.start()
     return thread
