@@ -99,7 +99,7 @@ def test_fit_recovers_laws_from_the_planned_batches(tmp_path, tiny_shards, monke
     ladder's fit directory, the sweep's plot and laws also extend the ladder's W&B summary run."""
     import wandb
 
-    from pretrain.scaling.hyper import load_hyper
+    from pretrain.scaling.hyper import load_hyper, read_sweep_runs
     from pretrain.scaling.report import WANDB_RUN
     from pretrain.scaling.runner import run_ladder
     from pretrain.scaling.sweep import fit_sweep, log_wandb
@@ -124,6 +124,8 @@ def test_fit_recovers_laws_from_the_planned_batches(tmp_path, tiny_shards, monke
     assert [o.used for o in fit.optima] == [True] * 3
     assert doc["lr"]["exponent"] == pytest.approx(-0.1, abs=1e-6) and doc["batch"]["exponent"] == pytest.approx(0.3, abs=1e-6)
     assert sorted({r["batch_tokens"] for r in doc["runs"]}) == [64, 128, 256]  # not (steps - 1) / steps of it
+    # And from the summaries alone (`hyperfit RUNS`): the same batches.
+    assert sorted(set(read_sweep_runs([tmp_path / "sw" / "runs"]).batch)) == [64, 128, 256]
     assert load_hyper(tmp_path / "fit" / "hyper.json")["batch_unit"] == "tokens per step"
     assert (tmp_path / "fit" / "hyper.png").is_file()
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -83,8 +83,9 @@ def read_sweep_table(path: Path) -> Sweep:
 
 
 def read_sweep_runs(paths: list[Path], metric: str = "loss") -> Sweep:
-    """Finished runs: C from summary.json's flops, lr from its schedule, batch = tokens / steps, the loss as a
-    fit reads it (final_val_loss, else final_loss; final_val_bpb with metric bpb), budget when a plan set it."""
+    """Finished runs: C from summary.json's flops, lr from its schedule, batch = tokens / trained steps (steps
+    less those the spike guard skipped), the loss as a fit reads it (final_val_loss, else final_loss;
+    final_val_bpb with metric bpb), budget when a plan set it."""
     from pretrain.scaling.table import METRICS, run_dirs
 
     out: dict[str, list] = {"flops": [], "lr": [], "batch": [], "loss": [], "budget": [], "names": []}
@@ -102,7 +103,9 @@ def read_sweep_runs(paths: list[Path], metric: str = "loss") -> Sweep:
             continue  # diverged
         out["flops"].append(positive(str(rdir), "flops", s.get("flops")))
         out["lr"].append(positive(str(rdir), "schedule.lr", lr))
-        out["batch"].append(positive(str(rdir), "tokens", s.get("tokens")) / int(s["steps"]))
+        # Tokens per trained step: a step the spike guard skipped trained none (tokens / steps read 510 for 512).
+        trained = int(s["steps"]) - int(s.get("skipped_steps") or 0) if not s.get("rollbacks") else int(s["steps"])
+        out["batch"].append(positive(str(rdir), "tokens", s.get("tokens")) / max(trained, 1))
         out["loss"].append(positive(str(rdir), key, loss))
         out["budget"].append(positive(str(rdir), "budget", s["budget"]) if s.get("budget") else None)
         out["names"].append(str(rdir))

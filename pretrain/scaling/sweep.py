@@ -5,7 +5,7 @@ eta_opt(C) and B_opt(C) of pretrain.scaling.hyper (DeepSeek LLM 2024, https://ar
 `pretrain scaling sweep CONFIG --budgets ... --lrs ... --batches ...` (pretrain/cli/scaling_sweep.py): every
 run is the config at one shape (its own, or `--size DxL`) with optimizer.lr = lr, train.global_batch_size =
 batch (sequences per step) and train.flops = budget, so the trainer's length rule gives its steps. Its
-summary.json then holds what read_sweep_runs reads: schedule.lr, tokens / steps (tokens per step) and the
+summary.json then holds what read_sweep_runs reads: schedule.lr, tokens per trained step and the
 planned budget (`books.mark`), which groups the runs per budget exactly. A combination of fewer than
 MIN_STEPS steps, or not past its warm-up, is skipped; a budget where none fits is refused. The directory:
 
