@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,33 +24,6 @@ import bench_train as bt  # noqa: E402 - the same models, batches and loops
 
 from pretrain.hub.sources import resolve  # noqa: E402
 from pretrain.load import load_config  # noqa: E402
-
-
-def compiled_loop(cfg, steps: int, warmup: int, mode: str) -> tuple[float, float]:
-    """(median units/s after warm-up, seconds to the end of the first step) of the bare loop compiled in `mode`."""
-    torch.manual_seed(cfg.train.seed)
-    model, _ = bt.build_model(cfg, torch.device("cpu"))
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(bt.INDUCTOR_CACHE))
-    start = time.perf_counter()
-    model.compile(mode=mode)
-    objective = bt.build_objective(cfg, bt.validate_data(cfg.data))
-    opt = bt.build_optimizer(cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": True})}), model)
-    opt_step = torch.compile(opt.step, mode=mode)
-    accum = bt.grad_accum_steps(cfg, 1)
-    batches = bt._batches(cfg, objective, accum * (steps + warmup))
-    units = cfg.train.global_batch_size * objective.units_per_sample()
-    rates, first = [], None
-    for s in range(steps + warmup):
-        t0 = time.perf_counter()
-        for k in range(accum):
-            total, n, _ = objective.loss(model, batches[s * accum + k])
-            (total / n / accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
-        opt_step()
-        opt.zero_grad(set_to_none=True)
-        first = first if first is not None else time.perf_counter() - start
-        rates.append(units / (time.perf_counter() - t0))
-    return statistics.median(rates[warmup:]), first
 
 
 def main() -> None:
@@ -73,9 +44,9 @@ def main() -> None:
         runs = {"default": [], args.mode: [], "plain": []}
         for pair in range(args.repeat):
             for mode in (["default", args.mode] if pair % 2 == 0 else [args.mode, "default"]):
-                rate, first = compiled_loop(cfg, args.steps, args.warmup, mode)
-                runs[mode].append(rate)
-                print(f"{name} pair {pair + 1}: {mode} {rate:,.0f}/s (first step after {first:.1f} s)", flush=True)
+                rates = bt.bare_loop(cfg, args.steps, args.warmup, compiled=True, mode=mode)
+                runs[mode].append(statistics.median(rates))
+                print(f"{name} pair {pair + 1}: {mode} {runs[mode][-1]:,.0f}/s", flush=True)
             runs["plain"].append(statistics.median(bt.plain_loop(cfg, args.steps, args.warmup)))
             print(f"{name} pair {pair + 1}: plain eager {runs['plain'][-1]:,.0f}/s", flush=True)
         med = {k: statistics.median(v) for k, v in runs.items()}

@@ -66,17 +66,18 @@ MODELS = {"gpt-tiny": ("configs/gpt-tiny.yaml", []), "gpt-tiny-50k": ("configs/g
           "small": ("configs/gpt-tiny.yaml", SMALL)}
 
 
-def bare_loop(cfg, steps: int, warmup: int, compiled: bool = False) -> list[float]:
-    """units/s per step of a plain single-process loop (micro-batches accumulated like the trainer)."""
+def bare_loop(cfg, steps: int, warmup: int, compiled: bool = False, mode: str | None = None) -> list[float]:
+    """units/s per step of a plain single-process loop (micro-batches accumulated like the trainer); `mode`:
+    inductor's compile mode when compiled (None: its default, as the trainer compiles)."""
     torch.manual_seed(cfg.train.seed)
     model, _ = build_model(cfg, torch.device("cpu"))  # the trainer's initial (or released) weights, LoRA applied
     if compiled:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(INDUCTOR_CACHE))  # the trainer's cache
-        model.compile()  # what engine.compile() does to the engine's module (default inductor backend)
+        model.compile(mode=mode)  # what engine.compile() does to the engine's module (default inductor backend)
     objective = build_objective(cfg, validate_data(cfg.data))
     # Compiled as the trainer compiles it (pretrain/train/engine.py): the module and the optimizer step.
     opt = build_optimizer(cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": compiled})}), model)
-    opt_step = torch.compile(opt.step) if compiled else opt.step
+    opt_step = torch.compile(opt.step, mode=mode) if compiled else opt.step
     accum = grad_accum_steps(cfg, 1)
     batches = _batches(cfg, objective, accum * (steps + warmup))
     step_units = cfg.train.global_batch_size * objective.units_per_sample()
