@@ -114,8 +114,9 @@ def test_check_a_run_in_images_extends_the_ladder_wandb_run(tmp_path, monkeypatc
     rec = json.loads(r.stdout[r.stdout.index("{"):])
     assert rec["unit"] == "images" and rec["tokens"] == pytest.approx(4e12 / 6e6)
     assert rec["loss"] == pytest.approx(rec["predicted"], rel=2e-3)  # the probe lies on the law the fit found
-    tables = list((fit / "wandb").glob(f"offline-run-*-{run_id}/files/media/table/checks_*.table.json"))
-    assert len(list((fit / "wandb").glob(f"offline-run-*-{run_id}"))) == 2 and len(tables) == 1
+    # Resumed in the same second, the run's offline directory gets a "-1" suffix.
+    tables = list((fit / "wandb").glob(f"offline-run-*-{run_id}*/files/media/table/checks_*.table.json"))
+    assert len(list((fit / "wandb").glob(f"offline-run-*-{run_id}*"))) == 2 and len(tables) == 1
     assert json.loads(tables[0].read_text())["data"][0][0] == str(probe.resolve())
     _runs(tmp_path / "lm", "tokens", law, sizes=(3e5,), budgets=(1e12,))
     r = CliRunner().invoke(app, ["check", str(fit), str(next((tmp_path / "lm").iterdir()))])

@@ -98,13 +98,22 @@ class Watcher:
             rank = int(beat["r"])
             old = self.ranks.get(rank)
             moved = old is None or old["q"] != beat.get("q") or old["pid"] != beat.get("pid")
-            self.ranks[rank] = {**beat, "seen": now, "moved": now if moved else old["moved"]}
+            self.ranks[rank] = {**beat, "seen": now, "moved": now if moved else old["moved"], "peer": peer}
         if self.stopping is not None:
             self.sock.sendto(f"stop {self.token}".encode(), peer)
 
     def request_stop(self, reason: str) -> None:
-        """Ask every rank to save a checkpoint at its step and stop (each hears it in reply to its next beat)."""
+        """Ask every rank to save a checkpoint at its step and stop: told at once where its heartbeat's address
+        is known, and again in reply to each next beat (a rank not yet heard from hears it then). Waiting for
+        the next beat alone let a fast run finish up to HEARTBEAT_S of steps first, and exit 0 after a SIGTERM."""
         self.stopping = reason
+        with self._lock:
+            peers = [v["peer"] for v in self.ranks.values() if v.get("peer") is not None]
+        for peer in peers:
+            try:
+                self.sock.sendto(f"stop {self.token}".encode(), peer)
+            except OSError:
+                pass  # that rank's next beat gets the reply instead
 
     # -- hangs ------------------------------------------------------------------------------------------
 
