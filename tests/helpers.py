@@ -141,6 +141,9 @@ def _gloo_rank(fn, rank: int, world: int, rendezvous: str, env: dict[str, str], 
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
+        # No rank tears its connections down while a peer's last collective may still be reading from them (a
+        # full-suite run saw a rank end in "terminate called without an active exception"; not reproduced alone).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
