@@ -24,9 +24,9 @@ def test_leaving_start_up_is_beaten_at_once():
     host, port = sock.getsockname()
     stop = threading.Event()
     saved = (PULSE.phase, PULSE.step, PULSE.seq)
+    PULSE.at("start-up", 0)
+    thread = start_heartbeats(f"{host}:{port}", "tok", rank=1, attempt="a", stop=stop)
     try:
-        PULSE.at("start-up", 0)
-        thread = start_heartbeats(f"{host}:{port}", "tok", rank=1, attempt="a", stop=stop)
         first = _recv(sock)  # the periodic beat, sent as the thread starts
         assert (first["r"], first["p"], first["s"], first["t"]) == (1, "start-up", 0, "tok")
         t0 = time.monotonic()
